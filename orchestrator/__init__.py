@@ -1,0 +1,3 @@
+"""orchestrator: gradual, table-by-table PostgreSQL schema moves."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,338 @@
+"""The migration plan: YAML validated by pydantic models, with errors that name file and line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import PlanError
+
+# PostgreSQL truncates identifiers at NAMEDATALEN-1 bytes; a longer name would silently
+# collide with another after truncation, so we refuse it.
+MAX_IDENT_BYTES = 63
+
+
+def _check_ident(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL byte")
+    if len(value.encode()) > MAX_IDENT_BYTES:
+        raise ValueError(
+            f"is {len(value.encode())} bytes; PostgreSQL identifiers are at most {MAX_IDENT_BYTES}"
+        )
+    return value
+
+
+Ident = Annotated[
+    str, Field(min_length=1, description="A PostgreSQL identifier, as written (no quoting).")
+]
+
+
+class Strategy(StrEnum):
+    """How a table moves: a batched copy behind triggers, or an instant ALTER TABLE SET SCHEMA."""
+
+    copy = "copy"
+    rename = "rename"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Throttle(_Model):
+    """Pauses the copy between batches and while the server is busy."""
+
+    sleep_ms: int = Field(0, ge=0, description="Pause after every batch, in milliseconds.")
+    max_replication_lag_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Pause while any standby in pg_stat_replication lags more than this.",
+    )
+    probe_sql: str | None = Field(
+        None,
+        description="A query returning one number; the copy pauses while it exceeds probe_max.",
+    )
+    probe_max: float | None = Field(None, description="The limit for probe_sql.")
+    check_every_s: float = Field(
+        1.0, gt=0, description="How often the load check runs while paused."
+    )
+
+    @model_validator(mode="after")
+    def _probe_pair(self) -> Throttle:
+        if (self.probe_sql is None) != (self.probe_max is None):
+            raise ValueError("probe_sql and probe_max go together")
+        return self
+
+
+class Options(_Model):
+    """Per-plan defaults, overridable per table."""
+
+    strategy: Strategy = Field(Strategy.copy, description="copy | rename")
+    batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Rows per copy batch.")
+    lock_timeout_ms: int = Field(500, ge=1, description="lock_timeout for every DDL statement.")
+    statement_timeout_ms: int = Field(
+        0, ge=0, description="statement_timeout for our statements (0: none)."
+    )
+    lock_retries: int = Field(10, ge=0, description="Retries of a DDL that timed out on its lock.")
+    throttle: Throttle = Field(default_factory=Throttle)
+    compat_view: bool = Field(True, description="Leave a compatibility view under the old name.")
+
+
+class TableOptions(_Model):
+    """The subset of options a single table may override."""
+
+    strategy: Strategy | None = None
+    batch_size: int | None = Field(None, ge=1, le=1_000_000)
+    lock_timeout_ms: int | None = Field(None, ge=1)
+    statement_timeout_ms: int | None = Field(None, ge=0)
+    lock_retries: int | None = Field(None, ge=0)
+    compat_view: bool | None = None
+
+
+class ColumnMap(_Model):
+    """A column's new name, or a computed column with `up` (source → target) and `down` SQL."""
+
+    rename: Ident | None = Field(None, description="New column name in the target table.")
+    up: str | None = Field(
+        None, description="SQL expression over the source row's columns giving the target value."
+    )
+    down: str | None = Field(
+        None, description="SQL expression over the target row's columns giving the source value."
+    )
+    type: str | None = Field(None, description="Target column type when `up` changes it.")
+
+    @field_validator("rename")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ident(v)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ColumnMap:
+        if (self.up is None) != (self.down is None):
+            raise ValueError("`up` and `down` go together: the move must be reversible")
+        if self.rename is None and self.up is None:
+            raise ValueError("give `rename`, or `up` and `down`")
+        return self
+
+
+class TableGrant(_Model):
+    """Privileges a role gets on every moved table of a schema."""
+
+    role: Ident
+    privileges: list[str] = Field(default_factory=lambda: ["SELECT"])
+
+    @field_validator("privileges")
+    @classmethod
+    def _privs(cls, v: list[str]) -> list[str]:
+        allowed = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+        up = [p.upper() for p in v]
+        bad = [p for p in up if p not in allowed]
+        if bad:
+            raise ValueError(f"unknown privilege {bad}; allowed: {sorted(allowed)}")
+        return up
+
+
+class SchemaSpec(_Model):
+    """A target schema and who may use it."""
+
+    usage: list[Ident] = Field(default_factory=list, description="Roles granted USAGE.")
+    grants: list[TableGrant] = Field(default_factory=list)
+
+
+class TableSpec(_Model):
+    """One table to move."""
+
+    name: Ident = Field(description="Table name in the source schema.")
+    schema_: Ident = Field(alias="schema", description="Target schema.")
+    rename_to: Ident | None = Field(None, description="New table name in the target schema.")
+    columns: dict[str, ColumnMap] = Field(default_factory=dict)
+    key: list[Ident] | None = Field(
+        None, description="A unique NOT NULL key to use when the table has no primary key."
+    )
+    options: TableOptions = Field(default_factory=TableOptions)
+    depends_on: list[Ident] = Field(default_factory=list, description="Tables moved before this.")
+    confirm_read_only_columns: bool = Field(
+        False,
+        description="Acknowledge that `up`/`down` columns are read-only through the compat view.",
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("name", "schema_", "rename_to")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ident(v)
+
+    @property
+    def target_name(self) -> str:
+        return self.rename_to or self.name
+
+
+class ViewSpec(_Model):
+    """A view created once the tables it reads have moved."""
+
+    name: Ident
+    schema_: Ident = Field("public", alias="schema")
+    sql: str = Field(description="The SELECT that defines the view.")
+    depends_on: list[Ident] = Field(default_factory=list)
+    security_invoker: bool = True
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Plan(_Model):
+    """A whole migration plan."""
+
+    version: int = Field(description="Plan format version; only 1 exists.")
+    name: Ident
+    source_schema: Ident = "public"
+    control_schema: Ident = "_orchestrator"
+    defaults: Options = Field(default_factory=Options)
+    schemas: dict[str, SchemaSpec] = Field(default_factory=dict)
+    tables: list[TableSpec]
+    views: list[ViewSpec] = Field(default_factory=list)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only version 1 is supported")
+        return v
+
+    @field_validator("name", "source_schema", "control_schema")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        return _check_ident(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Plan:
+        seen: set[str] = set()
+        for t in self.tables:
+            if t.name in seen:
+                raise ValueError(f"table {t.name!r} is listed twice")
+            seen.add(t.name)
+        targets: set[tuple[str, str]] = set()
+        for t in self.tables:
+            key = (t.schema_, t.target_name)
+            if key in targets:
+                raise ValueError(f"two tables move to {t.schema_}.{t.target_name}")
+            targets.add(key)
+        return self
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def options_for(self, table: TableSpec) -> Options:
+        """The plan defaults with the table's overrides applied."""
+        overrides = {k: v for k, v in table.options.model_dump().items() if v is not None}
+        return self.defaults.model_copy(update=overrides)
+
+
+class LoadedPlan(_Model):
+    """A plan with where it came from and a checksum of its text."""
+
+    plan: Plan
+    path: str
+    text: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _node_line(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Follow a pydantic error location through the YAML node tree to a 1-based line."""
+    line = None if node is None else node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == part:
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                node = None
+        else:
+            break
+        if node is None:
+            break
+    return line
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "is not a known field"
+    if kind == "missing":
+        return "is required"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse_plan(text: str, path: str = "<plan>") -> LoadedPlan:
+    """Parse and validate a plan; raise PlanError listing every problem with its line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PlanError(
+            f"{where}: the plan is not valid YAML: {problem}",
+            hint="fix the YAML syntax, then run `orchestrator validate` again",
+        ) from exc
+    if not isinstance(data, dict):
+        raise PlanError(
+            f"{path}: a plan is a YAML mapping with version, name and tables",
+            hint="see docs/plan-reference.md or `orchestrator plan-schema`",
+        )
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if p not in ("__root__",))
+            line = _node_line(node, loc)
+            field = ".".join(str(p) for p in loc) or "(plan)"
+            where = f"{path}:{line}" if line else path
+            problems.append(f"{where}: {field} {_describe(dict(err))}")
+        raise PlanError(
+            "the plan is invalid:\n  " + "\n  ".join(problems),
+            hint="fix the fields named above (`orchestrator plan-schema` lists what is allowed)",
+            problems=problems,
+        ) from exc
+    return LoadedPlan(plan=plan, path=path, text=text)
+
+
+def load_plan(path: str | Path) -> LoadedPlan:
+    """Read a plan file; a missing file is a PlanError, not a traceback."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(
+            f"{p}: cannot read the plan ({exc.strerror})", hint="check the path to the plan file"
+        ) from exc
+    return parse_plan(text, str(p))
+
+
+def plan_json_schema() -> str:
+    """The JSON Schema of a plan, for editors."""
+    return json.dumps(Plan.model_json_schema(by_alias=True), indent=2)

@@ -1,0 +1,178 @@
+"""Rich renderers: validation reports, the graph, status tables, the event log.
+
+Renderers take a Console so tests can record what an operator sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.control import RENAME_STAGES, STAGES, StageRow
+from orchestrator.graph import DependencyGraph
+from orchestrator.plan import Plan, Strategy
+from orchestrator.validate import Report
+
+STATUS_STYLE = {
+    "pending": "dim",
+    "running": "bold yellow",
+    "done": "green",
+    "failed": "bold red",
+    "rolled_back": "magenta",
+}
+
+
+def print_validation(console: Console, report: Report) -> None:
+    if report.ok:
+        console.print(
+            f"[green]plan {report.plan.name} is valid[/]: "
+            f"{len(report.plan.tables)} tables in "
+            f"{sum(u.kind == 'tables' for u in report.graph.units)} units",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"[bold red]plan {report.plan.name} has {len(report.problems)} problem(s)[/]",
+            highlight=False,
+        )
+    for kind, items, style in (
+        ("problem", report.problems, "red"),
+        ("warning", report.warnings, "yellow"),
+    ):
+        for p in items:
+            console.print(Text.assemble((f"{kind}: ", style), (p.subject, "bold"), ": ", p.message))
+            console.print(Text.assemble(("  fix: ", "cyan"), p.hint))
+
+
+def print_graph(console: Console, dg: DependencyGraph) -> None:
+    if dg.problems:
+        for p in dg.problems:
+            console.print(
+                Text.assemble(("cycle problem: ", "red"), (p.subject, "bold"), ": ", p.message)
+            )
+            console.print(Text.assemble(("  fix: ", "cyan"), p.hint))
+        return
+    for i, wave in enumerate(dg.waves):
+        console.print(Text(f"wave {i}", style="bold"))
+        for u in wave:
+            tag = " [cycle: moves as one unit]" if u.is_cycle else ""
+            kind = "view" if u.kind == "view" else "unit"
+            console.print(
+                Text.assemble(f"  {kind} {u.id}: ", (", ".join(u.members), "cyan"), (tag, "yellow"))
+            )
+    outside = dg.outside_tables()
+    if outside:
+        console.print(Text("outside the plan (not moved, foreign keys re-pointed):", style="bold"))
+        for name in outside:
+            console.print(Text.assemble("  ", (name, "magenta"), " (outside)"))
+    dependents = dg.dependent_views()
+    if dependents:
+        console.print(
+            Text("views outside the plan that read moved tables (recreated):", style="bold")
+        )
+        for name in dependents:
+            console.print(Text.assemble("  ", (name, "magenta"), " (dependent view)"))
+
+
+def _stages_for(plan: Plan, table: str) -> tuple[str, ...]:
+    spec = plan.table(table)
+    return RENAME_STAGES if plan.options_for(spec).strategy == Strategy.rename else STAGES
+
+
+def status_table(plan: Plan, rows: list[StageRow]) -> Table:
+    by_table: dict[str, dict[str, StageRow]] = {}
+    for r in rows:
+        by_table.setdefault(r.table_name, {})[r.stage] = r
+    table = Table(title=f"plan {plan.name}", expand=False)
+    table.add_column("table", style="bold")
+    table.add_column("strategy")
+    for stage in STAGES:
+        table.add_column(stage.replace("_", "-"))
+    table.add_column("rows")
+    table.add_column("rate")
+    table.add_column("last error", overflow="fold", max_width=50)
+    for spec in plan.tables:
+        stages = by_table.get(spec.name, {})
+        names = _stages_for(plan, spec.name)
+        cells: list[Text] = []
+        for stage in STAGES:
+            key = "rename" if stage == "prepare" and "rename" in names else stage
+            cell = stages.get(key)
+            if key not in names:
+                cells.append(Text("·", style="dim"))
+            elif cell is None:
+                cells.append(Text("pending", style="dim"))
+            else:
+                cells.append(Text(cell.status, style=STATUS_STYLE.get(cell.status, "")))
+        copy: StageRow | None = stages.get("copy") or stages.get("verify")
+        rows_txt = ""
+        rate = ""
+        if copy is not None and copy.rows_estimated:
+            rows_txt = f"{copy.rows_done:,}/{copy.rows_estimated:,}"
+            if copy.rows_per_s:
+                rate = f"{copy.rows_per_s:,.0f}/s"
+        errors = [r.last_error for r in stages.values() if r.last_error]
+        table.add_row(
+            spec.name,
+            plan.options_for(spec).strategy.value,
+            *cells,
+            rows_txt,
+            rate,
+            errors[-1] if errors else "",
+        )
+    return table
+
+
+def print_status(
+    console: Console, plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]
+) -> None:
+    if not rows:
+        console.print(
+            f"plan {plan.name} has not started: nothing recorded yet "
+            f"(run `orchestrator apply {plan.name}`)",
+            highlight=False,
+        )
+        return
+    console.print(status_table(plan, rows))
+    blocked = [e for e in events if e["outcome"] == "lock_timeout"]
+    if blocked:
+        e = blocked[-1]
+        console.print(
+            Text.assemble(
+                ("last lock wait: ", "yellow"),
+                f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
+                _blockers_text(e.get("detail") or {}),
+            )
+        )
+
+
+def _blockers_text(detail: dict[str, Any]) -> str:
+    blockers = detail.get("blockers") or []
+    if not blockers:
+        return "blocker unknown"
+    return "; ".join(
+        f"pid {b['pid']} ({b.get('role')}, {b.get('application_name') or '-'}, "
+        f"{b.get('state')}, xact age {b.get('xact_age')}): {b.get('query')}"
+        for b in blockers
+    )
+
+
+def print_history(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="event log")
+    for col in ("id", "at", "table", "stage", "action", "outcome", "ms", "operator"):
+        table.add_column(col)
+    for e in rows:
+        table.add_row(
+            str(e["id"]),
+            f"{e['at']:%Y-%m-%d %H:%M:%S}",
+            e["table_name"] or "",
+            e["stage"] or "",
+            e["action"],
+            Text(e["outcome"], style="red" if e["outcome"] != "ok" else "green"),
+            f"{e['duration_ms']:.1f}" if e["duration_ms"] is not None else "",
+            e["operator"],
+        )
+    console.print(table)

@@ -1,0 +1,246 @@
+"""Live checks of a plan against the database: every problem at once, nothing changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator import control
+from orchestrator.catalog import Catalog, Relation, read_catalog
+from orchestrator.db import Conn
+from orchestrator.graph import DependencyGraph, Problem, build_graph
+from orchestrator.plan import LoadedPlan, Plan, Strategy, TableSpec
+
+
+@dataclass
+class Report:
+    plan: Plan
+    catalog: Catalog
+    graph: DependencyGraph
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "plan": self.plan.name,
+            "valid": self.ok,
+            "problems": [p.__dict__ for p in self.problems],
+            "warnings": [p.__dict__ for p in self.warnings],
+            "units": [list(u.members) for u in self.graph.units],
+        }
+
+
+def plan_schemas(plan: Plan) -> list[str]:
+    """The schemas a plan reads or writes."""
+    return [
+        plan.source_schema,
+        *sorted({t.schema_ for t in plan.tables}),
+        *sorted({v.schema_ for v in plan.views}),
+    ]
+
+
+def inspect(conn: Conn, loaded: LoadedPlan) -> Report:
+    """Read the catalog, build the graph and run every live check (read-only)."""
+    plan = loaded.plan
+    cat = read_catalog(conn, plan_schemas(plan))
+    graph = build_graph(plan, cat)
+    report = Report(plan=plan, catalog=cat, graph=graph, problems=list(graph.problems))
+    started = _started_tables(conn, plan)
+    if plan.source_schema not in cat.existing_schemas:
+        report.problems.append(
+            Problem(
+                plan.source_schema,
+                "the source schema does not exist",
+                "set source_schema in the plan to the schema the tables live in",
+            )
+        )
+    for spec in plan.tables:
+        _check_table(report, spec, started)
+    _check_views(report)
+    return report
+
+
+def _started_tables(conn: Conn, plan: Plan) -> set[str]:
+    """Tables this plan has already begun to move (their targets are ours)."""
+    rows = control.stage_rows(conn, plan.control_schema, plan.name)
+    return {r.table_name for r in rows if r.status in ("running", "done", "failed")}
+
+
+def key_columns(rel: Relation, spec: TableSpec) -> tuple[str, ...] | None:
+    """The primary key, or the plan's declared key when it is unique and NOT NULL."""
+    pk = rel.primary_key
+    if pk is not None:
+        return pk.columns
+    if spec.key:
+        cols = tuple(spec.key)
+        unique = any(
+            i.unique and i.valid and set(i.columns) == set(cols) and "WHERE" not in i.definition
+            for i in rel.indexes
+        )
+        not_null = all(c.not_null for c in rel.columns if c.name in cols)
+        if unique and not_null and len(cols) == len({c.name for c in rel.columns} & set(cols)):
+            return cols
+    return None
+
+
+def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
+    plan, cat = report.plan, report.catalog
+    src = cat.table(plan.source_schema, spec.name)
+    target = cat.table(spec.schema_, spec.target_name)
+    problems = report.problems
+    name = f"{plan.source_schema}.{spec.name}"
+    opts = plan.options_for(spec)
+    if spec.schema_ == plan.source_schema:
+        problems.append(
+            Problem(
+                name,
+                "the target schema is the source schema",
+                "give the table another `schema` in the plan",
+            )
+        )
+    if src is None:
+        if target is not None and spec.name in started:
+            return  # already moved by this plan
+        problems.append(
+            Problem(
+                name,
+                "no such table",
+                f"check the name (tables are case-sensitive), or remove it from {plan.name}'s plan",
+            )
+        )
+        return
+    if src.kind != "r" and src.kind != "p":
+        problems.append(
+            Problem(
+                name,
+                f"is not a table (relkind {src.kind})",
+                "only ordinary tables can be moved; remove it from the plan",
+            )
+        )
+        return
+    if target is not None and spec.name not in started:
+        problems.append(
+            Problem(
+                f"{spec.schema_}.{spec.target_name}",
+                "the target name is already taken",
+                "choose another rename_to or schema, or drop the existing relation",
+            )
+        )
+    if src.kind == "p" or src.is_partition:
+        problems.append(
+            Problem(
+                name,
+                "partitioned tables and partitions are not supported yet",
+                "move it by hand or remove it from the plan",
+            )
+        )
+    if src.inherits or src.has_children:
+        problems.append(
+            Problem(
+                name,
+                "table inheritance is not supported",
+                "remove the table (and its parents or children) from the plan",
+            )
+        )
+    if key_columns(src, spec) is None:
+        problems.append(
+            Problem(
+                name,
+                "has no primary key"
+                + (" and its declared key is not unique and NOT NULL" if spec.key else ""),
+                "add a primary key, or declare `key: [col, ...]` naming a unique NOT NULL key",
+            )
+        )
+    colnames = {c.name for c in src.columns}
+    for col, mapping in spec.columns.items():
+        if col not in colnames:
+            problems.append(
+                Problem(
+                    f"{name}.{col}",
+                    "no such column",
+                    f"columns of {spec.name}: {', '.join(sorted(colnames))}",
+                )
+            )
+        if mapping.up is not None and not spec.confirm_read_only_columns:
+            problems.append(
+                Problem(
+                    f"{name}.{col}",
+                    "a column computed by `down` is read-only through the compatibility view, so "
+                    "application INSERTs and UPDATEs naming it will fail after cutover",
+                    "set `confirm_read_only_columns: true` on the table once the application "
+                    "no longer writes it",
+                )
+            )
+    if opts.strategy == Strategy.rename and spec.columns:
+        problems.append(
+            Problem(
+                name,
+                "the rename strategy cannot change columns",
+                "use strategy: copy for a table with column mappings",
+            )
+        )
+    if opts.strategy == Strategy.copy:
+        for c in src.constraints:
+            if c.kind == "x":
+                problems.append(
+                    Problem(
+                        f"{name} ({c.name})",
+                        "exclusion constraints are not supported by the copy strategy yet",
+                        "use `options: {strategy: rename}` for this table",
+                    )
+                )
+    for dep in spec.depends_on:
+        if dep not in {t.name for t in plan.tables}:
+            problems.append(
+                Problem(
+                    f"{name} depends_on {dep}",
+                    "is not a table of this plan",
+                    "list only tables of the plan in depends_on",
+                )
+            )
+    for d in cat.dependents_of(plan.source_schema, spec.name):
+        if d.kind in ("m", "rule") and opts.strategy == Strategy.copy:
+            what = "materialized view" if d.kind == "m" else "rule"
+            problems.append(
+                Problem(
+                    f"{d.schema}.{d.name}",
+                    f"this {what} reads {name} and cannot be recreated over the compatibility view",
+                    "drop it before the move and recreate it after, or use strategy: rename",
+                )
+            )
+    if src.user_triggers and opts.strategy == Strategy.copy:
+        report.warnings.append(
+            Problem(
+                name,
+                f"has user triggers ({', '.join(t.name for t in src.user_triggers)})",
+                "they follow the data to the new table at cutover",
+            )
+        )
+    for fk in cat.fks_to(plan.source_schema, spec.name):
+        if (fk.schema, fk.table) != (plan.source_schema, fk.table) or fk.table not in {
+            t.name for t in plan.tables
+        }:
+            report.warnings.append(
+                Problem(
+                    f"{fk.schema}.{fk.table} ({fk.name})",
+                    f"a foreign key from outside the plan references {name}",
+                    "it is re-pointed to the new table at cutover",
+                )
+            )
+
+
+def _check_views(report: Report) -> None:
+    names = {t.name for t in report.plan.tables} | {v.name for v in report.plan.views}
+    for v in report.plan.views:
+        for dep in v.depends_on:
+            if dep not in names:
+                report.problems.append(
+                    Problem(
+                        f"view {v.name} depends_on {dep}",
+                        "is not a table or view of this plan",
+                        "list only tables and views of the plan in depends_on",
+                    )
+                )
