@@ -65,6 +65,11 @@ class ForeignKey:
     definition: str
     validated: bool
     columns_indexed: bool
+    on_update: str = "a"
+    on_delete: str = "a"
+    match: str = "s"
+    deferrable: bool = False
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class Index:
     primary: bool
     valid: bool
     constraint: str | None
-    columns: tuple[str, ...]
+    columns: tuple[str, ...]  # key columns only (not INCLUDE); expressions are left out
+    expressions: bool = False  # some key is an expression, so `columns` is not the whole key
+    partial: bool = False  # WHERE clause: unique over some rows only
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ _RELATIONS = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
        pg_get_userbyid(c.relowner) AS owner, c.relpersistence::text AS persistence,
        coalesce(c.reloptions, '{}')::text[] AS options,
-       coalesce(c.relacl::text[], '{}') AS acl,
+       coalesce(c.relacl, acldefault('r', c.relowner))::text[] AS acl,
        obj_description(c.oid, 'pg_class') AS comment,
        c.relrowsecurity AS rls_enabled, c.relforcerowsecurity AS rls_forced,
        c.relispartition AS is_partition,
@@ -262,6 +269,7 @@ SELECT co.conrelid::bigint AS oid, co.conname AS name, co.contype::text AS kind,
                  JOIN pg_attribute a ON a.attrelid = co.confrelid AND a.attnum = k.attnum),
                 '{}') AS ref_columns,
        co.confupdtype::text AS on_update, co.confdeltype::text AS on_delete,
+       co.confmatchtype::text AS match,
        obj_description(co.oid, 'pg_constraint') AS comment,
        CASE WHEN co.contype = 'f' THEN EXISTS (
            SELECT 1 FROM pg_index i WHERE i.indrelid = co.conrelid
@@ -285,8 +293,10 @@ SELECT i.indrelid::bigint AS oid, ic.relname AS name, pg_get_indexdef(i.indexrel
           AND co.conrelid = i.indrelid AND co.contype IN ('p','u','x')) AS constraint,
        coalesce((SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(i.indkey::int2[])
                  WITH ORDINALITY k(attnum, ord)
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum),
-                '{}') AS columns
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE k.ord <= i.indnkeyatts),
+                '{}') AS columns,
+       i.indexprs IS NOT NULL AS expressions, i.indpred IS NOT NULL AS partial
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -324,7 +334,8 @@ SELECT n.nspname AS schema, c.relname AS name, format_type(s.seqtypid, NULL) AS 
        s.seqmax AS max_value, s.seqcache AS cache, s.seqcycle AS cycle,
        tn.nspname AS owner_schema, t.relname AS owner_table, a.attname AS owner_column,
        coalesce(d.deptype = 'i', false) AS identity,
-       coalesce(c.relacl::text[], '{}') AS acl, pg_get_userbyid(c.relowner) AS owner
+       coalesce(c.relacl, acldefault('s', c.relowner))::text[] AS acl,
+       pg_get_userbyid(c.relowner) AS owner
 FROM pg_sequence s
 JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
@@ -428,6 +439,11 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
                     definition=r["definition"],
                     validated=r["validated"],
                     columns_indexed=r["columns_indexed"],
+                    on_update=r["on_update"],
+                    on_delete=r["on_delete"],
+                    match=r["match"],
+                    deferrable=r["deferrable"],
+                    deferred=r["deferred"],
                 )
             )
     for r in idxs:
@@ -440,6 +456,8 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
                 valid=r["valid"],
                 constraint=r["constraint"],
                 columns=tuple(r["columns"]),
+                expressions=r["expressions"],
+                partial=r["partial"],
             )
         )
     for r in trgs:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -80,9 +80,6 @@ def _root(
     state.embedded = embedded
     state.verbose = verbose
     log.configure(log_format, verbose)
-
-
-T = TypeVar("T")
 
 
 def _fail(exc: OrchestratorError, fmt: str) -> None:
@@ -212,8 +209,184 @@ def server_stop(
     out.print(f"stopped embedded server pid {pid}" if pid else "no embedded server running")
 
 
-def _register_commands(register: Callable[[typer.Typer], None]) -> None:
-    register(app)
+TablesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--table", "-t", help="Only this table (and its cycle unit); repeatable."),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+LockOpt = Annotated[
+    int | None,
+    typer.Option("--lock-timeout", help="lock_timeout in ms for this run (overrides the plan)."),
+]
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise OrchestratorError(
+            f"{question} needs confirmation", hint="rerun with --yes in scripts"
+        )
+    if not typer.confirm(question):
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _engine(
+    plan: Path, tables: list[str] | None, lock_timeout: int | None, fmt: str = "text"
+) -> Iterator[Any]:
+    from orchestrator.engine import session
+
+    loaded = load_plan(plan)
+    dsn = resolve_dsn(state.dsn, state.embedded)
+    reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
+    with reporter, session(dsn, loaded, reporter.event, lock_timeout, None) as eng:
+        yield eng
+
+
+@app.command()
+def apply(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    until: Annotated[
+        str,
+        typer.Option(
+            "--until",
+            help="Last stage to run: prepare, dual_write, copy, verify (default) or cutover.",
+        ),
+    ] = "verify",
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Then keep replaying captured changes until interrupted."),
+    ] = False,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
+    allowed = ("prepare", "dual_write", "copy", "verify", "cutover")
+    with _guard(fmt):
+        if until not in allowed:
+            raise OrchestratorError(
+                f"--until {until}: not a stage", hint=f"use one of {', '.join(allowed)}"
+            )
+        if until == "cutover":
+            _confirm("apply through cutover (the application switches to the new tables)?", yes)
+        with _engine(plan, table, lock_timeout, fmt) as eng:
+            eng.apply(table, until)
+            if follow:
+                out.print("following: replaying captured changes (Ctrl-C to stop)")
+                import time
+
+                try:
+                    while True:
+                        if eng.replay_once() == 0:
+                            time.sleep(1.0)
+                except KeyboardInterrupt:
+                    pass
+    if fmt == Fmt.json:
+        _emit_json({"plan": str(plan), "until": until, "ok": True})
+
+
+@app.command()
+def cutover(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Swap the application to the new tables (one short locked transaction per unit)."""
+    with _guard(fmt):
+        _confirm("cut over (retire the source tables behind compatibility views)?", yes)
+        with _engine(plan, table, lock_timeout, fmt) as eng:
+            eng.cutover(table)
+    if fmt == Fmt.json:
+        _emit_json({"plan": str(plan), "cutover": True})
+
+
+@app.command()
+def finalize(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Drop the retired tables and reverse capture. Cannot be undone."""
+    with _guard(fmt):
+        _confirm("finalize? This drops the retired tables and CANNOT be undone", yes)
+        with _engine(plan, table, lock_timeout, fmt) as eng:
+            eng.finalize(table)
+    if fmt == Fmt.json:
+        _emit_json({"plan": str(plan), "finalized": True})
+
+
+@app.command()
+def rollback(
+    plan: PlanArg,
+    table: Annotated[
+        str,
+        typer.Option(
+            "--table", "-t", help="The table to roll back (its whole unit when it is in a cycle)."
+        ),
+    ],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="Keep this stage and those before it (default: undo everything)."
+        ),
+    ] = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Reverse a table's stages, latest first, keeping every row written meanwhile."""
+    allowed = ("prepare", "dual_write", "copy", "verify")
+    with _guard(fmt):
+        if to is not None and to not in allowed:
+            raise OrchestratorError(
+                f"--to {to}: not a stage you can roll back to",
+                hint=f"use one of {', '.join(allowed)}",
+            )
+        _confirm(f"roll back {table}" + (f" to {to}" if to else " entirely") + "?", yes)
+        with _engine(plan, [table], lock_timeout, fmt) as eng:
+            undone = eng.rollback(table, to)
+    if fmt == Fmt.json:
+        _emit_json({"plan": str(plan), "rolled_back": undone})
+    else:
+        out.print(f"rolled back: {', '.join(undone) or 'nothing to undo'}", highlight=False)
+
+
+@app.command("set")
+def set_cmd(
+    plan: PlanArg,
+    key: Annotated[
+        str, typer.Argument(help="batch_size, sleep_ms, probe_max or max_replication_lag_bytes")
+    ],
+    value: Annotated[float, typer.Argument()],
+    table: Annotated[str, typer.Option("--table", "-t")] = "*",
+) -> None:
+    """Change a running copy's batch size or throttle (read before every batch)."""
+    allowed = ("batch_size", "sleep_ms", "probe_max", "max_replication_lag_bytes")
+    with _guard():
+        if key not in allowed:
+            raise OrchestratorError(
+                f"{key}: not an adjustable setting", hint=f"use one of {', '.join(allowed)}"
+            )
+        loaded = load_plan(plan)
+        with _connect() as conn:
+            control.ensure_schema(conn, loaded.plan.control_schema)
+            with conn.transaction():
+                control.put_setting(
+                    conn,
+                    loaded.plan.control_schema,
+                    loaded.plan.name,
+                    key,
+                    int(value) if key != "probe_max" else value,
+                    table,
+                )
+    out.print(f"{key} = {value:g} for {table if table != '*' else 'every table'}")
 
 
 def main() -> None:

@@ -70,6 +70,9 @@ MIGRATIONS: list[list[str]] = [
            BEGIN RAISE EXCEPTION 'the orchestrator event log is append-only'; END $$""",
         """CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON {s}.events
            FOR EACH ROW EXECUTE FUNCTION {s}.events_append_only()""",
+        # TRUNCATE fires no row trigger: refuse it with a statement trigger.
+        """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {s}.events
+           FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_append_only()""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -220,6 +223,14 @@ def set_status(
             "table": table,
             "stage": stage,
         },
+    )
+
+
+def set_error(conn: Conn, schema: str, plan: str, table: str, stage: str, error: str) -> None:
+    conn.execute(
+        _q(schema, "UPDATE {s}.stages SET last_error = %s, updated_at = now() "
+           "WHERE plan = %s AND table_name = %s AND stage = %s"),
+        (error, plan, table, stage),
     )
 
 

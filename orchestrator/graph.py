@@ -235,12 +235,25 @@ def to_json(dg: DependencyGraph) -> str:
 
 
 def _mid(node: str) -> str:
-    """A mermaid/dot-safe node id (names may hold any character)."""
-    return "n" + "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in node)
+    """A mermaid/dot-safe node id (names may hold any character): ASCII letters and digits only."""
+    return "n" + "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):x}_" for c in node)
 
 
 def _label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    """A DOT quoted string's content."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# Mermaid has no backslash escapes: a quote ends the label whatever precedes it, and `;` ends a
+# statement. It decodes numeric entities (`#34;`) in labels, so every such character becomes one.
+_MERMAID_UNSAFE = set('"#;<>&`')
+
+
+def _mlabel(text: str) -> str:
+    """A mermaid quoted label's content."""
+    return "".join(
+        f"#{ord(c)};" if c in _MERMAID_UNSAFE or not c.isprintable() else c for c in text
+    )
 
 
 def to_mermaid(dg: DependencyGraph) -> str:
@@ -251,13 +264,13 @@ def to_mermaid(dg: DependencyGraph) -> str:
         nodes = [(_t(m) if u.kind == "tables" else _v(m)) for m in u.members]
         unit_nodes.update(nodes)
         title = f"unit {u.id} (wave {u.wave}){' cycle' if u.is_cycle else ''}"
-        lines.append(f'  subgraph u{u.id}["{_label(title)}"]')
+        lines.append(f'  subgraph u{u.id}["{_mlabel(title)}"]')
         for n in nodes:
-            lines.append(f'    {_mid(n)}["{_label(g.nodes[n]["name"])}"]')
+            lines.append(f'    {_mid(n)}["{_mlabel(g.nodes[n]["name"])}"]')
         lines.append("  end")
     for n, d in g.nodes(data=True):
         if n not in unit_nodes:
-            lines.append(f'  {_mid(n)}(["{_label(d["name"])} ({d["kind"]})"])')
+            lines.append(f'  {_mid(n)}(["{_mlabel(d["name"])} ({d["kind"]})"])')
     for a, b, d in g.edges(data=True):
         arrow = "-.->" if d.get("via") != "fk" else "-->"
         lines.append(f"  {_mid(a)} {arrow} {_mid(b)}")

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import PlanError
 
@@ -30,8 +38,11 @@ def _check_ident(value: str) -> str:
     return value
 
 
+# Every identifier of a plan (tables, schemas, columns, roles, views) gets the same checks.
 Ident = Annotated[
-    str, Field(min_length=1, description="A PostgreSQL identifier, as written (no quoting).")
+    str,
+    Field(min_length=1, description="A PostgreSQL identifier, as written (no quoting)."),
+    AfterValidator(_check_ident),
 ]
 
 
@@ -81,19 +92,31 @@ class Options(_Model):
         0, ge=0, description="statement_timeout for our statements (0: none)."
     )
     lock_retries: int = Field(10, ge=0, description="Retries of a DDL that timed out on its lock.")
-    throttle: Throttle = Field(default_factory=Throttle)
+    throttle: Throttle = Field(
+        default_factory=Throttle, description="When the copy pauses (see Throttle)."
+    )
     compat_view: bool = Field(True, description="Leave a compatibility view under the old name.")
 
 
 class TableOptions(_Model):
     """The subset of options a single table may override."""
 
-    strategy: Strategy | None = None
-    batch_size: int | None = Field(None, ge=1, le=1_000_000)
-    lock_timeout_ms: int | None = Field(None, ge=1)
-    statement_timeout_ms: int | None = Field(None, ge=0)
-    lock_retries: int | None = Field(None, ge=0)
-    compat_view: bool | None = None
+    strategy: Strategy | None = Field(None, description="copy | rename (default: the plan's).")
+    batch_size: int | None = Field(
+        None, ge=1, le=1_000_000, description="Rows per copy batch (default: the plan's)."
+    )
+    lock_timeout_ms: int | None = Field(
+        None, ge=1, description="lock_timeout for this table's DDL (default: the plan's)."
+    )
+    statement_timeout_ms: int | None = Field(
+        None, ge=0, description="statement_timeout for this table (default: the plan's)."
+    )
+    lock_retries: int | None = Field(
+        None, ge=0, description="Retries of a DDL that timed out (default: the plan's)."
+    )
+    compat_view: bool | None = Field(
+        None, description="Leave a compatibility view (default: the plan's)."
+    )
 
 
 class ColumnMap(_Model):
@@ -125,8 +148,11 @@ class ColumnMap(_Model):
 class TableGrant(_Model):
     """Privileges a role gets on every moved table of a schema."""
 
-    role: Ident
-    privileges: list[str] = Field(default_factory=lambda: ["SELECT"])
+    role: Ident = Field(description="The role that gets the privileges.")
+    privileges: list[str] = Field(
+        default_factory=lambda: ["SELECT"],
+        description="Any of SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER.",
+    )
 
     @field_validator("privileges")
     @classmethod
@@ -143,7 +169,9 @@ class SchemaSpec(_Model):
     """A target schema and who may use it."""
 
     usage: list[Ident] = Field(default_factory=list, description="Roles granted USAGE.")
-    grants: list[TableGrant] = Field(default_factory=list)
+    grants: list[TableGrant] = Field(
+        default_factory=list, description="Table privileges per role (see TableGrant)."
+    )
 
 
 class TableSpec(_Model):
@@ -152,11 +180,16 @@ class TableSpec(_Model):
     name: Ident = Field(description="Table name in the source schema.")
     schema_: Ident = Field(alias="schema", description="Target schema.")
     rename_to: Ident | None = Field(None, description="New table name in the target schema.")
-    columns: dict[str, ColumnMap] = Field(default_factory=dict)
+    columns: dict[Ident, ColumnMap] = Field(
+        default_factory=dict,
+        description="Column mappings, by source column name (see ColumnMap).",
+    )
     key: list[Ident] | None = Field(
         None, description="A unique NOT NULL key to use when the table has no primary key."
     )
-    options: TableOptions = Field(default_factory=TableOptions)
+    options: TableOptions = Field(
+        default_factory=TableOptions, description="Overrides of the plan's defaults."
+    )
     depends_on: list[Ident] = Field(default_factory=list, description="Tables moved before this.")
     confirm_read_only_columns: bool = Field(
         False,
@@ -178,11 +211,15 @@ class TableSpec(_Model):
 class ViewSpec(_Model):
     """A view created once the tables it reads have moved."""
 
-    name: Ident
-    schema_: Ident = Field("public", alias="schema")
+    name: Ident = Field(description="The view's name.")
+    schema_: Ident = Field("public", alias="schema", description="The view's schema.")
     sql: str = Field(description="The SELECT that defines the view.")
-    depends_on: list[Ident] = Field(default_factory=list)
-    security_invoker: bool = True
+    depends_on: list[Ident] = Field(
+        default_factory=list, description="Tables and views of the plan it reads."
+    )
+    security_invoker: bool = Field(
+        True, description="Check the querying role's privileges, not the view owner's."
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -191,13 +228,21 @@ class Plan(_Model):
     """A whole migration plan."""
 
     version: int = Field(description="Plan format version; only 1 exists.")
-    name: Ident
-    source_schema: Ident = "public"
-    control_schema: Ident = "_orchestrator"
-    defaults: Options = Field(default_factory=Options)
-    schemas: dict[str, SchemaSpec] = Field(default_factory=dict)
-    tables: list[TableSpec]
-    views: list[ViewSpec] = Field(default_factory=list)
+    name: Ident = Field(description="The plan's name, unique in the database.")
+    source_schema: Ident = Field("public", description="The schema the tables live in now.")
+    control_schema: Ident = Field(
+        "_orchestrator", description="Where the orchestrator records its state."
+    )
+    defaults: Options = Field(
+        default_factory=Options, description="Options for every table (see Options)."
+    )
+    schemas: dict[Ident, SchemaSpec] = Field(
+        default_factory=dict, description="Target schemas and their grants (see SchemaSpec)."
+    )
+    tables: list[TableSpec] = Field(description="The tables to move (see TableSpec).")
+    views: list[ViewSpec] = Field(
+        default_factory=list, description="Views created after the move (see ViewSpec)."
+    )
 
     @field_validator("version")
     @classmethod
@@ -275,6 +320,33 @@ def _node_line(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None
     return line
 
 
+def _duplicate_keys(node: yaml.Node | None, path: str) -> list[str]:
+    """Keys given twice in one mapping: YAML loaders keep the last silently, we refuse."""
+    found: list[tuple[int, str]] = []
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if k.value in seen:
+                        found.append(
+                            (
+                                line,
+                                f"{path}:{line}: {k.value} is given twice "
+                                f"(first at line {seen[k.value]})",
+                            )
+                        )
+                    else:
+                        seen[k.value] = line
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return [msg for _, msg in sorted(found)]
+
+
 def _describe(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -298,6 +370,13 @@ def parse_plan(text: str, path: str = "<plan>") -> LoadedPlan:
             f"{where}: the plan is not valid YAML: {problem}",
             hint="fix the YAML syntax, then run `orchestrator validate` again",
         ) from exc
+    duplicates = _duplicate_keys(node, path)
+    if duplicates:
+        raise PlanError(
+            "the plan gives a key twice:\n  " + "\n  ".join(duplicates),
+            hint="keep one of each key (YAML would otherwise keep the last one silently)",
+            problems=duplicates,
+        )
     if not isinstance(data, dict):
         raise PlanError(
             f"{path}: a plan is a YAML mapping with version, name and tables",
@@ -336,3 +415,135 @@ def load_plan(path: str | Path) -> LoadedPlan:
 def plan_json_schema() -> str:
     """The JSON Schema of a plan, for editors."""
     return json.dumps(Plan.model_json_schema(by_alias=True), indent=2)
+
+
+# --- the human reference (docs/plan-reference.md is this function's output) -------------------
+
+_MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m
+    for m in (
+        Plan,
+        Options,
+        Throttle,
+        SchemaSpec,
+        TableGrant,
+        TableSpec,
+        TableOptions,
+        ColumnMap,
+        ViewSpec,
+    )
+}
+
+
+def _ref_name(schema: dict[str, Any]) -> str:
+    return str(schema["$ref"]).rsplit("/", 1)[-1]
+
+
+def _type_text(schema: dict[str, Any]) -> str:
+    """A JSON Schema fragment as an operator reads it: `list of identifier`, `integer >= 1`."""
+    if "$ref" in schema:
+        name = _ref_name(schema)
+        return f"[{name}](#{name.lower()})"
+    if "anyOf" in schema:
+        parts = [_type_text(s) for s in schema["anyOf"] if s.get("type") != "null"]
+        nullable = any(s.get("type") == "null" for s in schema["anyOf"])
+        return " or ".join(parts) + (" or null" if nullable else "")
+    if "enum" in schema:
+        return " or ".join(f"`{v}`" for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        return f"list of {_type_text(schema.get('items', {}))}"
+    if kind == "object":
+        value = schema.get("additionalProperties")
+        values = _type_text(value) if isinstance(value, dict) else "any"
+        return f"map of identifier to {values}"
+    if kind == "string" and schema.get("minLength") == 1:
+        return "identifier"
+    text = str(kind or "any")
+    bounds = [
+        f"{op} {schema[key]}"
+        for key, op in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        )
+        if key in schema
+    ]
+    return text + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _default_text(model: type[BaseModel], prop: str, required: bool) -> str:
+    if required:
+        return "required"
+    for name, info in model.model_fields.items():
+        if (info.alias or name) == prop:
+            value = info.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                return f"{type(value).__name__} defaults"
+            if isinstance(value, StrEnum):
+                value = value.value
+            return f"`{json.dumps(value, ensure_ascii=False)}`"
+    raise KeyError(prop)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """The plan reference, rendered from the models' JSON Schema (deterministic)."""
+    schema = Plan.model_json_schema(by_alias=True)
+    defs: dict[str, dict[str, Any]] = {"Plan": schema, **schema.get("$defs", {})}
+    # Plan first, then every model where the plan first mentions it (depth first).
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            order.append(name)
+            for ref in _refs(defs[name].get("properties", {})):
+                visit(ref)
+
+    visit("Plan")
+    lines = [
+        "# Plan reference",
+        "",
+        "<!-- Generated by orchestrator.plan.reference_markdown(); do not edit by hand. -->",
+        "",
+        "A plan is a YAML file. Every field is listed below, model by model, starting at the",
+        "top of the file. Unknown fields are refused, and so is a key given twice.",
+        "An *identifier* is a PostgreSQL name written as it is, without quotes: case, spaces",
+        f"and every other character count as written, up to {MAX_IDENT_BYTES} bytes in UTF-8.",
+        "`orchestrator plan-schema` prints the same rules as JSON Schema, for editors.",
+    ]
+    for name in order:
+        d = defs[name]
+        lines += ["", f"## {name}", ""]
+        if d.get("description"):
+            lines += [_cell(d["description"]), ""]
+        props: dict[str, dict[str, Any]] = d.get("properties", {})
+        if not props:
+            lines.append(f"Values: {_type_text(d)}.")
+            continue
+        required = set(d.get("required", []))
+        model = _MODELS[name]
+        lines += ["| field | type | default | description |", "|---|---|---|---|"]
+        for prop, p in props.items():
+            lines.append(
+                f"| `{prop}` | {_cell(_type_text(p))} | "
+                f"{_cell(_default_text(model, prop, prop in required))} | "
+                f"{_cell(p.get('description', ''))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _refs(node: Any) -> list[str]:
+    """Every model a schema fragment refers to, in the order they appear."""
+    if isinstance(node, dict):
+        out = [_ref_name(node)] if "$ref" in node else []
+        for v in node.values():
+            out += _refs(v)
+        return out
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []

@@ -176,3 +176,86 @@ def print_history(console: Console, rows: list[dict[str, Any]]) -> None:
             e["operator"],
         )
     console.print(table)
+
+
+class Reporter:
+    """Shows engine events: progress bars on a terminal, structured log lines otherwise."""
+
+    def __init__(self, console: Console, json_mode: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        from orchestrator import log
+
+        self.console = console
+        self.live = console.is_terminal and not json_mode
+        self.log = log.get()
+        self.tasks: dict[tuple[str, str], Any] = {}
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._last_log = 0.0
+
+    def __enter__(self) -> Reporter:
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.progress.stop()
+
+    def event(self, e: dict[str, Any]) -> None:
+        import time
+
+        table, stage = str(e.get("table", "")), str(e.get("stage", ""))
+        if "rows_done" in e:
+            if self.live:
+                key = (table, stage)
+                rate = f"{e.get('rate', 0):,.0f} rows/s"
+                if key not in self.tasks:
+                    self.tasks[key] = self.progress.add_task(
+                        f"{stage} {table}", total=e["rows_estimated"], rate=rate
+                    )
+                self.progress.update(
+                    self.tasks[key], completed=e["rows_done"], total=e["rows_estimated"], rate=rate
+                )
+            elif time.monotonic() - self._last_log > 2.0:
+                self._last_log = time.monotonic()
+                self.log.info(
+                    "progress",
+                    table=table,
+                    stage=stage,
+                    rows=e["rows_done"],
+                    estimated=e["rows_estimated"],
+                    rate=round(e.get("rate", 0)),
+                )
+        elif "status" in e:
+            if self.live:
+                mark = "[green]✓[/]" if e["status"] == "done" else "[magenta]↺[/]"
+                self.progress.console.print(
+                    f"{mark} {table}: {stage} {e['status']}", highlight=False
+                )
+            else:
+                self.log.info("stage", table=table, stage=stage, status=e["status"])
+        elif "lock_wait" in e:
+            self.log.warning(
+                "lock wait",
+                table=table,
+                stage=stage,
+                attempt=e["lock_wait"],
+                blockers=[b.get("pid") for b in e.get("blockers", [])],
+            )
+        elif "paused" in e:
+            self.log.info("throttled", table=table, stage=stage, reason=e["paused"])

@@ -35,10 +35,13 @@ class Report:
 
 def plan_schemas(plan: Plan) -> list[str]:
     """The schemas a plan reads or writes."""
+    from orchestrator.move import retired_schema
+
     return [
         plan.source_schema,
         *sorted({t.schema_ for t in plan.tables}),
         *sorted({v.schema_ for v in plan.views}),
+        retired_schema(plan.control_schema),
     ]
 
 
@@ -77,7 +80,11 @@ def key_columns(rel: Relation, spec: TableSpec) -> tuple[str, ...] | None:
     if spec.key:
         cols = tuple(spec.key)
         unique = any(
-            i.unique and i.valid and set(i.columns) == set(cols) and "WHERE" not in i.definition
+            i.unique
+            and i.valid
+            and not i.expressions
+            and not i.partial
+            and set(i.columns) == set(cols)
             for i in rel.indexes
         )
         not_null = all(c.not_null for c in rel.columns if c.name in cols)
@@ -101,9 +108,9 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                 "give the table another `schema` in the plan",
             )
         )
+    if spec.name in started:
+        return  # already being moved by this plan: the control schema is the truth now
     if src is None:
-        if target is not None and spec.name in started:
-            return  # already moved by this plan
         problems.append(
             Problem(
                 name,
@@ -121,7 +128,7 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
             )
         )
         return
-    if target is not None and spec.name not in started:
+    if target is not None and spec.name not in started and target.oid != src.oid:
         problems.append(
             Problem(
                 f"{spec.schema_}.{spec.target_name}",
@@ -137,7 +144,7 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                 "move it by hand or remove it from the plan",
             )
         )
-    if src.inherits or src.has_children:
+    if (src.inherits or src.has_children) and src.kind != "p" and not src.is_partition:
         problems.append(
             Problem(
                 name,

@@ -1,0 +1,292 @@
+"""Change capture and replay: a trigger logs changed keys; the orchestrator replays them.
+
+The trigger on the live table appends only (key, operation) to a log table, the cheapest
+capture measured (DESIGN.md). Replay re-reads each logged key's current row from the live
+table and makes the copy match: rows gone from the live table are deleted, the others upserted.
+Because replay always copies the *current* row, the order of log entries does not matter and
+replaying a key twice is harmless.
+
+The same machinery runs both ways: forward (source → target) from dual-write to cutover, and
+reverse (target → retired source) from cutover to finalize, so a rollback loses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import errors, sql
+
+from orchestrator.db import Conn
+from orchestrator.move import TableMove
+from orchestrator.sqlutil import catalog_sql, ident, idents, row
+
+TRIGGER = "_orch_capture"
+TRUNCATE_TRIGGER = "_orch_capture_truncate"
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Which table is live (`live`) and which one follows it (`copy`)."""
+
+    name: str  # forward | reverse
+    live: sql.Identifier
+    copy: sql.Identifier
+    live_key: tuple[str, ...]
+    copy_key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    copy_columns: tuple[str, ...]
+    values: tuple[sql.Composable, ...]  # per copy column, an expression over alias "s"
+    log: sql.Identifier
+    function: sql.Identifier
+    truncate_function: sql.Identifier
+    overriding: sql.Composable
+
+
+def forward(m: TableMove) -> Direction:
+    return Direction(
+        name="forward",
+        live=m.source,
+        copy=m.target,
+        live_key=m.key_source,
+        copy_key=m.key_target,
+        key_types=m.key_types,
+        copy_columns=tuple(c.target for c in m.copied),
+        values=tuple(c.up_sql("s") for c in m.copied),
+        log=m.obj("log"),
+        function=m.obj("cap"),
+        truncate_function=m.obj("trunc"),
+        overriding=m.overriding,
+    )
+
+
+def reverse(m: TableMove, retired: sql.Identifier | None = None) -> Direction:
+    types = dict(zip((c.source for c in m.columns), m.source_types, strict=True))
+    return Direction(
+        name="reverse",
+        live=m.target,
+        copy=retired or m.retired,
+        live_key=m.key_target,
+        copy_key=m.key_source,
+        key_types=m.key_types,
+        copy_columns=tuple(c.source for c in m.copied),
+        values=tuple(c.down_sql("s", types[c.source]) for c in m.copied),
+        log=m.obj("rlog"),
+        function=m.obj("rcap"),
+        truncate_function=m.obj("rtrunc"),
+        overriding=sql.SQL(" OVERRIDING SYSTEM VALUE")
+        if any(c.identity == "a" for c in m.copied)
+        else sql.SQL(""),
+    )
+
+
+def _key_eq(
+    left: str, left_cols: tuple[str, ...], right: str, right_cols: tuple[str, ...]
+) -> sql.Composed:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(left, a), sql.Identifier(right, b))
+        for a, b in zip(left_cols, right_cols, strict=True)
+    )
+
+
+def install_sql(d: Direction) -> list[sql.Composable]:
+    """The log table, its capture functions and the triggers on the live table."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(k), catalog_sql(t))
+        for k, t in zip(d.live_key, d.key_types, strict=True)
+    )
+    new = sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(k)) for k in d.live_key)
+    old = sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(k)) for k in d.live_key)
+    keys = idents(d.live_key)
+    ins = sql.SQL("INSERT INTO {} (_orch_op, {}) VALUES").format(d.log, keys)
+    body = sql.SQL("""BEGIN
+  IF TG_OP = 'INSERT' THEN {ins} ('I', {new});
+  ELSIF TG_OP = 'DELETE' THEN {ins} ('D', {old});
+  ELSE
+    {ins} ('U', {new});
+    IF ({old}) IS DISTINCT FROM ({new}) THEN {ins} ('K', {old}); END IF;
+  END IF;
+  RETURN NULL;
+END""").format(ins=ins, new=new, old=old)
+    tbody = sql.SQL("BEGIN TRUNCATE {copy}; TRUNCATE {log}; RETURN NULL; END").format(
+        copy=d.copy, log=d.log
+    )
+    return [
+        sql.SQL(
+            "CREATE TABLE {} (_orch_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            '_orch_op "char" NOT NULL, {})'
+        ).format(d.log, cols),
+        sql.SQL("CREATE INDEX ON {} ({})").format(d.log, keys),
+        # SECURITY DEFINER: the application's roles write the live table, and need no
+        # privilege on our log. search_path is pinned so the function cannot be hijacked.
+        sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            "SET search_path = pg_catalog AS {}"
+        ).format(d.function, _Body(body)),
+        sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            "SET search_path = pg_catalog AS {}"
+        ).format(d.truncate_function, _Body(tbody)),
+        sql.SQL(
+            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
+            "FOR EACH ROW EXECUTE FUNCTION {}()"
+        ).format(sql.Identifier(TRIGGER), d.live, d.function),
+        sql.SQL(
+            "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+        ).format(sql.Identifier(TRUNCATE_TRIGGER), d.live, d.truncate_function),
+    ]
+
+
+def drop_triggers_sql(d: Direction) -> list[sql.Composable]:
+    return [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), d.live),
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), d.live),
+    ]
+
+
+def create_triggers_sql(d: Direction) -> list[sql.Composable]:
+    return install_sql(d)[4:]
+
+
+def uninstall_sql(d: Direction) -> list[sql.Composable]:
+    """Drop the triggers (when the live table still exists), the functions and the log."""
+    return [
+        *drop_triggers_sql(d),
+        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(d.function),
+        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(d.truncate_function),
+        sql.SQL("DROP TABLE IF EXISTS {}").format(d.log),
+    ]
+
+
+class _Body(sql.Composable):
+    """A function body: composed SQL rendered, then passed as one string literal."""
+
+    def __init__(self, body: sql.Composable) -> None:
+        super().__init__(body)
+        self._body = body
+
+    def as_bytes(self, context: object = None) -> bytes:
+        text = self._body.as_string(context)  # type: ignore[arg-type]
+        return sql.Literal(text).as_bytes(context)  # type: ignore[arg-type]
+
+
+def _select_values(d: Direction) -> sql.Composed:
+    return sql.SQL(", ").join(d.values)
+
+
+def _upsert_tail(d: Direction) -> sql.Composed:
+    rest = [c for c in d.copy_columns if c not in d.copy_key]
+    if not rest:
+        return sql.SQL("ON CONFLICT ({}) DO NOTHING").format(idents(d.copy_key))
+    return sql.SQL("ON CONFLICT ({}) DO UPDATE SET {}").format(
+        idents(d.copy_key),
+        sql.SQL(", ").join(sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in rest),
+    )
+
+
+def replay_batch_sql(d: Direction) -> sql.Composed:
+    """One statement: claim up to %(n)s log entries, delete vanished rows, upsert the rest.
+
+    Vanished and present keys are disjoint at the statement's snapshot, so the two writes
+    never touch the same key. SKIP LOCKED leaves entries of uncommitted transactions alone
+    (they are not visible anyway) and lets a second replayer run beside us without waiting.
+    """
+    lk = idents(d.live_key)
+    return sql.SQL("""WITH d AS (
+  DELETE FROM {log} WHERE _orch_seq IN (
+    SELECT _orch_seq FROM {log} ORDER BY _orch_seq LIMIT %(n)s FOR UPDATE SKIP LOCKED)
+  RETURNING {lk}),
+keys AS (SELECT DISTINCT {lk} FROM d),
+gone AS (
+  DELETE FROM {copy} c USING keys k WHERE {ck_eq}
+    AND NOT EXISTS (SELECT 1 FROM {live} s WHERE {sk_eq})
+  RETURNING 1),
+up AS (
+  INSERT INTO {copy} AS c ({cols}){overriding}
+  SELECT {vals} FROM {live} s JOIN keys k ON {sk_eq}
+  {upsert}
+  RETURNING 1)
+SELECT (SELECT count(*) FROM d) AS entries, (SELECT count(*) FROM gone) AS deleted,
+       (SELECT count(*) FROM up) AS upserted""").format(
+        log=d.log,
+        lk=lk,
+        copy=d.copy,
+        live=d.live,
+        ck_eq=_key_eq("c", d.copy_key, "k", d.live_key),
+        sk_eq=_key_eq("s", d.live_key, "k", d.live_key),
+        cols=idents(d.copy_columns),
+        overriding=d.overriding,
+        vals=_select_values(d),
+        upsert=_upsert_tail(d),
+    )
+
+
+def replay_all_sql(d: Direction) -> list[sql.Composed]:
+    """Drain every visible entry at one snapshot (run inside REPEATABLE READ).
+
+    Deleting all logged keys before re-inserting them avoids the spurious unique violations a
+    row-at-a-time upsert can hit when two rows swap a unique value.
+    """
+    lk = idents(d.live_key)
+    return [
+        sql.SQL("DELETE FROM {copy} c USING (SELECT DISTINCT {lk} FROM {log}) k WHERE {eq}").format(
+            copy=d.copy, lk=lk, log=d.log, eq=_key_eq("c", d.copy_key, "k", d.live_key)
+        ),
+        sql.SQL(
+            "INSERT INTO {copy} ({cols}){overriding} SELECT {vals} FROM {live} s "
+            "WHERE EXISTS (SELECT 1 FROM {log} k WHERE {eq})"
+        ).format(
+            copy=d.copy,
+            cols=idents(d.copy_columns),
+            overriding=d.overriding,
+            vals=_select_values(d),
+            live=d.live,
+            log=d.log,
+            eq=_key_eq("s", d.live_key, "k", d.live_key),
+        ),
+        sql.SQL("DELETE FROM {}").format(d.log),
+    ]
+
+
+def backlog(conn: Conn, d: Direction) -> int:
+    """Entries waiting in a log (an estimate is enough to decide when to stop draining)."""
+    r = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(d.log)).fetchone()
+    return int(r["n"]) if r else 0
+
+
+def replay_batch(conn: Conn, d: Direction, n: int) -> int:
+    """Replay up to n entries in one statement; on a unique clash, drain everything at once.
+
+    Runs inside the caller's transaction; returns the entries consumed.
+    """
+    try:
+        with conn.transaction():
+            r = conn.execute(replay_batch_sql(d), {"n": n}).fetchone()
+        return int(r["entries"]) if r else 0
+    except errors.UniqueViolation:
+        return replay_all(conn, d)
+
+
+def replay_all(conn: Conn, d: Direction) -> int:
+    """Drain every visible entry at one snapshot. The caller's transaction must be
+    REPEATABLE READ, or no transaction at all (then one is opened here)."""
+    own = conn.info.transaction_status == 0  # IDLE: open our own REPEATABLE READ txn
+    if own:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        n = backlog(conn, d)
+        for stmt in replay_all_sql(d):
+            conn.execute(stmt)
+        if own:
+            conn.execute("COMMIT")
+        return n
+    except BaseException:
+        if own:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def key_row(cols: tuple[str, ...]) -> sql.Composed:
+    return row(cols)
+
+
+__all__ = ["Direction", "forward", "ident", "reverse"]

@@ -1,0 +1,133 @@
+"""Short locks: every DDL transaction runs under lock_timeout and is retried with backoff.
+
+A DDL waiting for ACCESS EXCLUSIVE blocks every later reader of the table while it waits, so
+the wait is bounded (lock_timeout) and, when it expires, we give way, record who held the
+conflicting lock, back off with jitter and try again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors, sql
+
+from orchestrator import control
+from orchestrator.db import Conn
+from orchestrator.errors import LockTimeoutExhausted
+
+T = TypeVar("T")
+
+_BLOCKERS = """
+SELECT DISTINCT a.pid, a.usename AS role, a.application_name, a.state,
+       (now() - a.xact_start)::text AS xact_age, left(a.query, 300) AS query,
+       l.mode, c.relname AS relation
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+LEFT JOIN pg_class c ON c.oid = l.relation
+WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
+  AND l.relation = ANY(%s::regclass[])
+ORDER BY a.pid
+"""
+
+
+def blockers(conn: Conn, relations: list[str]) -> list[dict[str, Any]]:
+    """Sessions holding locks on the relations we wanted (who made us wait)."""
+    if not relations:
+        return []
+    rels = [r for r in relations if r]
+    try:
+        rows = conn.execute(
+            sql.SQL(_BLOCKERS),  # type: ignore[arg-type]
+            (rels,),
+        ).fetchall()
+    except psycopg.Error:
+        return []
+    return [dict(r) for r in rows]
+
+
+@dataclass
+class LockPolicy:
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    retries: int
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+
+def run_locked(
+    conn: Conn,
+    *,
+    plan: str,
+    control_schema: str,
+    table: str | None,
+    stage: str,
+    action: str,
+    policy: LockPolicy,
+    relations: list[str],
+    work: Callable[[Conn], T],
+    on_retry: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> T:
+    """Run `work` in one transaction under lock_timeout, retrying on lock timeouts.
+
+    `relations` (regclass texts) name what the work locks, so a failed try can record who
+    held those locks. The work's own control-schema writes commit with it.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        started = time.monotonic()
+        try:
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(
+                        sql.Literal(f"{policy.lock_timeout_ms}ms")
+                    )
+                )
+                if policy.statement_timeout_ms:
+                    conn.execute(
+                        sql.SQL("SET LOCAL statement_timeout = {}").format(
+                            sql.Literal(f"{policy.statement_timeout_ms}ms")
+                        )
+                    )
+                return work(conn)
+        except errors.LockNotAvailable as exc:
+            waited = (time.monotonic() - started) * 1000
+            who = blockers(conn, relations)
+            with conn.transaction():
+                control.log_event(
+                    conn,
+                    control_schema,
+                    plan,
+                    action,
+                    "lock_timeout",
+                    table=table,
+                    stage=stage,
+                    duration_ms=waited,
+                    detail={"attempt": attempt, "error": str(exc).strip(), "blockers": who},
+                )
+            if on_retry is not None:
+                on_retry(attempt, who)
+            if attempt > policy.retries:
+                names = (
+                    "; ".join(
+                        f"pid {b['pid']} ({b['role']}, {b['application_name'] or '-'}, "
+                        f"{b['state']}, holds {b['mode']} on {b['relation']}): "
+                        f"{b['query']}"
+                        for b in who
+                    )
+                    or "a session that has ended"
+                )
+                raise LockTimeoutExhausted(
+                    f"{table or plan}: {action} could not get its locks within "
+                    f"{policy.lock_timeout_ms} ms after {attempt} tries; nothing was changed. "
+                    f"Blocking: {names}",
+                    hint="wait for that transaction to end and rerun, raise the timeout with "
+                    "--lock-timeout, or end the blocker with SELECT pg_terminate_backend(pid)",
+                ) from exc
+            delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
+            time.sleep(delay * (0.5 + random.random()))

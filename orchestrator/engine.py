@@ -1,0 +1,665 @@
+"""The engine: walks the graph's units through their stages and records every step.
+
+Each DDL stage runs as one transaction under lock_timeout (with retries) that also records
+its status and event, so a crash leaves either all of a stage or none of it. The copy commits
+a checkpoint with every batch. Every verb is idempotent: a stage already done is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from orchestrator import capture, control
+from orchestrator.db import Conn, connect
+from orchestrator.ddl import run_locked
+from orchestrator.errors import LockTimeoutExhausted, StageError, ValidationFailed
+from orchestrator.graph import Unit
+from orchestrator.move import TableMove, build_move, retired_schema
+from orchestrator.plan import LoadedPlan, Strategy, TableSpec
+from orchestrator.sqlutil import render
+from orchestrator.stages import Ctx, Progress, Step, dual_write, finalize, prepare, rename
+from orchestrator.stages import copy as copy_stage
+from orchestrator.stages import cutover as cutover_stage
+from orchestrator.stages import verify as verify_stage
+from orchestrator.validate import inspect
+
+COPY_STAGES = control.STAGES
+BEFORE_CUTOVER = ("prepare", "dual_write", "copy", "verify")
+VIEW_STAGE = "create"
+
+
+def stages_of(spec: TableSpec, strategy: Strategy) -> tuple[str, ...]:
+    return control.RENAME_STAGES if strategy == Strategy.rename else control.STAGES
+
+
+def _view_key(name: str) -> str:
+    return f"view:{name}"
+
+
+@dataclass
+class Engine:
+    """One operator session on one plan."""
+
+    conn: Conn
+    lock_conn: Conn
+    loaded: LoadedPlan
+    progress: Progress
+    lock_timeout_ms: int | None = None
+
+    @property
+    def plan(self) -> Any:
+        return self.loaded.plan
+
+    @property
+    def s(self) -> str:
+        return str(self.loaded.plan.control_schema)
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def register(self) -> None:
+        control.ensure_schema(self.conn, self.s)
+        stages = {t.name: stages_of(t, self.plan.options_for(t).strategy) for t in self.plan.tables}
+        stages.update({_view_key(v.name): (VIEW_STAGE,) for v in self.plan.views})
+        with self.conn.transaction():
+            control.register_plan(self.conn, self.loaded, stages)
+
+    def context(self) -> Ctx:
+        report = inspect(self.conn, self.loaded)
+        if not report.ok:
+            problems = [f"{p.subject}: {p.message} (fix: {p.hint})" for p in report.problems]
+            raise ValidationFailed(
+                f"plan {self.plan.name} is not valid:\n  " + "\n  ".join(problems),
+                hint=f"run `orchestrator validate {self.loaded.path}` and fix what it lists",
+                problems=problems,
+            )
+        moves: dict[str, TableMove] = {}
+        retired = retired_schema(self.s)
+        for spec in self.plan.tables:
+            strategy = self.plan.options_for(spec).strategy
+            cat = report.catalog
+            rel = cat.table(self.plan.source_schema, spec.name)
+            if rel is None or rel.kind == "v":
+                rel = (
+                    cat.table(retired, spec.name)
+                    if strategy == Strategy.copy
+                    else cat.table(spec.schema_, spec.target_name)
+                )
+            if rel is not None and rel.kind in ("r", "p"):
+                moves[spec.name] = build_move(self.plan, spec, rel)
+        return Ctx(
+            conn=self.conn,
+            loaded=self.loaded,
+            catalog=report.catalog,
+            graph=report.graph,
+            moves=moves,
+            progress=self.progress,
+            lock_timeout_ms=self.lock_timeout_ms,
+        )
+
+    def status(self, table: str, stage: str) -> str:
+        return control.get_stage(self.conn, self.s, self.plan.name, table, stage).status
+
+    def done(self, table: str, stage: str) -> bool:
+        return self.status(table, stage) == "done"
+
+    def units(self, ctx: Ctx, tables: list[str] | None) -> list[Unit]:
+        units = [u for u in ctx.graph.units if u.kind == "tables"]
+        if tables:
+            unknown = [t for t in tables if t not in {x.name for x in self.plan.tables}]
+            if unknown:
+                raise StageError(
+                    f"{', '.join(unknown)}: not a table of plan {self.plan.name}",
+                    hint=f"tables of the plan: {', '.join(t.name for t in self.plan.tables)}",
+                )
+            units = [u for u in units if set(u.members) & set(tables)]
+        return units
+
+    # --- one DDL stage ----------------------------------------------------------------------
+
+    def _ddl(
+        self,
+        ctx: Ctx,
+        m: TableMove,
+        stage: str,
+        action: str,
+        steps: list[Step],
+        status: str,
+        relations: list[str],
+        tables: list[str] | None = None,
+        extra: Callable[[Conn], None] | None = None,
+    ) -> None:
+        """Run steps, then record status for each table, all in one locked transaction."""
+        names = tables or [m.label]
+
+        def work(conn: Conn) -> None:
+            t0 = time.monotonic()
+            texts = []
+            for step in steps:
+                texts.append(render(conn, step.sql))
+                try:
+                    conn.execute(step.sql)
+                except psycopg.errors.LockNotAvailable:
+                    raise
+                except psycopg.Error as exc:
+                    raise _StepFailed(texts[-1], exc) from exc
+            if extra is not None:
+                extra(conn)
+            for name in names:
+                control.set_status(conn, self.s, self.plan.name, name, stage, status)
+            control.log_event(
+                conn,
+                self.s,
+                self.plan.name,
+                action,
+                "ok",
+                table=",".join(names),
+                stage=stage,
+                statement=";\n".join(texts) + ";",
+                duration_ms=(time.monotonic() - t0) * 1000,
+            )
+
+        def on_retry(attempt: int, who: list[dict[str, Any]]) -> None:
+            self.progress(
+                {"table": ",".join(names), "stage": stage, "lock_wait": attempt, "blockers": who}
+            )
+
+        try:
+            run_locked(self.conn, plan=self.plan.name, control_schema=self.s,
+                       table=",".join(names), stage=stage, action=action, policy=ctx.policy(m),
+                       relations=relations, work=work, on_retry=on_retry)
+        except _StepFailed as exc:
+            self._failed(names, stage, action, str(exc.error).strip(), exc.statement)
+            raise StageError(
+                f"{', '.join(names)}: {action} failed and was rolled back, nothing changed: "
+                f"{str(exc.error).strip()}\n  statement: {exc.statement}",
+                hint=f"fix the cause, then rerun; or undo earlier stages with `orchestrator "
+                f"rollback {self.loaded.path} --table {names[0]}`") from exc.error
+        except LockTimeoutExhausted as exc:
+            self._failed(names, stage, action, exc.message, None)
+            raise
+        self.progress({"table": ",".join(names), "stage": stage, "status": status})
+
+    def _failed(self, names: list[str], stage: str, action: str, error: str,
+                statement: str | None) -> None:
+        with self.conn.transaction():
+            for name in names:
+                if action.startswith("rollback"):
+                    # A failed rollback leaves the stage as it was: only the error is new.
+                    control.set_error(self.conn, self.s, self.plan.name, name, stage, error)
+                else:
+                    control.set_status(self.conn, self.s, self.plan.name, name, stage,
+                                       "failed", error=error)
+            control.log_event(self.conn, self.s, self.plan.name, action, "error",
+                              table=",".join(names), stage=stage, statement=statement,
+                              detail={"error": error})
+
+    def _running(self, table: str, stage: str) -> None:
+        with self.conn.transaction():
+            control.set_status(self.conn, self.s, self.plan.name, table, stage, "running")
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def apply(self, tables: list[str] | None = None, until: str = "verify") -> None:
+        """Walk the units in graph order, each table up to `until` (never finalize)."""
+        ctx = self.context()
+        order = list(COPY_STAGES)
+        last = order.index(until)
+        for unit in self.units(ctx, tables):
+            for name in unit.members:
+                m = ctx.moves.get(name)
+                if m is None or m.strategy == "rename":
+                    continue
+                self._before_cutover(ctx, m, order[: min(last, 3) + 1])
+            if last >= order.index("cutover"):
+                self._cutover_unit(ctx, unit)
+                ctx = self.context()
+        if last >= order.index("cutover"):
+            self.create_views(self.context())
+
+    def _before_cutover(self, ctx: Ctx, m: TableMove, stages: list[str]) -> None:
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        for stage in stages:
+            if self.done(m.label, stage):
+                continue
+            if rel is None or rel.kind != "r":
+                raise StageError(
+                    f"{m.label}: the source table is not in place for {stage}",
+                    hint=f"`orchestrator status {self.loaded.path}` shows where it stands",
+                )
+            self._running(m.label, stage)
+            if stage == "prepare":
+                self._ddl(
+                    ctx,
+                    m,
+                    stage,
+                    "prepare",
+                    prepare.forward_steps(m, rel, self.plan),
+                    "done",
+                    [],
+                    extra=self._remember_schema(ctx, m),
+                )
+            elif stage == "dual_write":
+                self._ddl(
+                    ctx,
+                    m,
+                    stage,
+                    "dual_write",
+                    dual_write.forward_steps(m),
+                    "done",
+                    [_rc(m.source_schema, m.source_name)],
+                )
+            elif stage == "copy":
+                copy_stage.run(ctx, m, rel)
+                if not self.done(m.label, "copy"):
+                    return  # stopped on request; rerun resumes from the checkpoint
+            elif stage == "verify":
+                verify_stage.run(ctx, m)
+
+    def _remember_schema(self, ctx: Ctx, m: TableMove) -> Callable[[Conn], None]:
+        existed = m.target_schema in ctx.catalog.existing_schemas
+
+        def save(conn: Conn) -> None:
+            if not existed:
+                control.save(
+                    conn, self.s, self.plan.name, m.label, "created_schema", m.target_schema
+                )
+
+        return save
+
+    def cutover(self, tables: list[str] | None = None) -> None:
+        ctx = self.context()
+        for unit in self.units(ctx, tables):
+            self._cutover_unit(ctx, unit)
+            ctx = self.context()
+        self.create_views(ctx)
+
+    def _cutover_unit(self, ctx: Ctx, unit: Unit) -> None:
+        moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
+        copy_moves = [m for m in moves if m.strategy == "copy"]
+        for m in moves:
+            if m.strategy == "rename":
+                self._rename(ctx, m)
+        if not copy_moves or all(self.done(m.label, "cutover") for m in copy_moves):
+            return
+        for m in copy_moves:
+            if not self.done(m.label, "verify"):
+                raise StageError(
+                    f"{m.label}: cutover needs a clean verify first (verify is "
+                    f"{self.status(m.label, 'verify')})",
+                    hint=f"run `orchestrator apply {self.loaded.path} --table {m.label}`",
+                )
+        # Verify again just before the swap, and leave only a short tail for inside the lock.
+        for m in copy_moves:
+            verify_stage.run(ctx, m)
+            verify_stage.drain(ctx, m, until=1000)
+        for m in copy_moves:
+            self._running(m.label, "cutover")
+        first = copy_moves[0]
+        steps = cutover_stage.forward_steps(copy_moves, ctx.catalog)
+        if not all(m.options.compat_view for m in copy_moves):
+            steps = [
+                s
+                for s in steps
+                if not render(self.conn, s.sql).startswith(("CREATE VIEW", "ALTER VIEW", "GRANT"))
+            ]
+        self._ddl(
+            ctx,
+            first,
+            "cutover",
+            "cutover",
+            steps,
+            "done",
+            cutover_stage.lock_relations(copy_moves, ctx.catalog),
+            tables=[m.label for m in copy_moves],
+        )
+        self._validate_fks(copy_moves)
+
+    def _validate_fks(self, moves: list[TableMove], reverse: bool = False) -> None:
+        ctx = self.context()
+        for step in cutover_stage.validate_steps(moves, ctx.catalog, reverse):
+
+            def work(conn: Conn, st: Step = step) -> None:
+                t0 = time.monotonic()
+                conn.execute(st.sql)
+                control.log_event(
+                    conn,
+                    self.s,
+                    self.plan.name,
+                    "validate_fk",
+                    "ok",
+                    table=",".join(m.label for m in moves),
+                    stage="cutover",
+                    statement=render(conn, st.sql),
+                    duration_ms=(time.monotonic() - t0) * 1000,
+                )
+
+            run_locked(
+                self.conn,
+                plan=self.plan.name,
+                control_schema=self.s,
+                table=moves[0].label,
+                stage="cutover",
+                action="validate_fk",
+                policy=ctx.policy(moves[0]),
+                relations=[],
+                work=work,
+            )
+
+    def _rename(self, ctx: Ctx, m: TableMove) -> None:
+        if self.done(m.label, "rename"):
+            return
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        if rel is None or rel.kind != "r":
+            raise StageError(
+                f"{m.label}: not found in {m.source_schema}",
+                hint=f"`orchestrator status {self.loaded.path}`",
+            )
+        self._running(m.label, "rename")
+        self._ddl(
+            ctx,
+            m,
+            "rename",
+            "rename",
+            rename.forward_steps(m, rel),
+            "done",
+            [_rc(m.source_schema, m.source_name)],
+        )
+
+    def create_views(self, ctx: Ctx) -> None:
+        """Create plan views whose tables have all moved (idempotent)."""
+        moved = {
+            t.name
+            for t in self.plan.tables
+            if self.done(
+                t.name,
+                "cutover"
+                if ctx.moves.get(t.name) is None or ctx.moves[t.name].strategy == "copy"
+                else "rename",
+            )
+        }
+        for v in self.plan.views:
+            key = _view_key(v.name)
+            if self.done(key, VIEW_STAGE) or not set(v.depends_on) <= moved | {
+                x.name for x in self.plan.views if self.done(_view_key(x.name), VIEW_STAGE)
+            }:
+                continue
+            body = sql.SQL(v.sql.strip().rstrip(";"))  # type: ignore[arg-type]
+            opts = sql.SQL(" WITH (security_invoker = true)") if v.security_invoker else sql.SQL("")
+            stmt = sql.SQL("CREATE VIEW {}{} AS {}").format(
+                sql.Identifier(v.schema_, v.name), opts, body
+            )
+
+            def work(conn: Conn, stmt: sql.Composed = stmt, key: str = key) -> None:
+                conn.execute(stmt)
+                control.set_status(conn, self.s, self.plan.name, key, VIEW_STAGE, "done")
+                control.log_event(
+                    conn,
+                    self.s,
+                    self.plan.name,
+                    "create_view",
+                    "ok",
+                    table=key,
+                    stage=VIEW_STAGE,
+                    statement=render(conn, stmt),
+                )
+
+            first = next(iter(ctx.moves.values()))
+            run_locked(
+                self.conn,
+                plan=self.plan.name,
+                control_schema=self.s,
+                table=key,
+                stage=VIEW_STAGE,
+                action="create_view",
+                policy=ctx.policy(first),
+                relations=[],
+                work=work,
+            )
+            self.progress({"table": key, "stage": VIEW_STAGE, "status": "done"})
+
+    # --- finalize ---------------------------------------------------------------------------
+
+    def finalize(self, tables: list[str] | None = None) -> None:
+        ctx = self.context()
+        for unit in self.units(ctx, tables):
+            moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
+            for m in moves:
+                gate = "rename" if m.strategy == "rename" else "cutover"
+                if self.done(m.label, "finalize"):
+                    continue
+                if not self.done(m.label, gate):
+                    raise StageError(
+                        f"{m.label}: finalize needs {gate} done first "
+                        f"({gate} is {self.status(m.label, gate)})",
+                        hint=f"run `orchestrator cutover {self.loaded.path} --table {m.label}`",
+                    )
+                self._running(m.label, "finalize")
+                self._ddl(
+                    ctx,
+                    m,
+                    "finalize",
+                    "finalize",
+                    finalize.forward_steps(m),
+                    "done",
+                    [_rc(m.retired_schema, m.source_name)],
+                )
+
+    # --- rollback ---------------------------------------------------------------------------
+
+    def rollback(self, table: str, to: str | None = None) -> list[str]:
+        """Reverse a table's unit stage by stage, down to (not including) `to`."""
+        ctx = self.context()
+        unit = next(iter(self.units(ctx, [table])), None)
+        if unit is None:
+            raise StageError(f"{table}: not part of plan {self.plan.name}", hint="check --table")
+        moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
+        undone: list[str] = []
+        for m in moves:
+            if self.done(m.label, "finalize"):
+                raise StageError(
+                    f"{m.label}: finalized, so it cannot be rolled back",
+                    hint="finalize dropped the retired table; move it back with a "
+                    "new plan if you must",
+                )
+        self._refuse_stranding(ctx, moves, to)
+        if any(m.strategy == "rename" for m in moves):
+            for m in moves:
+                if self.done(m.label, "rename") and to is None:
+                    self._ddl(
+                        ctx,
+                        m,
+                        "rename",
+                        "rollback_rename",
+                        rename.rollback_steps(m),
+                        "rolled_back",
+                        [_rc(m.target_schema, m.target_name)],
+                    )
+                    undone.append(f"{m.label}:rename")
+            return undone
+        order = list(BEFORE_CUTOVER) + ["cutover"]
+        stop = order.index(to) if to else -1
+        for stage in reversed(order[stop + 1 :]):
+            todo = [
+                m for m in moves if self.status(m.label, stage) in ("done", "failed", "running")
+            ]
+            if not todo:
+                continue
+            ctx = self.context()
+            self._rollback_stage(ctx, todo, stage)
+            undone += [f"{m.label}:{stage}" for m in todo]
+        return undone
+
+    def _refuse_stranding(self, ctx: Ctx, moves: list[TableMove], to: str | None) -> None:
+        names = {m.label for m in moves}
+        for v in self.plan.views:
+            if self.done(_view_key(v.name), VIEW_STAGE) and names & set(v.depends_on):
+                raise StageError(
+                    f"rolling back {', '.join(sorted(names))} would strand view "
+                    f"{v.schema_}.{v.name}, which reads the moved table",
+                    hint=f"drop the view first (DROP VIEW {v.schema_}.{v.name}), then roll back",
+                )
+
+    def _rollback_stage(self, ctx: Ctx, moves: list[TableMove], stage: str) -> None:
+        for m in moves:
+            rel = ctx.catalog.table(m.source_schema, m.source_name)
+            if stage == "cutover":
+                continue
+            if stage == "verify":
+                with self.conn.transaction():
+                    control.set_status(
+                        self.conn,
+                        self.s,
+                        self.plan.name,
+                        m.label,
+                        stage,
+                        "rolled_back",
+                        reset_checkpoint=True,
+                    )
+                    control.log_event(
+                        self.conn,
+                        self.s,
+                        self.plan.name,
+                        "rollback_verify",
+                        "ok",
+                        table=m.label,
+                        stage=stage,
+                    )
+            elif stage == "copy":
+                assert rel is not None
+                self._ddl(
+                    ctx,
+                    m,
+                    stage,
+                    "rollback_copy",
+                    copy_stage.rollback_steps(m, rel),
+                    "rolled_back",
+                    [],
+                    extra=self._reset(m.label, stage),
+                )
+            elif stage == "dual_write":
+                self._ddl(
+                    ctx,
+                    m,
+                    stage,
+                    "rollback_dual_write",
+                    dual_write.rollback_steps(m),
+                    "rolled_back",
+                    [_rc(m.source_schema, m.source_name)],
+                )
+            elif stage == "prepare":
+                created = control.load_saved(
+                    self.conn, self.s, self.plan.name, m.label, "created_schema"
+                )
+                others = [
+                    k
+                    for k in ctx.catalog.relations
+                    if k[0] == m.target_schema and k != (m.target_schema, m.target_name)
+                ]
+                self._ddl(
+                    ctx,
+                    m,
+                    stage,
+                    "rollback_prepare",
+                    prepare.rollback_steps(m, bool(created) and not others),
+                    "rolled_back",
+                    [],
+                )
+        if stage == "cutover":
+            self._rollback_cutover(ctx, moves)
+
+    def _reset(self, table: str, stage: str) -> Callable[[Conn], None]:
+        def reset(conn: Conn) -> None:
+            control.set_status(
+                conn, self.s, self.plan.name, table, stage, "rolled_back", reset_checkpoint=True
+            )
+
+        return reset
+
+    def _rollback_cutover(self, ctx: Ctx, moves: list[TableMove]) -> None:
+        for m in moves:
+            d = capture.reverse(m)
+            while capture.replay_batch(self.conn, d, 10_000) >= 10_000:
+                pass
+        steps = cutover_stage.rollback_steps(moves, ctx.catalog)
+        rels = cutover_stage.lock_relations(moves, ctx.catalog, reverse=True)
+        self._ddl(
+            ctx,
+            moves[0],
+            "cutover",
+            "rollback_cutover",
+            steps,
+            "rolled_back",
+            rels,
+            tables=[m.label for m in moves],
+        )
+        self._validate_fks(moves, reverse=True)
+
+    # --- follow -----------------------------------------------------------------------------
+
+    def replay_once(self) -> int:
+        """Replay every active log once (forward before cutover, reverse after)."""
+        ctx = self.context()
+        total = 0
+        for m in ctx.moves.values():
+            if m.strategy != "copy":
+                continue
+            if self.done(m.label, "copy") and not self.done(m.label, "cutover"):
+                total += verify_stage.drain(ctx, m)
+            elif self.done(m.label, "cutover") and not self.done(m.label, "finalize"):
+                d = capture.reverse(m)
+                while (n := capture.replay_batch(self.conn, d, 10_000)) > 0:
+                    total += n
+                    if n < 10_000:
+                        break
+        return total
+
+
+class _StepFailed(Exception):
+    def __init__(self, statement: str, error: psycopg.Error) -> None:
+        super().__init__(statement)
+        self.statement = statement
+        self.error = error
+
+
+def _rc(schema: str, name: str) -> str:
+    from orchestrator.stages import regclass
+
+    return regclass(schema, name)
+
+
+@contextmanager
+def session(
+    dsn: str,
+    loaded: LoadedPlan,
+    progress: Progress | None = None,
+    lock_timeout_ms: int | None = None,
+    tables: list[str] | None = None,
+) -> Iterator[Engine]:
+    """Connect, take the plan's and tables' advisory locks, register the plan."""
+    conn = connect(dsn, autocommit=True)
+    lock_conn = connect(dsn, autocommit=True, application="orchestrator-lock")
+    # Our names print schema-qualified: catalog definitions we replay must not depend on
+    # whatever search_path the operator's session had.
+    conn.execute("SET search_path = ''")
+    try:
+        names = tables or [t.name for t in loaded.plan.tables]
+        with control.operator_lock(lock_conn, loaded.plan.name, names):
+            eng = Engine(
+                conn=conn,
+                lock_conn=lock_conn,
+                loaded=loaded,
+                progress=progress or (lambda _e: None),
+                lock_timeout_ms=lock_timeout_ms,
+            )
+            eng.register()
+            yield eng
+    finally:
+        conn.close()
+        lock_conn.close()

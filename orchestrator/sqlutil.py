@@ -1,0 +1,156 @@
+"""SQL composition helpers and pglast rewrites of catalog-produced definitions.
+
+Identifiers always go through `sql.Identifier`. Two kinds of SQL text are embedded as-is, and
+only through `catalog_sql`/`expression`: text PostgreSQL itself produced (format_type,
+pg_get_expr, pg_get_indexdef, pg_get_triggerdef), and plan expressions that pglast has parsed
+as exactly one scalar expression and deparsed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
+from pglast.stream import RawStream
+from pglast.visitors import Visitor
+from psycopg import sql
+
+from orchestrator.errors import PlanError
+
+
+def ident(*parts: str) -> sql.Identifier:
+    return sql.Identifier(*parts)
+
+
+def idents(names: Iterable[str], prefix: str | None = None) -> sql.Composed:
+    """A comma-separated list of (optionally alias-qualified) identifiers."""
+    if prefix is None:
+        return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
+
+
+def catalog_sql(text: str) -> sql.SQL:
+    """SQL text that PostgreSQL produced from its own catalog (a type name, a default...)."""
+    return sql.SQL(text)  # type: ignore[arg-type]
+
+
+def row(names: Iterable[str], prefix: str | None = None) -> sql.Composed:
+    """`(a, b)` or `(p.a, p.b)`: a row constructor for keyset comparisons."""
+    return sql.SQL("({})").format(idents(names, prefix))
+
+
+def expression(text: str, where: str = "expression") -> sql.SQL:
+    """Parse a plan's SQL expression with pglast; refuse anything but one scalar expression."""
+    try:
+        stmts = parse_sql("SELECT (" + text + ")")
+    except ParseError as exc:
+        raise PlanError(
+            f"{where}: {text!r} is not a valid SQL expression ({exc})",
+            hint="fix the expression in the plan",
+        ) from exc
+    if len(stmts) != 1:
+        raise PlanError(
+            f"{where}: {text!r} must be a single expression",
+            hint="remove the semicolon and what follows it",
+        )
+    stmt = stmts[0].stmt
+    if (
+        not isinstance(stmt, ast.SelectStmt)
+        or stmt.fromClause
+        or stmt.whereClause
+        or not stmt.targetList
+        or len(stmt.targetList) != 1
+    ):
+        raise PlanError(
+            f"{where}: {text!r} must be a single expression",
+            hint="write an expression over the row's columns, e.g. lower(email)",
+        )
+    deparsed = RawStream()(stmt.targetList[0].val)
+    return sql.SQL("(" + deparsed + ")")  # type: ignore[arg-type]
+
+
+class _Rewriter(Visitor):  # type: ignore[misc]
+    """Point a statement at another relation and rename the columns it names."""
+
+    def __init__(self, schema: str | None, table: str | None, columns: Mapping[str, str]) -> None:
+        super().__init__()
+        self.schema = schema
+        self.table = table
+        self.columns = columns
+
+    def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> Any:
+        if self.table is None:
+            return None
+        return ast.RangeVar(
+            schemaname=self.schema,
+            relname=self.table,
+            inh=node.inh,
+            relpersistence=node.relpersistence,
+        )
+
+    def visit_ColumnRef(self, ancestors: Any, node: ast.ColumnRef) -> Any:
+        fields = list(node.fields)
+        last = fields[-1]
+        if isinstance(last, ast.String) and last.sval in self.columns:
+            fields[-1] = ast.String(sval=self.columns[last.sval])
+            return ast.ColumnRef(fields=tuple(fields))
+        return None
+
+    def visit_IndexElem(self, ancestors: Any, node: ast.IndexElem) -> Any:
+        if node.name is not None and node.name in self.columns:
+            node.name = self.columns[node.name]
+        return None
+
+
+def _rename_strings(node: Any, columns: Mapping[str, str]) -> None:
+    """Rename plain column-name lists (a trigger's UPDATE OF, a constraint's keys)."""
+    for attr in ("columns", "keys", "including"):
+        seq = getattr(node, attr, None)
+        if seq:
+            setattr(
+                node,
+                attr,
+                tuple(
+                    ast.String(sval=columns.get(s.sval, s.sval)) if isinstance(s, ast.String) else s
+                    for s in seq
+                ),
+            )
+
+
+def rewrite_definition(
+    definition: str,
+    schema: str | None,
+    table: str | None,
+    columns: Mapping[str, str] | None = None,
+    *,
+    new_name: str | None = None,
+) -> sql.SQL:
+    """Rewrite a CREATE INDEX / CREATE TRIGGER definition for another table (and columns)."""
+    stmts = parse_sql(definition)
+    assert len(stmts) == 1
+    stmt = stmts[0].stmt
+    _Rewriter(schema, table, columns or {})(stmt)
+    if columns:
+        _rename_strings(stmt, columns)
+    if new_name is not None:
+        if isinstance(stmt, ast.IndexStmt):
+            stmt.idxname = new_name
+        elif isinstance(stmt, ast.CreateTrigStmt):
+            stmt.trigname = new_name
+    return sql.SQL(RawStream()(stmt))  # type: ignore[arg-type]
+
+
+def rename_in_expression(text: str, columns: Mapping[str, str]) -> sql.SQL:
+    """Rename column references inside a catalog expression (a CHECK, a policy, a default)."""
+    if not columns:
+        return catalog_sql(text)
+    stmt = parse_sql("SELECT " + text)[0].stmt
+    _Rewriter(None, None, columns)(stmt)
+    return sql.SQL(RawStream()(stmt.targetList[0].val))  # type: ignore[arg-type]
+
+
+def render(conn: Any, statement: sql.Composable) -> str:
+    """The exact text a statement sends (for dry-runs and the event log)."""
+    return statement.as_string(conn)

@@ -1,0 +1,320 @@
+"""copy: keyset batches from source to target, each committed with its checkpoint; then the
+log backlog drained and the secondary indexes built, in one transaction that marks it done.
+
+No row locks and no ON CONFLICT: only the orchestrator writes the target, and no replay runs
+until the copy ends, so every batch is a plain INSERT ... SELECT. A row changed after a batch
+read it has its key in the capture log, and the drain at the end re-reads it. The copy stops at
+the largest key present when it started (the fixed upper bound), so it ends under any write
+rate: later rows reach the target through the log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from orchestrator import capture, control
+from orchestrator.catalog import Relation
+from orchestrator.db import Conn
+from orchestrator.move import TableMove
+from orchestrator.sqlutil import catalog_sql, idents, rewrite_definition
+from orchestrator.stages import Ctx, Step
+from orchestrator.stages.prepare import key_index
+
+
+def _typed_key(m: TableMove, param: str) -> sql.Composed:
+    return sql.SQL("({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{param}{i}"), catalog_sql(t))
+            for i, t in enumerate(m.key_types)
+        )
+    )
+
+
+def batch_sql(m: TableMove, first: bool) -> sql.Composed:
+    """One batch: the next `limit` source rows after the checkpoint, up to the upper bound."""
+    keys = idents(m.key_source, "s")
+    cond = [sql.SQL("({}) <= {}").format(keys, _typed_key(m, "hi"))]
+    if not first:
+        cond.insert(0, sql.SQL("({}) > {}").format(keys, _typed_key(m, "lo")))
+    order = sql.SQL(", ").join(sql.Identifier("s", k) for k in m.key_source)
+    last = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in m.key_target)
+    desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(k)) for k in m.key_target)
+    vals = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(c.up_sql("s"), sql.Identifier(c.target)) for c in m.copied
+    )
+    cols = idents(c.target for c in m.copied)
+    return sql.SQL("""WITH b AS MATERIALIZED (
+  SELECT {vals} FROM {src} s WHERE {cond} ORDER BY {order} LIMIT %(limit)s),
+ins AS (INSERT INTO {tgt} ({cols}){overriding} SELECT {cols} FROM b)
+SELECT (SELECT count(*) FROM b) AS n,
+       (SELECT ARRAY[{last}] FROM b ORDER BY {desc} LIMIT 1) AS last""").format(
+        vals=vals,
+        src=m.source,
+        cond=sql.SQL(" AND ").join(cond),
+        order=order,
+        tgt=m.target,
+        cols=cols,
+        overriding=m.overriding,
+        last=last,
+        desc=desc,
+    )
+
+
+def upper_bound_sql(m: TableMove) -> sql.Composed:
+    last = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in m.key_source)
+    desc = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(k)) for k in m.key_source)
+    return sql.SQL("SELECT ARRAY[{}] AS hi FROM {} ORDER BY {} LIMIT 1").format(
+        last, m.source, desc
+    )
+
+
+def index_steps(m: TableMove, rel: Relation) -> list[Step]:
+    """The source's secondary indexes and unique/exclusion constraints, for the target."""
+    steps: list[Step] = []
+    skip = {key_index(rel, m)}
+    cons = {c.index: c for c in rel.constraints if c.kind in ("u", "x") and c.index}
+    for i in rel.indexes:
+        if i.primary or i.name in skip:
+            continue
+        steps.append(
+            Step(
+                rewrite_definition(i.definition, m.target_schema, m.target_name, m.rename_map),
+                "SHARE on the target only",
+            )
+        )
+        con = cons.get(i.name)
+        if con is not None and con.kind == "u":
+            defer = sql.SQL("")
+            if con.deferrable:
+                defer = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if con.deferred else " DEFERRABLE")
+            steps.append(
+                Step(
+                    sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}").format(
+                        m.target, sql.Identifier(con.name), sql.Identifier(i.name), defer
+                    )
+                )
+            )
+    return steps
+
+
+def drop_index_steps(m: TableMove, rel: Relation) -> list[Step]:
+    steps: list[Step] = []
+    skip = {key_index(rel, m)}
+    cons = {c.index: c for c in rel.constraints if c.kind in ("u", "x") and c.index}
+    for i in rel.indexes:
+        if i.primary or i.name in skip:
+            continue
+        con = cons.get(i.name)
+        if con is not None:
+            steps.append(
+                Step(
+                    sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                        m.target, sql.Identifier(con.name)
+                    )
+                )
+            )
+        else:
+            steps.append(
+                Step(
+                    sql.SQL("DROP INDEX IF EXISTS {}").format(
+                        sql.Identifier(m.target_schema, i.name)
+                    )
+                )
+            )
+    return steps
+
+
+def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
+    d = capture.forward(m)
+    return [
+        Step(upper_bound_sql(m), "none (reads the source's key index)"),
+        Step(batch_sql(m, first=False), "ROW EXCLUSIVE on the target; plain reads of the source"),
+        *[
+            Step(s, "ROW EXCLUSIVE on the target; reads the source and the log")
+            for s in capture.replay_all_sql(d)
+        ],
+        *index_steps(m, rel),
+    ]
+
+
+def rollback_steps(m: TableMove, rel: Relation) -> list[Step]:
+    d = capture.forward(m)
+    return [
+        *drop_index_steps(m, rel),
+        Step(sql.SQL("TRUNCATE {}").format(m.target), "ACCESS EXCLUSIVE on the target only"),
+        Step(sql.SQL("TRUNCATE {}").format(d.log), "ACCESS EXCLUSIVE on our log only"),
+    ]
+
+
+@dataclass
+class Throttle:
+    """Pauses between batches and while the server is loaded; re-read every batch."""
+
+    sleep_ms: int
+    max_lag_bytes: int | None
+    probe_sql: str | None
+    probe_max: float | None
+    check_every_s: float
+
+
+def _throttle(ctx: Ctx, m: TableMove) -> Throttle:
+    t = ctx.plan.defaults.throttle
+    get = control.setting
+    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+    return Throttle(
+        sleep_ms=int(get(conn, s, p, m.label, "sleep_ms", t.sleep_ms)),
+        max_lag_bytes=get(
+            conn, s, p, m.label, "max_replication_lag_bytes", t.max_replication_lag_bytes
+        ),
+        probe_sql=t.probe_sql,
+        probe_max=get(conn, s, p, m.label, "probe_max", t.probe_max),
+        check_every_s=t.check_every_s,
+    )
+
+
+def server_busy(conn: Conn, t: Throttle) -> str | None:
+    """Why the copy should pause now, or None."""
+    if t.max_lag_bytes is not None:
+        r = conn.execute(
+            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint AS lag "
+            "FROM pg_stat_replication"
+        ).fetchone()
+        if r and r["lag"] is not None and r["lag"] > t.max_lag_bytes:
+            return f"replication lag {r['lag']} bytes > {t.max_lag_bytes}"
+    if t.probe_sql is not None and t.probe_max is not None:
+        # The probe is the plan author's own monitoring query, run read-only.
+        r = conn.execute(sql.SQL(t.probe_sql)).fetchone()  # type: ignore[arg-type]
+        value = float(next(iter(r.values()))) if r else 0.0
+        if value > t.probe_max:
+            return f"load probe {value} > {t.probe_max}"
+    return None
+
+
+def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
+    """Copy batches from the recorded checkpoint; crash-safe at every batch boundary."""
+    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+    st = control.get_stage(conn, s, p, m.label, "copy")
+    cp: dict[str, Any] = dict(st.checkpoint or {})
+    rows_done = st.rows_done
+    if "hi" not in cp:
+        with conn.transaction():
+            r = conn.execute(upper_bound_sql(m)).fetchone()
+            est = max(rel.row_estimate, 0)
+            cp = {"hi": r["hi"] if r else None, "last": None}
+            control.set_status(
+                conn,
+                s,
+                p,
+                m.label,
+                "copy",
+                "running",
+                rows_done=0,
+                rows_estimated=est,
+                checkpoint=cp,
+            )
+            control.log_event(
+                conn,
+                s,
+                p,
+                "copy",
+                "started",
+                table=m.label,
+                stage="copy",
+                detail={"upper_bound": cp["hi"], "estimate": est},
+            )
+        rows_done = 0
+    estimate = control.get_stage(conn, s, p, m.label, "copy").rows_estimated or 0
+    started = time.monotonic()
+    done_here = 0
+    while cp["hi"] is not None:
+        t = _throttle(ctx, m)
+        reason = server_busy(conn, t)
+        while reason is not None:
+            ctx.progress({"table": m.label, "stage": "copy", "paused": reason})
+            time.sleep(t.check_every_s)
+            reason = server_busy(conn, _throttle(ctx, m))
+        limit = int(control.setting(conn, s, p, m.label, "batch_size", m.options.batch_size))
+        params: dict[str, Any] = {"limit": limit}
+        for i, v in enumerate(cp["hi"]):
+            params[f"hi{i}"] = v
+        first = cp["last"] is None
+        if not first:
+            for i, v in enumerate(cp["last"]):
+                params[f"lo{i}"] = v
+        with conn.transaction():
+            # A lost commit after a server crash loses batch and checkpoint together.
+            conn.execute("SET LOCAL synchronous_commit = off")
+            r = conn.execute(batch_sql(m, first), params).fetchone()
+            n = int(r["n"]) if r else 0
+            if n == 0:
+                break
+            cp = {"hi": cp["hi"], "last": r["last"] if r else None}
+            rows_done += n
+            done_here += n
+            elapsed = max(time.monotonic() - started, 1e-6)
+            control.record_progress(
+                conn,
+                s,
+                p,
+                m.label,
+                "copy",
+                rows_done=rows_done,
+                checkpoint=cp,
+                rows_per_s=done_here / elapsed,
+            )
+        ctx.progress(
+            {
+                "table": m.label,
+                "stage": "copy",
+                "rows_done": rows_done,
+                "rows_estimated": max(estimate, rows_done),
+                "rate": done_here / elapsed,
+            }
+        )
+        if n < limit:
+            break
+        if t.sleep_ms:
+            time.sleep(t.sleep_ms / 1000)
+        if ctx.stop_requested():
+            return
+    finish(ctx, m, rel, rows_done)
+
+
+def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
+    """Drain the backlog, build the indexes and mark the copy done, in one transaction.
+
+    REPEATABLE READ gives one snapshot: after the drain, every target row equals the source
+    row at that snapshot, so unique indexes build without spurious violations. Plain CREATE
+    INDEX is right here: only the orchestrator writes the target (DESIGN.md's decision).
+    """
+    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+    d = capture.forward(m)
+    # Most of the backlog goes first in small committed batches, outside the index build.
+    while capture.replay_batch(conn, d, 10_000) >= 10_000:
+        pass
+    t0 = time.monotonic()
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        drained = capture.replay_all(conn, d)
+        for step in index_steps(m, rel):
+            conn.execute(step.sql)
+        control.set_status(conn, s, p, m.label, "copy", "done", rows_done=rows_done)
+        control.log_event(
+            conn,
+            s,
+            p,
+            "copy",
+            "ok",
+            table=m.label,
+            stage="copy",
+            duration_ms=(time.monotonic() - t0) * 1000,
+            detail={"rows": rows_done, "drained": drained, "indexes": len(index_steps(m, rel))},
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,398 @@
+"""cutover: one short transaction per unit that swaps the application over to the new tables.
+
+Inside the lock: drain the last log entries, retire each source table out of the way (kept, in
+the retired schema), put a security_invoker compatibility view under the old name, hand over
+sequences, move user triggers, re-point foreign keys (NOT VALID; validated after the lock is
+released), recreate dependent views, and install reverse capture so the retired table keeps
+receiving every write until finalize. Rollback is the same swap backwards.
+
+Everything here is computed from the live catalog, so the rollback needs no saved copy of what
+the forward step changed: whatever points at the new tables is pointed back.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from orchestrator import capture
+from orchestrator.acl import grant_statements
+from orchestrator.catalog import Catalog, ForeignKey, Relation
+from orchestrator.errors import StageError
+from orchestrator.move import TableMove
+from orchestrator.sqlutil import idents, rewrite_definition
+from orchestrator.stages import Step, regclass
+
+_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+_MATCH = {"f": " MATCH FULL", "p": " MATCH PARTIAL", "s": ""}
+
+
+def fk_sql(
+    child: sql.Identifier,
+    fk: ForeignKey,
+    columns: tuple[str, ...],
+    parent: sql.Identifier,
+    ref_columns: tuple[str, ...],
+) -> sql.Composed:
+    """ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID, keeping the original's every option."""
+    defer = ""
+    if fk.deferrable:
+        defer = " DEFERRABLE INITIALLY DEFERRED" if fk.deferred else " DEFERRABLE"
+    tail = (
+        f"{_MATCH[fk.match]} ON UPDATE {_ACTIONS[fk.on_update]} "
+        f"ON DELETE {_ACTIONS[fk.on_delete]}{defer} NOT VALID"
+    )
+    return sql.SQL(
+        "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({})" + tail
+    ).format(  # type: ignore[operator]
+        child, sql.Identifier(fk.name), idents(columns), parent, idents(ref_columns)
+    )
+
+
+def _drop_fk(schema: str, table: str, name: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+        sql.Identifier(schema, table), sql.Identifier(name)
+    )
+
+
+class _Unit:
+    """Lookups across the tables of one unit, in either direction."""
+
+    def __init__(self, moves: list[TableMove], cat: Catalog) -> None:
+        self.moves = moves
+        self.cat = cat
+        self.by_source = {(m.source_schema, m.source_name): m for m in moves}
+        self.by_target = {(m.target_schema, m.target_name): m for m in moves}
+        self.by_retired = {(m.retired_schema, m.source_name): m for m in moves}
+
+
+def _view_sql(m: TableMove, rel: Relation) -> list[Step]:
+    types = dict(zip((c.source for c in m.columns), m.source_types, strict=True))
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(c.down_sql("t", types[c.source]), sql.Identifier(c.source))
+        if c.down is not None
+        else (
+            sql.SQL("{} AS {}").format(sql.Identifier("t", c.target), sql.Identifier(c.source))
+            if c.target != c.source
+            else sql.Identifier("t", c.source)
+        )
+        for c in m.columns
+    )
+    view = sql.Identifier(m.source_schema, m.source_name)
+    steps = [
+        Step(
+            sql.SQL("CREATE VIEW {} WITH (security_invoker = true) AS SELECT {} FROM {} t").format(
+                view, cols, m.target
+            ),
+            "new view",
+        )
+    ]
+    steps.append(Step(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(rel.owner))))
+    if rel.comment is not None:
+        steps.append(
+            Step(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(rel.comment)))
+        )
+    steps += [Step(g) for g in grant_statements(rel.acl, view, rel.owner)]
+    for c in rel.columns:
+        steps += [Step(g) for g in grant_statements(c.acl, view, rel.owner, (c.name,))]
+    return steps
+
+
+def _dependent_views(cat: Catalog, schema: str, name: str) -> list[Step]:
+    steps = []
+    for d in cat.dependents_of(schema, name):
+        if d.kind != "v":
+            raise StageError(
+                f"{d.schema}.{d.name} ({d.kind}) reads {schema}.{name} and cannot be recreated",
+                hint="drop it before cutover and recreate it afterwards",
+            )
+        opts = sql.SQL("")
+        if d.options:
+            opts = sql.SQL(" WITH ({})").format(
+                sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(
+                        sql.Identifier(o.split("=", 1)[0]), sql.Literal(o.split("=", 1)[1])
+                    )
+                    for o in d.options
+                )
+            )
+        # The definition was printed with an empty search_path, so its names are qualified
+        # and now resolve to the compatibility view (or, on rollback, to the table again).
+        steps.append(
+            Step(
+                sql.SQL("CREATE OR REPLACE VIEW {}{} AS {}").format(
+                    sql.Identifier(d.schema, d.name),
+                    opts,
+                    sql.SQL(d.definition.rstrip().rstrip(";")),
+                ),  # type: ignore[arg-type]
+                f"ACCESS EXCLUSIVE on {d.schema}.{d.name}",
+            )
+        )
+    return steps
+
+
+def _sequence_handover(
+    cat: Catalog, src: tuple[str, str], dst: tuple[str, str], cols: dict[str, str]
+) -> list[Step]:
+    """Give the sequences to the table that becomes live, never reissuing a value."""
+    steps = []
+    for seq in cat.owned_sequences(*src):
+        col = cols.get(seq.owner_column or "", seq.owner_column or "")
+        if seq.identity:
+            steps.append(
+                Step(
+                    sql.SQL(
+                        "SELECT setval(pg_get_serial_sequence({}, {}), s.last_value, s.is_called) "
+                        "FROM {} s"
+                    ).format(
+                        sql.Literal(regclass(*dst)),
+                        sql.Literal(col),
+                        sql.Identifier(seq.schema, seq.name),
+                    )
+                )
+            )
+        else:
+            # An owned sequence lives in its table's schema: detach it, move it, re-attach.
+            # Defaults call it by OID, so neither table's nextval() notices.
+            seq_id = sql.Identifier(seq.schema, seq.name)
+            steps.append(Step(sql.SQL("ALTER SEQUENCE {} OWNED BY NONE").format(seq_id)))
+            if seq.schema != dst[0]:
+                steps.append(Step(sql.SQL("ALTER SEQUENCE {} SET SCHEMA {}").format(
+                    seq_id, sql.Identifier(dst[0]))))
+            steps.append(Step(sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
+                sql.Identifier(dst[0], seq.name), sql.Identifier(*dst, col))))
+    return steps
+
+
+def lock_relations(moves: list[TableMove], cat: Catalog, reverse: bool = False) -> list[str]:
+    """regclass texts of what the swap locks, for naming blockers."""
+    rels = []
+    for m in moves:
+        rels.append(
+            regclass(m.target_schema, m.target_name)
+            if reverse
+            else regclass(m.source_schema, m.source_name)
+        )
+        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
+        for fk in cat.fks_to(*key):
+            rels.append(regclass(fk.schema, fk.table))
+    return rels
+
+
+def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
+    u = _Unit(moves, cat)
+    steps: list[Step] = [
+        Step(
+            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.SQL(", ").join(m.source for m in moves)
+            ),
+            "ACCESS EXCLUSIVE on the source tables: waits at most lock_timeout",
+        )
+    ]
+    for m in moves:
+        steps += [
+            Step(s, "drains the last log entries")
+            for s in capture.replay_all_sql(capture.forward(m))
+        ]
+    steps.append(
+        Step(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(moves[0].retired_schema)
+            )
+        )
+    )
+    later: list[Step] = []
+    for m in moves:
+        rel = cat.table(m.source_schema, m.source_name)
+        assert rel is not None
+        steps += [Step(s) for s in capture.drop_triggers_sql(capture.forward(m))]
+        # Foreign keys into the source from outside the unit move to the target.
+        for fk in cat.fks_to(m.source_schema, m.source_name):
+            if (fk.schema, fk.table) in u.by_source:
+                continue
+            steps.append(
+                Step(
+                    _drop_fk(fk.schema, fk.table, fk.name),
+                    f"ACCESS EXCLUSIVE on {fk.schema}.{fk.table}",
+                )
+            )
+            later.append(
+                Step(
+                    fk_sql(
+                        sql.Identifier(fk.schema, fk.table),
+                        fk,
+                        fk.columns,
+                        m.target,
+                        tuple(m.rename_map.get(c, c) for c in fk.ref_columns),
+                    )
+                )
+            )
+        # The source's own foreign keys go with it to the target; the retired copy keeps none,
+        # so reverse replay never waits on a parent row.
+        for fk in cat.fks_from(m.source_schema, m.source_name):
+            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+            parent = u.by_source.get((fk.ref_schema, fk.ref_table))
+            if parent is not None:
+                ref, refcols = (
+                    parent.target,
+                    tuple(parent.rename_map.get(c, c) for c in fk.ref_columns),
+                )
+            else:
+                ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
+            later.append(
+                Step(
+                    fk_sql(
+                        m.target,
+                        fk,
+                        tuple(m.rename_map.get(c, c) for c in fk.columns),
+                        ref,
+                        refcols,
+                    )
+                )
+            )
+        steps += _sequence_handover(
+            cat, (m.source_schema, m.source_name), (m.target_schema, m.target_name), m.rename_map
+        )
+        for t in rel.user_triggers:
+            steps.append(
+                Step(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(t.name), m.source))
+            )
+            later.append(
+                Step(rewrite_definition(t.definition, m.target_schema, m.target_name, m.rename_map))
+            )
+        steps.append(
+            Step(
+                sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                    m.source, sql.Identifier(m.retired_schema)
+                ),
+                "the source leaves the application's way",
+            )
+        )
+    for m in moves:
+        rel = cat.table(m.source_schema, m.source_name)
+        assert rel is not None
+        steps += _view_sql(m, rel)
+    for m in moves:
+        steps += _dependent_views(cat, m.source_schema, m.source_name)
+    steps += later
+    for m in moves:
+        steps += [
+            Step(s, "reverse capture on the new table")
+            for s in capture.install_sql(capture.reverse(m))
+        ]
+    return steps
+
+
+def validate_steps(moves: list[TableMove], cat: Catalog, reverse: bool = False) -> list[Step]:
+    """VALIDATE the NOT VALID keys the swap added (SHARE UPDATE EXCLUSIVE: writes go on)."""
+    steps: list[Step] = []
+    seen: set[tuple[str, str, str]] = set()
+    for m in moves:
+        key = (m.source_schema, m.source_name) if reverse else (m.target_schema, m.target_name)
+        for fk in cat.fks_to(*key) + cat.fks_from(*key):
+            if not fk.validated and (fk.schema, fk.table, fk.name) not in seen:
+                seen.add((fk.schema, fk.table, fk.name))
+                steps.append(
+                    Step(
+                        sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                            sql.Identifier(fk.schema, fk.table), sql.Identifier(fk.name)
+                        ),
+                        "SHARE UPDATE EXCLUSIVE (reads and writes continue)",
+                    )
+                )
+    return steps
+
+
+def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
+    """The swap backwards: the retired tables come back under their names, with every row."""
+    u = _Unit(moves, cat)
+    steps: list[Step] = [
+        Step(
+            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.SQL(", ").join(m.target for m in moves)
+            ),
+            "ACCESS EXCLUSIVE on the new tables: waits at most lock_timeout",
+        )
+    ]
+    for m in moves:
+        steps += [
+            Step(s, "drains the last reverse-log entries")
+            for s in capture.replay_all_sql(capture.reverse(m))
+        ]
+    later: list[Step] = []
+    for m in moves:
+        tgt = cat.table(m.target_schema, m.target_name)
+        assert tgt is not None
+        back = {v: k for k, v in m.rename_map.items()}
+        steps += [Step(s) for s in capture.uninstall_sql(capture.reverse(m))]
+        for fk in cat.fks_to(m.target_schema, m.target_name):
+            if (fk.schema, fk.table) in u.by_target:
+                continue
+            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+            later.append(
+                Step(
+                    fk_sql(
+                        sql.Identifier(fk.schema, fk.table),
+                        fk,
+                        fk.columns,
+                        m.source,
+                        tuple(back.get(c, c) for c in fk.ref_columns),
+                    )
+                )
+            )
+        for fk in cat.fks_from(m.target_schema, m.target_name):
+            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+            parent = u.by_target.get((fk.ref_schema, fk.ref_table))
+            if parent is not None:
+                pback = {v: k for k, v in parent.rename_map.items()}
+                ref, refcols = parent.source, tuple(pback.get(c, c) for c in fk.ref_columns)
+            else:
+                ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
+            later.append(
+                Step(fk_sql(m.source, fk, tuple(back.get(c, c) for c in fk.columns), ref, refcols))
+            )
+        for t in tgt.user_triggers:
+            steps.append(
+                Step(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(t.name), m.target))
+            )
+            later.append(
+                Step(rewrite_definition(t.definition, m.source_schema, m.source_name, back))
+            )
+        # The compatibility view steps aside so the table can take its name back; dependent
+        # views are rebound before the view is dropped.
+        steps.append(
+            Step(
+                sql.SQL("ALTER VIEW {} RENAME TO {}").format(
+                    sql.Identifier(m.source_schema, m.source_name),
+                    sql.Identifier("_orch_old_" + m.tag),
+                )
+            )
+        )
+        steps.append(
+            Step(
+                sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                    m.retired, sql.Identifier(m.source_schema)
+                )
+            )
+        )
+        steps += _sequence_handover(
+            cat, (m.target_schema, m.target_name), (m.source_schema, m.source_name), back
+        )
+    for m in moves:
+        # Views reading the compatibility view, printed as reading public.<name>: rebound
+        # to the table that takes the name back.
+        steps += _dependent_views(cat, m.source_schema, m.source_name)
+    for m in moves:
+        steps.append(
+            Step(
+                sql.SQL("DROP VIEW {}").format(
+                    sql.Identifier(m.source_schema, "_orch_old_" + m.tag)
+                )
+            )
+        )
+    steps += later
+    for m in moves:
+        steps += [
+            Step(s, "forward capture resumes")
+            for s in capture.create_triggers_sql(capture.forward(m))
+        ]
+    return steps

@@ -1,0 +1,20 @@
+"""dual-write: capture every change to the source (keys only) for replay into the target."""
+
+from __future__ import annotations
+
+from orchestrator import capture
+from orchestrator.move import TableMove
+from orchestrator.stages import Step
+
+
+def forward_steps(m: TableMove) -> list[Step]:
+    lock = "SHARE ROW EXCLUSIVE on the source for CREATE TRIGGER: waits at most lock_timeout"
+    steps = capture.install_sql(capture.forward(m))
+    return [Step(s, lock if i >= 4 else "our log only") for i, s in enumerate(steps)]
+
+
+def rollback_steps(m: TableMove) -> list[Step]:
+    return [
+        Step(s, "SHARE ROW EXCLUSIVE on the source")
+        for s in capture.uninstall_sql(capture.forward(m))
+    ]

@@ -1,0 +1,242 @@
+"""verify: counts and checksums per key range, source against target, while writes continue.
+
+Each chunk is read in one REPEATABLE READ snapshot that covers source, target and capture log
+together. A key whose change is still in the log is legitimately different and is left out on
+both sides; every other row must be equal. A differing chunk is re-checked after a replay
+before it is declared different, and the first differing key range is named.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from orchestrator import capture, control
+from orchestrator.errors import StageError
+from orchestrator.move import TableMove
+from orchestrator.sqlutil import catalog_sql, idents
+from orchestrator.stages import Ctx, Step
+
+CHUNK = 20_000
+RECHECKS = 3
+
+
+def _key_param(m: TableMove, name: str) -> sql.Composed:
+    return sql.SQL("({})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Placeholder(f"{name}{i}"), catalog_sql(t))
+            for i, t in enumerate(m.key_types)
+        )
+    )
+
+
+def _bounds(m: TableMove, alias: str, keys: tuple[str, ...], lo: bool, hi: bool) -> sql.Composed:
+    parts: list[sql.Composable] = [sql.SQL("true")]
+    if lo:
+        parts.append(sql.SQL("({}) > {}").format(idents(keys, alias), _key_param(m, "lo")))
+    if hi:
+        parts.append(sql.SQL("({}) <= {}").format(idents(keys, alias), _key_param(m, "hi")))
+    return sql.SQL(" AND ").join(parts)
+
+
+def chunk_end_sql(m: TableMove, lo: bool) -> sql.Composed:
+    last = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in m.key_source)
+    order = idents(m.key_source)
+    return sql.SQL(
+        "SELECT ARRAY[{}] AS hi FROM {} s WHERE {} ORDER BY {} OFFSET %(chunk)s - 1 LIMIT 1"
+    ).format(last, m.source, _bounds(m, "s", m.key_source, lo, False), order)
+
+
+def checksum_sql(m: TableMove, lo: bool, hi: bool) -> sql.Composed:
+    """Count and an order-free sum of row hashes on both sides, pending keys left out."""
+    d = capture.forward(m)
+    src_row = sql.SQL(", ").join(c.up_sql("s") for c in m.copied)
+    tgt_row = sql.SQL(", ").join(sql.Identifier("t", c.target) for c in m.copied)
+    src_pending = sql.SQL(" AND ").join(
+        sql.SQL("l.{} = s.{}").format(sql.Identifier(k), sql.Identifier(k)) for k in m.key_source
+    )
+    tgt_pending = sql.SQL(" AND ").join(
+        sql.SQL("l.{} = t.{}").format(sql.Identifier(a), sql.Identifier(b))
+        for a, b in zip(m.key_source, m.key_target, strict=True)
+    )
+    return sql.SQL("""SELECT
+ (SELECT row(count(*), coalesce(sum(hashtextextended(row({src_row})::text, 0)::numeric), 0))::text
+    FROM {src} s WHERE {sb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {sp})) AS source,
+ (SELECT row(count(*), coalesce(sum(hashtextextended(row({tgt_row})::text, 0)::numeric), 0))::text
+    FROM {tgt} t WHERE {tb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {tp})) AS target,
+ (SELECT count(*) FROM {src} s WHERE {sb}) AS rows""").format(
+        src_row=src_row,
+        tgt_row=tgt_row,
+        src=m.source,
+        tgt=m.target,
+        log=d.log,
+        sb=_bounds(m, "s", m.key_source, lo, hi),
+        tb=_bounds(m, "t", m.key_target, lo, hi),
+        sp=src_pending,
+        tp=tgt_pending,
+    )
+
+
+def forward_steps(m: TableMove) -> list[Step]:
+    return [
+        Step(capture.replay_batch_sql(capture.forward(m)), "ROW EXCLUSIVE on the target"),
+        Step(chunk_end_sql(m, lo=True), "none"),
+        Step(checksum_sql(m, lo=True, hi=True), "none (REPEATABLE READ snapshot)"),
+    ]
+
+
+@dataclass
+class Mismatch:
+    lo: list[str] | None
+    hi: list[str] | None
+    source: str
+    target: str
+
+
+def _params(lo: list[str] | None, hi: list[str] | None) -> dict[str, Any]:
+    p: dict[str, Any] = {"chunk": CHUNK}
+    for i, v in enumerate(lo or []):
+        p[f"lo{i}"] = v
+    for i, v in enumerate(hi or []):
+        p[f"hi{i}"] = v
+    return p
+
+
+def _check_chunk(
+    ctx: Ctx,
+    m: TableMove,
+    lo: list[str] | None,
+) -> tuple[list[str] | None, dict[str, Any]]:
+    conn = ctx.conn
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        r = conn.execute(chunk_end_sql(m, lo is not None), _params(lo, None)).fetchone()
+        hi = r["hi"] if r else None
+        res = conn.execute(
+            checksum_sql(m, lo is not None, hi is not None), _params(lo, hi)
+        ).fetchone()
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    assert res is not None
+    return hi, dict(res)
+
+
+def drain(ctx: Ctx, m: TableMove, until: int = 0) -> int:
+    """Replay the forward log until at most `until` entries are left (or it stops shrinking)."""
+    d = capture.forward(m)
+    total = 0
+    while True:
+        n = capture.replay_batch(ctx.conn, d, 10_000)
+        total += n
+        if n < 10_000 or capture.backlog(ctx.conn, d) <= until:
+            return total
+
+
+def run(ctx: Ctx, m: TableMove) -> None:
+    """Verify the whole table; mark verify done, or failed naming the first bad key range."""
+    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+    with conn.transaction():
+        control.set_status(conn, s, p, m.label, "verify", "running", reset_checkpoint=True)
+    drain(ctx, m)
+    t0 = time.monotonic()
+    lo: list[str] | None = None
+    checked = 0
+    estimate = control.get_stage(conn, s, p, m.label, "copy").rows_done
+    mismatch: Mismatch | None = None
+    while True:
+        hi, res = _check_chunk(ctx, m, lo)
+        tries = 0
+        while res["source"] != res["target"] and tries < RECHECKS:
+            # The target may trail by entries committed after our log read: replay, re-check.
+            tries += 1
+            drain(ctx, m)
+            time.sleep(0.05 * tries)
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                res = dict(
+                    conn.execute(
+                        checksum_sql(m, lo is not None, hi is not None), _params(lo, hi)
+                    ).fetchone()
+                    or {}
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        if res["source"] != res["target"]:
+            mismatch = Mismatch(lo, hi, res["source"], res["target"])
+            break
+        checked += int(res["rows"])
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        with conn.transaction():
+            control.record_progress(
+                conn,
+                s,
+                p,
+                m.label,
+                "verify",
+                rows_done=checked,
+                checkpoint={"last": hi},
+                rows_per_s=checked / elapsed,
+            )
+        ctx.progress(
+            {
+                "table": m.label,
+                "stage": "verify",
+                "rows_done": checked,
+                "rows_estimated": max(estimate, checked),
+                "rate": checked / elapsed,
+            }
+        )
+        if hi is None:
+            break
+        lo = hi
+    duration = (time.monotonic() - t0) * 1000
+    with conn.transaction():
+        if mismatch is None:
+            control.set_status(conn, s, p, m.label, "verify", "done", rows_done=checked)
+            control.log_event(
+                conn,
+                s,
+                p,
+                "verify",
+                "ok",
+                table=m.label,
+                stage="verify",
+                duration_ms=duration,
+                detail={"rows": checked},
+            )
+        else:
+            where = (
+                f"keys ({', '.join(m.key_source)}) after {mismatch.lo or '(start)'} "
+                f"up to {mismatch.hi or '(end)'}"
+            )
+            msg = f"source and target differ in {where}"
+            control.set_status(conn, s, p, m.label, "verify", "failed", error=msg)
+            control.log_event(
+                conn,
+                s,
+                p,
+                "verify",
+                "mismatch",
+                table=m.label,
+                stage="verify",
+                duration_ms=duration,
+                detail={
+                    "lo": mismatch.lo,
+                    "hi": mismatch.hi,
+                    "source": mismatch.source,
+                    "target": mismatch.target,
+                },
+            )
+    if mismatch is not None:
+        raise StageError(
+            f"{m.label}: {msg}",
+            hint=f"inspect that range; `orchestrator rollback PLAN --table {m.label} --to "
+            f"dual_write` and apply again recopies the table",
+        )

@@ -1,0 +1,443 @@
+"""The control schema: where the orchestrator records what it did, and who may act.
+
+State commits with the work it records (a rolled-back step leaves no trace), the event log is
+append-only, and one operator at a time holds a plan and its tables: a second is refused with
+the first holder named, and a holder that dies releases its locks.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import COGITO_PLAN
+from psycopg import sql
+
+from orchestrator import control
+from orchestrator.catalog import snapshot
+from orchestrator.control import (
+    RENAME_STAGES,
+    SCHEMA_VERSION,
+    STAGES,
+    ensure_schema,
+    operator_lock,
+    register_plan,
+    set_status,
+    stage_rows,
+)
+from orchestrator.db import APP_NAME, connect
+from orchestrator.errors import LockHeld, StageError
+from orchestrator.plan import LoadedPlan, Strategy, load_plan, parse_plan
+
+Conn = psycopg.Connection[Any]
+CTL = "_orchestrator"
+
+
+def stages_for(loaded: LoadedPlan) -> dict[str, tuple[str, ...]]:
+    plan = loaded.plan
+    return {
+        t.name: RENAME_STAGES if plan.options_for(t).strategy == Strategy.rename else STAGES
+        for t in plan.tables
+    }
+
+
+@pytest.fixture
+def registered(cogito_conn: Conn) -> LoadedPlan:
+    loaded = load_plan(COGITO_PLAN)
+    ensure_schema(cogito_conn, CTL)
+    with cogito_conn.transaction():
+        register_plan(cogito_conn, loaded, stages_for(loaded))
+    return loaded
+
+
+def ctl(query: str) -> sql.Composed:
+    """A query on the control schema, its name quoted."""
+    return sql.SQL(query).format(sql.Identifier(CTL))
+
+
+def status_of(conn: Conn, table: str, stage: str) -> str:
+    return control.get_stage(conn, CTL, "cogito", table, stage).status
+
+
+# --- the schema ------------------------------------------------------------------------------
+
+
+def test_ensure_schema_creates_the_control_tables(empty_conn: Conn) -> None:
+    assert not control.schema_exists(empty_conn, CTL)
+    ensure_schema(empty_conn, CTL)
+    assert control.schema_exists(empty_conn, CTL)
+    row = empty_conn.execute(ctl("SELECT version FROM {}.meta")).fetchone()
+    assert row is not None and row["version"] == SCHEMA_VERSION
+    tables = {
+        r["relname"]
+        for r in empty_conn.execute(
+            "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE nspname = %s AND relkind = 'r'",
+            (CTL,),
+        )
+    }
+    assert tables == {"meta", "plans", "stages", "settings", "saved", "events"}
+
+
+def test_ensure_schema_is_idempotent(empty_conn: Conn) -> None:
+    ensure_schema(empty_conn, CTL)
+    first = snapshot(empty_conn, [CTL])
+    ensure_schema(empty_conn, CTL)
+    ensure_schema(empty_conn, CTL)
+    assert snapshot(empty_conn, [CTL]) == first
+    row = empty_conn.execute(ctl("SELECT count(*) AS n, max(version) AS v FROM {}.meta")).fetchone()
+    assert row == {"n": 1, "v": SCHEMA_VERSION}
+
+
+def test_two_orchestrators_creating_the_schema_at_once_both_succeed(empty_dsn: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def create() -> None:
+        try:
+            with connect(empty_dsn, autocommit=True) as conn:
+                barrier.wait()
+                ensure_schema(conn, CTL)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with connect(empty_dsn, autocommit=True) as conn:
+        row = conn.execute(ctl("SELECT version FROM {}.meta")).fetchone()
+        assert row is not None and row["version"] == SCHEMA_VERSION
+
+
+def test_a_hostile_control_schema_name_is_quoted(empty_conn: Conn) -> None:
+    name = 'Ctl "x"; DROP SCHEMA public; --'
+    ensure_schema(empty_conn, name)
+    assert control.schema_exists(empty_conn, name)
+    assert control.schema_exists(empty_conn, "public") is False  # public has no meta table
+    row = empty_conn.execute("SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'public'")
+    assert row.fetchone() == {"n": 1}
+
+
+def test_reading_a_missing_control_schema_creates_nothing(empty_conn: Conn) -> None:
+    assert stage_rows(empty_conn, CTL, "cogito") == []
+    assert control.events(empty_conn, CTL, "cogito") == []
+    row = empty_conn.execute("SELECT count(*) AS n FROM pg_namespace WHERE nspname = %s", (CTL,))
+    assert row.fetchone() == {"n": 0}
+
+
+# --- the plan and its stages -----------------------------------------------------------------
+
+
+def test_register_plan_creates_a_row_per_table_and_stage(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    rows = stage_rows(cogito_conn, CTL, "cogito")
+    expected = {(t, s) for t, names in stages_for(registered).items() for s in names}
+    assert {(r.table_name, r.stage) for r in rows} == expected
+    assert ("turns", "copy") in expected and ("clients", "rename") in expected
+    assert {r.status for r in rows} == {"pending"}
+    plan = cogito_conn.execute(ctl("SELECT * FROM {}.plans")).fetchone()
+    assert plan is not None
+    assert plan["checksum"] == registered.checksum
+    assert plan["yaml"] == registered.text
+    assert plan["path"] == str(COGITO_PLAN)
+
+
+def test_registering_again_keeps_progress_and_follows_the_text(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    with cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "done")
+    edited = parse_plan(registered.text + "# edited\n", registered.path)
+    with cogito_conn.transaction():
+        register_plan(cogito_conn, edited, stages_for(edited))
+    assert status_of(cogito_conn, "turns", "prepare") == "done"
+    assert len(stage_rows(cogito_conn, CTL, "cogito")) == sum(
+        len(s) for s in stages_for(edited).values()
+    )
+    row = cogito_conn.execute(ctl("SELECT checksum FROM {}.plans")).fetchone()
+    assert row == {"checksum": edited.checksum}
+
+
+def test_a_status_change_commits_with_its_work(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    with cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "running")
+        cogito_conn.execute("CREATE SCHEMA conversation")
+        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "done")
+    row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "prepare")
+    assert row.status == "done"
+    assert row.attempts == 1
+    assert row.started_at is not None and row.finished_at is not None
+    assert row.finished_at >= row.started_at
+    assert "conversation" in {
+        r["nspname"] for r in cogito_conn.execute("SELECT nspname FROM pg_namespace")
+    }
+
+
+def test_a_rolled_back_step_leaves_no_trace(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    before = snapshot(cogito_conn, ["public", CTL])
+
+    class Crash(Exception):
+        pass
+
+    with pytest.raises(Crash), cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "running")
+        control.log_event(cogito_conn, CTL, "cogito", "prepare", "ok", table="turns")
+        control.save(cogito_conn, CTL, "cogito", "turns", "acl", ["x"])
+        cogito_conn.execute("CREATE SCHEMA conversation")
+        cogito_conn.execute("CREATE TABLE conversation.turns (id bigint PRIMARY KEY)")
+        raise Crash
+    assert status_of(cogito_conn, "turns", "prepare") == "pending"
+    assert control.events(cogito_conn, CTL, "cogito") == []
+    assert control.load_saved(cogito_conn, CTL, "cogito", "turns", "acl") is None
+    assert snapshot(cogito_conn, ["public", CTL]) == before
+    row = cogito_conn.execute(
+        "SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'conversation'"
+    ).fetchone()
+    assert row == {"n": 0}
+
+
+def test_a_failure_is_recorded_with_its_error_and_retried(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    with cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running")
+    with cogito_conn.transaction():
+        set_status(
+            cogito_conn, CTL, "cogito", "turns", "copy", "failed", error="lock timeout on turns"
+        )
+    failed = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
+    assert (failed.status, failed.last_error, failed.attempts) == (
+        "failed",
+        "lock timeout on turns",
+        1,
+    )
+    with cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running")
+    again = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
+    assert (again.status, again.last_error, again.attempts) == ("running", None, 2)
+    assert again.finished_at is None
+
+
+def test_progress_checkpoints_and_their_reset(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    with cogito_conn.transaction():
+        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running", rows_estimated=2000)
+        control.record_progress(
+            cogito_conn,
+            CTL,
+            "cogito",
+            "turns",
+            "copy",
+            rows_done=500,
+            checkpoint={"last_key": [500]},
+            rows_per_s=1234.5,
+        )
+    row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
+    assert (row.rows_done, row.rows_estimated, row.checkpoint, row.rows_per_s) == (
+        500,
+        2000,
+        {"last_key": [500]},
+        1234.5,
+    )
+    with cogito_conn.transaction():
+        set_status(
+            cogito_conn, CTL, "cogito", "turns", "copy", "rolled_back", reset_checkpoint=True
+        )
+    row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
+    assert (row.status, row.rows_done, row.checkpoint) == ("rolled_back", 0, None)
+
+
+def test_an_unknown_status_or_stage_is_refused(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    with pytest.raises(AssertionError):
+        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "finished")
+    with pytest.raises(StageError) as info:
+        control.get_stage(cogito_conn, CTL, "cogito", "audit_log", "copy")
+    assert "audit_log: no copy stage recorded for plan cogito" in info.value.message
+
+
+def test_settings_a_table_value_beats_the_plan_value(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 5000
+    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 2000)
+    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 100, table="turns")
+    assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 100
+    assert control.setting(cogito_conn, CTL, "cogito", "users", "batch_size", 5000) == 2000
+    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 50, table="turns")
+    assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 50
+
+
+def test_saved_values_are_kept_for_a_rollback(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    control.save(cogito_conn, CTL, "cogito", "turns", "acl", {"app": ["SELECT"]})
+    control.save(cogito_conn, CTL, "cogito", "turns", "acl", {"app": ["SELECT", "INSERT"]})
+    saved = control.load_saved(cogito_conn, CTL, "cogito", "turns", "acl")
+    assert saved == {"app": ["SELECT", "INSERT"]}
+
+
+# --- the event log ---------------------------------------------------------------------------
+
+
+def test_events_are_recorded_in_order_with_who_did_what(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    for i in range(5):
+        control.log_event(
+            cogito_conn,
+            CTL,
+            "cogito",
+            "copy",
+            "ok",
+            table="turns",
+            stage="copy",
+            statement=f"-- batch {i}",
+            duration_ms=1.5,
+            detail={"batch": i},
+        )
+    control.log_event(cogito_conn, CTL, "cogito", "prepare", "ok", table="users")
+    events = control.events(cogito_conn, CTL, "cogito", "turns")
+    assert [e["detail"]["batch"] for e in events] == [0, 1, 2, 3, 4]
+    assert events[0]["operator"] == "postgres"
+    assert events[0]["backend_pid"] == cogito_conn.info.backend_pid
+    assert [
+        e["detail"]["batch"] for e in control.events(cogito_conn, CTL, "cogito", "turns", 2)
+    ] == [
+        3,
+        4,
+    ]
+    assert len(control.events(cogito_conn, CTL, "cogito")) == 6
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "UPDATE {}.events SET outcome = 'ok'",
+        "DELETE FROM {}.events",
+        "TRUNCATE {}.events",
+    ],
+)
+def test_the_event_log_is_append_only(
+    cogito_conn: Conn, registered: LoadedPlan, tamper: str
+) -> None:
+    control.log_event(cogito_conn, CTL, "cogito", "cutover", "lock_timeout", table="turns")
+    with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+        cogito_conn.execute(sql.SQL(tamper).format(sql.Identifier(CTL)))
+    assert [e["outcome"] for e in control.events(cogito_conn, CTL, "cogito")] == ["lock_timeout"]
+
+
+# --- one operator at a time ------------------------------------------------------------------
+
+
+def advisory_locks(conn: Conn, pid: int) -> int:
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND pid = %s", (pid,)
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def test_lock_keys_are_stable_signed_64_bit() -> None:
+    a = control.lock_key("plan", "cogito")
+    assert a == control.lock_key("plan", "cogito")
+    assert a != control.lock_key("table", "cogito")
+    keys = {control.lock_key("table", f"t{i}") for i in range(1000)}
+    assert len(keys) == 1000
+    assert all(-(2**63) <= k < 2**63 for k in keys)
+
+
+def test_a_second_operator_is_refused_and_told_who_holds_the_plan(cogito_dsn: str) -> None:
+    with (
+        connect(cogito_dsn, autocommit=True) as first,
+        connect(cogito_dsn, autocommit=True) as second,
+    ):
+        with operator_lock(first, "cogito", ["users", "turns"]):
+            with (
+                pytest.raises(LockHeld) as info,
+                operator_lock(second, "cogito", ["users", "turns"]),
+            ):
+                pytest.fail("two operators held one plan")
+            message = info.value.message
+            assert message.startswith("plan cogito is being worked on by another orchestrator")
+            assert f"pid {first.info.backend_pid} " in message
+            assert f"application {APP_NAME}" in message
+            assert "pg_terminate_backend" in info.value.hint
+            # The refused operator keeps nothing.
+            assert advisory_locks(first, second.info.backend_pid) == 0
+            assert advisory_locks(second, first.info.backend_pid) == 3  # plan + two tables
+        # Released on exit: the second operator may now go.
+        assert advisory_locks(second, first.info.backend_pid) == 0
+        with operator_lock(second, "cogito", ["users", "turns"]):
+            assert advisory_locks(first, second.info.backend_pid) == 3
+
+
+def test_another_plan_touching_the_same_table_is_refused(cogito_dsn: str) -> None:
+    with (
+        connect(cogito_dsn, autocommit=True) as first,
+        connect(cogito_dsn, autocommit=True) as second,
+        operator_lock(first, "cogito", ["users", "participants"]),
+    ):
+        with (
+            pytest.raises(LockHeld) as info,
+            operator_lock(second, "accounts_split", ["clients", "users"]),
+        ):
+            pytest.fail("two plans held one table")
+        assert info.value.message.startswith("table users is being worked on")
+        assert f"pid {first.info.backend_pid} " in info.value.message
+        assert advisory_locks(first, second.info.backend_pid) == 0
+        # A plan on other tables is not held up.
+        with operator_lock(second, "lenses", ["lens_prototypes"]):
+            assert advisory_locks(first, second.info.backend_pid) == 2
+
+
+def test_a_dead_holder_releases_its_locks(cogito_dsn: str, server_dsn: str) -> None:
+    """The holder's session ends without unlocking (closed, or killed): the lock is free."""
+    with connect(cogito_dsn, autocommit=True) as second:
+        for end in ("close", "terminate"):
+            holder = connect(cogito_dsn, autocommit=True)
+            pid = holder.info.backend_pid
+            lock = operator_lock(holder, "cogito", ["users"])
+            lock.__enter__()  # and never __exit__: the process dies holding it
+            with (
+                pytest.raises(LockHeld, match=f"pid {pid} "),
+                operator_lock(second, "cogito", ["users"]),
+            ):
+                pass
+            if end == "close":
+                holder.close()
+            else:
+                with psycopg.connect(server_dsn, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            wait_for_exit(second, pid)
+            with operator_lock(second, "cogito", ["users"]):
+                assert advisory_locks(second, second.info.backend_pid) == 2
+            holder.close()
+
+
+def wait_for_exit(conn: Conn, pid: int) -> None:
+    for _ in range(100):
+        row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s", (pid,))
+        if row.fetchone() == {"n": 0}:
+            return
+        conn.execute("SELECT pg_sleep(0.05)")
+    pytest.fail(f"backend {pid} did not exit")
+
+
+def test_the_holder_is_described_for_the_operator(cogito_dsn: str) -> None:
+    with (
+        connect(cogito_dsn, autocommit=True) as first,
+        connect(cogito_dsn, autocommit=True) as second,
+    ):
+        with operator_lock(first, "cogito", []):
+            holder = control.lock_holder(second, control.lock_key("plan", "cogito"))
+            assert holder is not None
+            assert holder["pid"] == first.info.backend_pid
+            assert holder["role"] == "postgres"
+            assert holder["application_name"] == APP_NAME
+            text = control.describe_holder(holder)
+            assert text.startswith(f"pid {first.info.backend_pid} (role postgres")
+        assert control.lock_holder(second, control.lock_key("plan", "cogito")) is None
+    assert "ended before we could name it" in control.describe_holder(None)
