@@ -65,16 +65,19 @@ def _to(grantee: str) -> sql.Composable:
     return sql.SQL("PUBLIC") if grantee == "" else sql.Identifier(grantee)
 
 
+_TABLE = sql.SQL("TABLE")
+
+
 def grant_statements(
     acl: tuple[str, ...],
     target: sql.Composable,
     owner: str,
     columns: tuple[str, ...] | None = None,
-    kind: sql.SQL = sql.SQL("TABLE"),
+    kind: sql.SQL = _TABLE,
 ) -> list[sql.Composed]:
     """GRANTs that give `target` the privileges `acl` gives (the owner's own are implicit)."""
     out: list[sql.Composed] = []
-    cols = sql.SQL("")
+    cols: sql.Composable = sql.SQL("")
     if columns is not None:
         cols = sql.SQL(" ({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
     for item in acl:
@@ -90,9 +93,9 @@ def grant_statements(
                     sql.SQL(", ").join(sql.SQL(p) for p in privs),
                     cols,
                     kind,
-                    target,  # type: ignore[arg-type]
+                    target,
                     _to(g.grantee),
                     sql.SQL(suffix),
                 )
-            )  # type: ignore[arg-type]
+            )
     return out

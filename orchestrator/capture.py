@@ -88,7 +88,7 @@ def _key_eq(
     )
 
 
-def install_sql(d: Direction) -> list[sql.Composable]:
+def install_sql(d: Direction) -> list[sql.Composed]:
     """The log table, its capture functions and the triggers on the live table."""
     cols = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(k), catalog_sql(t))
@@ -136,18 +136,18 @@ END""").format(ins=ins, new=new, old=old)
     ]
 
 
-def drop_triggers_sql(d: Direction) -> list[sql.Composable]:
+def drop_triggers_sql(d: Direction) -> list[sql.Composed]:
     return [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), d.live),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), d.live),
     ]
 
 
-def create_triggers_sql(d: Direction) -> list[sql.Composable]:
+def create_triggers_sql(d: Direction) -> list[sql.Composed]:
     return install_sql(d)[4:]
 
 
-def uninstall_sql(d: Direction) -> list[sql.Composable]:
+def uninstall_sql(d: Direction) -> list[sql.Composed]:
     """Drop the triggers (when the live table still exists), the functions and the log."""
     return [
         *drop_triggers_sql(d),

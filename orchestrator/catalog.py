@@ -611,6 +611,6 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
             "acl": sorted(seq.acl),
             "owner": seq.owner,
         }
-    out["dependents"] = sorted((d.schema, d.name, d.kind, d.definition) for d in cat.dependents)
+    out["dependents"] = sorted({(d.schema, d.name, d.kind, d.definition) for d in cat.dependents})
     out["schemas"] = sorted(s for s in cat.existing_schemas if s in schemas)
     return out

@@ -31,7 +31,7 @@ server_app = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help
 app.add_typer(server_app, name="server")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class Fmt(StrEnum):
@@ -109,6 +109,14 @@ def _connect(autocommit: bool = True) -> Conn:
 
 def _emit_json(data: Any) -> None:
     out.print_json(json.dumps(data, default=str))
+
+
+@app.command("plan-reference")
+def plan_reference() -> None:
+    """Print docs/plan-reference.md, generated from the plan models."""
+    from orchestrator.plan import reference_markdown
+
+    sys.stdout.write(reference_markdown())
 
 
 @app.command("plan-schema")

@@ -42,7 +42,7 @@ def blockers(conn: Conn, relations: list[str]) -> list[dict[str, Any]]:
     rels = [r for r in relations if r]
     try:
         rows = conn.execute(
-            sql.SQL(_BLOCKERS),  # type: ignore[arg-type]
+            sql.SQL(_BLOCKERS),
             (rels,),
         ).fetchall()
     except psycopg.Error:
@@ -95,7 +95,8 @@ def run_locked(
                         )
                     )
                 return work(conn)
-        except errors.LockNotAvailable as exc:
+        except (errors.LockNotAvailable, errors.QueryCanceled) as exc:
+            # QueryCanceled: the bounded lock statement ran out of its lock_timeout budget.
             waited = (time.monotonic() - started) * 1000
             who = blockers(conn, relations)
             with conn.transaction():

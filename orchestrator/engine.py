@@ -141,11 +141,17 @@ class Engine:
         def work(conn: Conn) -> None:
             t0 = time.monotonic()
             texts = []
+            policy = ctx.policy(m)
             for step in steps:
                 texts.append(render(conn, step.sql))
                 try:
+                    if step.bounded:
+                        _set_local(conn, "statement_timeout", f"{policy.lock_timeout_ms}ms")
                     conn.execute(step.sql)
-                except psycopg.errors.LockNotAvailable:
+                    if step.bounded:
+                        _set_local(conn, "statement_timeout",
+                                   f"{policy.statement_timeout_ms}ms")
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                     raise
                 except psycopg.Error as exc:
                     raise _StepFailed(texts[-1], exc) from exc
@@ -263,15 +269,43 @@ class Engine:
                 verify_stage.run(ctx, m)
 
     def _remember_schema(self, ctx: Ctx, m: TableMove) -> Callable[[Conn], None]:
+        """Note (with the stage's work) that we created the target schema, so a full
+        rollback can drop it again once it is empty."""
         existed = m.target_schema in ctx.catalog.existing_schemas
 
         def save(conn: Conn) -> None:
             if not existed:
-                control.save(
-                    conn, self.s, self.plan.name, m.label, "created_schema", m.target_schema
-                )
+                control.save(conn, self.s, self.plan.name, "*",
+                             f"created_schema:{m.target_schema}", m.target_schema)
 
         return save
+
+    def _drop_empty_schemas(self) -> None:
+        """Drop target schemas this plan created once nothing is left in them."""
+        rows = self.conn.execute(
+            sql.SQL("SELECT key, value FROM {}.saved WHERE plan = %s AND table_name = '*' "
+                    "AND key LIKE 'created_schema:%%'").format(sql.Identifier(self.s)),
+            (self.plan.name,)).fetchall()
+        for r in rows:
+            schema = str(r["value"])
+            empty = self.conn.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
+                "n.oid = c.relnamespace WHERE n.nspname = %s) AND NOT EXISTS (SELECT 1 FROM "
+                "pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s) "
+                "AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON "
+                "n.oid = t.typnamespace WHERE n.nspname = %s) AS empty",
+                (schema, schema, schema)).fetchone()
+            if not (empty and empty["empty"]):
+                continue
+            stmt = sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(schema))
+            with self.conn.transaction():
+                self.conn.execute(stmt)
+                self.conn.execute(
+                    sql.SQL("DELETE FROM {}.saved WHERE plan = %s AND table_name = '*' "
+                            "AND key = %s").format(sql.Identifier(self.s)),
+                    (self.plan.name, r["key"]))
+                control.log_event(self.conn, self.s, self.plan.name, "drop_schema", "ok",
+                                  statement=render(self.conn, stmt))
 
     def cutover(self, tables: list[str] | None = None) -> None:
         ctx = self.context()
@@ -370,6 +404,7 @@ class Engine:
             rename.forward_steps(m, rel),
             "done",
             [_rc(m.source_schema, m.source_name)],
+            extra=self._remember_schema(ctx, m),
         )
 
     def create_views(self, ctx: Ctx) -> None:
@@ -390,7 +425,7 @@ class Engine:
                 x.name for x in self.plan.views if self.done(_view_key(x.name), VIEW_STAGE)
             }:
                 continue
-            body = sql.SQL(v.sql.strip().rstrip(";"))  # type: ignore[arg-type]
+            body = sql.SQL(v.sql.strip().rstrip(";"))
             opts = sql.SQL(" WITH (security_invoker = true)") if v.security_invoker else sql.SQL("")
             stmt = sql.SQL("CREATE VIEW {}{} AS {}").format(
                 sql.Identifier(v.schema_, v.name), opts, body
@@ -482,8 +517,9 @@ class Engine:
                         [_rc(m.target_schema, m.target_name)],
                     )
                     undone.append(f"{m.label}:rename")
+            self._drop_empty_schemas()
             return undone
-        order = list(BEFORE_CUTOVER) + ["cutover"]
+        order = [*BEFORE_CUTOVER, "cutover"]
         stop = order.index(to) if to else -1
         for stage in reversed(order[stop + 1 :]):
             todo = [
@@ -494,17 +530,24 @@ class Engine:
             ctx = self.context()
             self._rollback_stage(ctx, todo, stage)
             undone += [f"{m.label}:{stage}" for m in todo]
+        self._drop_empty_schemas()
         return undone
 
     def _refuse_stranding(self, ctx: Ctx, moves: list[TableMove], to: str | None) -> None:
+        """A plan view that reads a moved table would break if the table went back."""
         names = {m.label for m in moves}
         for v in self.plan.views:
-            if self.done(_view_key(v.name), VIEW_STAGE) and names & set(v.depends_on):
+            exists = ctx.catalog.table(v.schema_, v.name) is not None
+            if exists and names & set(v.depends_on):
                 raise StageError(
                     f"rolling back {', '.join(sorted(names))} would strand view "
                     f"{v.schema_}.{v.name}, which reads the moved table",
                     hint=f"drop the view first (DROP VIEW {v.schema_}.{v.name}), then roll back",
                 )
+            if not exists and self.done(_view_key(v.name), VIEW_STAGE):
+                with self.conn.transaction():
+                    control.set_status(self.conn, self.s, self.plan.name, _view_key(v.name),
+                                       VIEW_STAGE, "rolled_back")
 
     def _rollback_stage(self, ctx: Ctx, moves: list[TableMove], stage: str) -> None:
         for m in moves:
@@ -554,23 +597,8 @@ class Engine:
                     [_rc(m.source_schema, m.source_name)],
                 )
             elif stage == "prepare":
-                created = control.load_saved(
-                    self.conn, self.s, self.plan.name, m.label, "created_schema"
-                )
-                others = [
-                    k
-                    for k in ctx.catalog.relations
-                    if k[0] == m.target_schema and k != (m.target_schema, m.target_name)
-                ]
-                self._ddl(
-                    ctx,
-                    m,
-                    stage,
-                    "rollback_prepare",
-                    prepare.rollback_steps(m, bool(created) and not others),
-                    "rolled_back",
-                    [],
-                )
+                self._ddl(ctx, m, stage, "rollback_prepare", prepare.rollback_steps(m),
+                          "rolled_back", [])
         if stage == "cutover":
             self._rollback_cutover(ctx, moves)
 
@@ -619,6 +647,11 @@ class Engine:
                     if n < 10_000:
                         break
         return total
+
+
+def _set_local(conn: Conn, name: str, value: str) -> None:
+    conn.execute(sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(name),
+                                                                   sql.Literal(value)))
 
 
 class _StepFailed(Exception):

@@ -88,13 +88,16 @@ def build_graph(plan: Plan, catalog: Catalog) -> DependencyGraph:
         g.add_node(
             _t(t.name), kind="table", name=t.name, schema=src, target=f"{t.schema_}.{t.target_name}"
         )
+    # Foreign keys are matched wherever a plan table is now (source, target or retired), so
+    # the units stay the same while tables are half-moved.
+    where = plan.locations()
     for fk in catalog.foreign_keys:
-        child_in = fk.schema == src and fk.table in names
-        parent_in = fk.ref_schema == src and fk.ref_table in names
-        if not (child_in or parent_in):
+        child_name = where.get((fk.schema, fk.table))
+        parent_name = where.get((fk.ref_schema, fk.ref_table))
+        if child_name is None and parent_name is None:
             continue
-        child = _t(fk.table) if child_in else _outside(g, fk.schema, fk.table)
-        parent = _t(fk.ref_table) if parent_in else _outside(g, fk.ref_schema, fk.ref_table)
+        child = _t(child_name) if child_name else _outside(g, fk.schema, fk.table)
+        parent = _t(parent_name) if parent_name else _outside(g, fk.ref_schema, fk.ref_table)
         if child != parent:
             g.add_edge(parent, child, via="fk", name=fk.name)
         else:
@@ -111,7 +114,8 @@ def build_graph(plan: Plan, catalog: Catalog) -> DependencyGraph:
             elif any(pv.name == dep for pv in plan.views):
                 g.add_edge(_v(dep), _v(v.name), via="view")
     for d in catalog.dependents:
-        if d.on_schema == src and d.on_table in names and d.kind != "rule":
+        if d.on_schema == src and d.on_table in names and d.kind != "rule" and (
+                (d.schema, d.name) not in where):
             node = f"dependent:{d.schema}.{d.name}"
             if node not in g:
                 g.add_node(node, kind="dependent", name=f"{d.schema}.{d.name}", schema=d.schema)

@@ -102,7 +102,7 @@ class TableMove:
 
 
 def retired_schema(control: str) -> str:
-    """Where cutover keeps source tables until finalize (out of the application's way)."""
+    """Where cutover keeps source tables until finalize (see Plan.retired_schema)."""
     return control[:55] + "_retired"
 
 

@@ -271,6 +271,20 @@ class Plan(_Model):
             targets.add(key)
         return self
 
+    @property
+    def retired_schema(self) -> str:
+        """Where cutover keeps source tables until finalize (out of the application's way)."""
+        return self.control_schema[:55] + "_retired"
+
+    def locations(self) -> dict[tuple[str, str], str]:
+        """Every place a plan table can be during its move, mapped to its plan name."""
+        out: dict[tuple[str, str], str] = {}
+        for t in self.tables:
+            out[(self.source_schema, t.name)] = t.name
+            out[(t.schema_, t.target_name)] = t.name
+            out[(self.retired_schema, t.name)] = t.name
+        return out
+
     def table(self, name: str) -> TableSpec:
         for t in self.tables:
             if t.name == name:
@@ -369,6 +383,7 @@ def parse_plan(text: str, path: str = "<plan>") -> LoadedPlan:
         raise PlanError(
             f"{where}: the plan is not valid YAML: {problem}",
             hint="fix the YAML syntax, then run `orchestrator validate` again",
+            problems=[f"{where}: not valid YAML: {problem}"],
         ) from exc
     duplicates = _duplicate_keys(node, path)
     if duplicates:

@@ -33,7 +33,7 @@ def idents(names: Iterable[str], prefix: str | None = None) -> sql.Composed:
 
 def catalog_sql(text: str) -> sql.SQL:
     """SQL text that PostgreSQL produced from its own catalog (a type name, a default...)."""
-    return sql.SQL(text)  # type: ignore[arg-type]
+    return sql.SQL(text)
 
 
 def row(names: Iterable[str], prefix: str | None = None) -> sql.Composed:
@@ -68,10 +68,10 @@ def expression(text: str, where: str = "expression") -> sql.SQL:
             hint="write an expression over the row's columns, e.g. lower(email)",
         )
     deparsed = RawStream()(stmt.targetList[0].val)
-    return sql.SQL("(" + deparsed + ")")  # type: ignore[arg-type]
+    return sql.SQL("(" + deparsed + ")")
 
 
-class _Rewriter(Visitor):  # type: ignore[misc]
+class _Rewriter(Visitor):
     """Point a statement at another relation and rename the columns it names."""
 
     def __init__(self, schema: str | None, table: str | None, columns: Mapping[str, str]) -> None:
@@ -91,15 +91,15 @@ class _Rewriter(Visitor):  # type: ignore[misc]
         )
 
     def visit_ColumnRef(self, ancestors: Any, node: ast.ColumnRef) -> Any:
-        fields = list(node.fields)
+        fields = list(node.fields or ())
         last = fields[-1]
-        if isinstance(last, ast.String) and last.sval in self.columns:
-            fields[-1] = ast.String(sval=self.columns[last.sval])
+        if isinstance(last, ast.String) and str(last.sval) in self.columns:
+            fields[-1] = ast.String(sval=self.columns[str(last.sval)])
             return ast.ColumnRef(fields=tuple(fields))
         return None
 
     def visit_IndexElem(self, ancestors: Any, node: ast.IndexElem) -> Any:
-        if node.name is not None and node.name in self.columns:
+        if node.name is not None and node.name in self.columns:  # plain column, no expression
             node.name = self.columns[node.name]
         return None
 
@@ -113,7 +113,9 @@ def _rename_strings(node: Any, columns: Mapping[str, str]) -> None:
                 node,
                 attr,
                 tuple(
-                    ast.String(sval=columns.get(s.sval, s.sval)) if isinstance(s, ast.String) else s
+                    ast.String(sval=columns.get(str(s.sval), str(s.sval)))
+                    if isinstance(s, ast.String)
+                    else s
                     for s in seq
                 ),
             )
@@ -131,6 +133,7 @@ def rewrite_definition(
     stmts = parse_sql(definition)
     assert len(stmts) == 1
     stmt = stmts[0].stmt
+    assert stmt is not None
     _Rewriter(schema, table, columns or {})(stmt)
     if columns:
         _rename_strings(stmt, columns)
@@ -139,7 +142,7 @@ def rewrite_definition(
             stmt.idxname = new_name
         elif isinstance(stmt, ast.CreateTrigStmt):
             stmt.trigname = new_name
-    return sql.SQL(RawStream()(stmt))  # type: ignore[arg-type]
+    return sql.SQL(RawStream()(stmt))
 
 
 def rename_in_expression(text: str, columns: Mapping[str, str]) -> sql.SQL:
@@ -147,8 +150,9 @@ def rename_in_expression(text: str, columns: Mapping[str, str]) -> sql.SQL:
     if not columns:
         return catalog_sql(text)
     stmt = parse_sql("SELECT " + text)[0].stmt
+    assert isinstance(stmt, ast.SelectStmt) and stmt.targetList
     _Rewriter(None, None, columns)(stmt)
-    return sql.SQL(RawStream()(stmt.targetList[0].val))  # type: ignore[arg-type]
+    return sql.SQL(RawStream()(stmt.targetList[0].val))
 
 
 def render(conn: Any, statement: sql.Composable) -> str:

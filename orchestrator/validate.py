@@ -35,13 +35,11 @@ class Report:
 
 def plan_schemas(plan: Plan) -> list[str]:
     """The schemas a plan reads or writes."""
-    from orchestrator.move import retired_schema
-
     return [
         plan.source_schema,
         *sorted({t.schema_ for t in plan.tables}),
         *sorted({v.schema_ for v in plan.views}),
-        retired_schema(plan.control_schema),
+        plan.retired_schema,
     ]
 
 

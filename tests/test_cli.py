@@ -98,11 +98,6 @@ def test_a_broken_plan_in_json_is_a_json_error(
     assert data["problems"] == ["broken.yaml:6: tables.0.nmae is not a known field"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py prints errors through rich at 80 columns, so a long path:line is folded "
-    "across lines; print them with soft_wrap=True (then drop this marker)",
-)
 def test_a_long_plan_path_is_printed_whole(run: Any, cogito_dsn: str, tmp_path: Path) -> None:
     deep = tmp_path / "a-rather-long-directory-name-for-plans" / "and-another-one-below-it"
     deep.mkdir(parents=True)

@@ -95,6 +95,9 @@ def test_malformed_yaml_names_the_file_and_line() -> None:
     line = int(err.message.split("plans/broken.yaml:")[1].split(":")[0])
     assert line >= 5
     assert err.hint
+    # Scripts reading `--format json` get the same location in the problem list.
+    (problem,) = err.problems
+    assert problem.startswith(f"plans/broken.yaml:{line}: not valid YAML: ")
 
 
 def test_a_misspelt_field_is_named_with_its_line() -> None:

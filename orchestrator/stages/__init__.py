@@ -24,8 +24,11 @@ Progress = Callable[[dict[str, Any]], None]
 class Step:
     """One statement of a stage, with what it locks (for dry-runs and reviews)."""
 
-    sql: sql.Composable
+    sql: sql.Composed | sql.SQL
     locks: str = ""
+    # The statement that takes the stage's locks: its whole wait, over every relation it
+    # locks, is bounded by lock_timeout (as a statement_timeout), not one lock_timeout each.
+    bounded: bool = False
 
 
 @dataclass

@@ -187,7 +187,7 @@ def server_busy(conn: Conn, t: Throttle) -> str | None:
             return f"replication lag {r['lag']} bytes > {t.max_lag_bytes}"
     if t.probe_sql is not None and t.probe_max is not None:
         # The probe is the plan author's own monitoring query, run read-only.
-        r = conn.execute(sql.SQL(t.probe_sql)).fetchone()  # type: ignore[arg-type]
+        r = conn.execute(sql.SQL(t.probe_sql)).fetchone()
         value = float(next(iter(r.values()))) if r else 0.0
         if value > t.probe_max:
             return f"load probe {value} > {t.probe_max}"

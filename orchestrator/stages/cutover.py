@@ -43,7 +43,7 @@ def fk_sql(
     )
     return sql.SQL(
         "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({})" + tail
-    ).format(  # type: ignore[operator]
+    ).format(
         child, sql.Identifier(fk.name), idents(columns), parent, idents(ref_columns)
     )
 
@@ -105,7 +105,7 @@ def _dependent_views(cat: Catalog, schema: str, name: str) -> list[Step]:
                 f"{d.schema}.{d.name} ({d.kind}) reads {schema}.{name} and cannot be recreated",
                 hint="drop it before cutover and recreate it afterwards",
             )
-        opts = sql.SQL("")
+        opts: sql.Composable = sql.SQL("")
         if d.options:
             opts = sql.SQL(" WITH ({})").format(
                 sql.SQL(", ").join(
@@ -123,7 +123,7 @@ def _dependent_views(cat: Catalog, schema: str, name: str) -> list[Step]:
                     sql.Identifier(d.schema, d.name),
                     opts,
                     sql.SQL(d.definition.rstrip().rstrip(";")),
-                ),  # type: ignore[arg-type]
+                ),
                 f"ACCESS EXCLUSIVE on {d.schema}.{d.name}",
             )
         )
@@ -163,31 +163,47 @@ def _sequence_handover(
     return steps
 
 
+def lock_targets(
+    moves: list[TableMove], cat: Catalog, reverse: bool = False
+) -> list[tuple[str, str]]:
+    """Every relation the swap alters: the live tables, tables whose foreign keys point at
+    them, and views that read them. Locked together, up front, in one bounded statement."""
+    out: list[tuple[str, str]] = []
+    unit = {
+        (x.target_schema, x.target_name) if reverse else (x.source_schema, x.source_name)
+        for x in moves
+    }
+    for m in moves:
+        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
+        out.append(key)
+        if reverse:
+            out.append((m.source_schema, m.source_name))  # the compatibility view
+        for fk in cat.fks_to(*key):
+            if (fk.schema, fk.table) not in unit:
+                out.append((fk.schema, fk.table))
+        for d in cat.dependents_of(m.source_schema, m.source_name):
+            out.append((d.schema, d.name))
+    return list(dict.fromkeys(out))
+
+
 def lock_relations(moves: list[TableMove], cat: Catalog, reverse: bool = False) -> list[str]:
     """regclass texts of what the swap locks, for naming blockers."""
-    rels = []
-    for m in moves:
-        rels.append(
-            regclass(m.target_schema, m.target_name)
-            if reverse
-            else regclass(m.source_schema, m.source_name)
-        )
-        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
-        for fk in cat.fks_to(*key):
-            rels.append(regclass(fk.schema, fk.table))
-    return rels
+    return [regclass(*k) for k in lock_targets(moves, cat, reverse)]
+
+
+def _lock_step(moves: list[TableMove], cat: Catalog, reverse: bool) -> Step:
+    rels = sql.SQL(", ").join(sql.Identifier(*k) for k in lock_targets(moves, cat, reverse))
+    return Step(
+        sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(rels),
+        "ACCESS EXCLUSIVE on every relation the swap alters; the whole wait is bounded by "
+        "lock_timeout, then the try is abandoned and retried",
+        bounded=True,
+    )
 
 
 def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     u = _Unit(moves, cat)
-    steps: list[Step] = [
-        Step(
-            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-                sql.SQL(", ").join(m.source for m in moves)
-            ),
-            "ACCESS EXCLUSIVE on the source tables: waits at most lock_timeout",
-        )
-    ]
+    steps: list[Step] = [_lock_step(moves, cat, reverse=False)]
     for m in moves:
         steps += [
             Step(s, "drains the last log entries")
@@ -305,14 +321,7 @@ def validate_steps(moves: list[TableMove], cat: Catalog, reverse: bool = False) 
 def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     """The swap backwards: the retired tables come back under their names, with every row."""
     u = _Unit(moves, cat)
-    steps: list[Step] = [
-        Step(
-            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-                sql.SQL(", ").join(m.target for m in moves)
-            ),
-            "ACCESS EXCLUSIVE on the new tables: waits at most lock_timeout",
-        )
-    ]
+    steps: list[Step] = [_lock_step(moves, cat, reverse=True)]
     for m in moves:
         steps += [
             Step(s, "drains the last reverse-log entries")

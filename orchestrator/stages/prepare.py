@@ -26,7 +26,7 @@ def _column_def(m: TableMove, rel: Relation, name: str) -> sql.Composed:
     if c.generated:
         kind = "STORED" if c.generated == "s" else "VIRTUAL"
         parts.append(
-            sql.SQL("GENERATED ALWAYS AS ({}) " + kind).format(  # type: ignore[arg-type]
+            sql.SQL("GENERATED ALWAYS AS ({}) " + kind).format(
                 rename_in_expression(c.default or "NULL", renames)
             )
         )
@@ -125,7 +125,7 @@ def forward_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
             steps.append(
                 Step(
                     sql.SQL("GRANT {} ON TABLE {} TO {}").format(
-                        sql.SQL(", ").join(sql.SQL(p) for p in g.privileges),  # type: ignore[arg-type]
+                        sql.SQL(", ").join(sql.SQL(p) for p in g.privileges),
                         m.target,
                         sql.Identifier(g.role),
                     )
@@ -158,7 +158,7 @@ def policy_sql(p: object, target: sql.Composable, renames: dict[str, str]) -> sq
             sql.SQL(_CMDS[p.command]),
             roles,
         )
-    ]  # type: ignore[arg-type]
+    ]
     if p.using is not None:
         parts.append(sql.SQL("USING ({})").format(rename_in_expression(p.using, renames)))
     if p.check is not None:
@@ -166,18 +166,10 @@ def policy_sql(p: object, target: sql.Composable, renames: dict[str, str]) -> sq
     return sql.SQL(" ").join(parts)
 
 
-def rollback_steps(m: TableMove, drop_schema: bool) -> list[Step]:
-    steps = [
+def rollback_steps(m: TableMove) -> list[Step]:
+    return [
         Step(
             sql.SQL("DROP TABLE IF EXISTS {}").format(m.target),
             "ACCESS EXCLUSIVE on the new table only",
         )
     ]
-    if drop_schema:
-        # RESTRICT: only an empty schema we created goes away.
-        steps.append(
-            Step(
-                sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(m.target_schema))
-            )
-        )
-    return steps

@@ -18,6 +18,7 @@ from orchestrator.stages import Step
 def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
     moved = sql.Identifier(m.target_schema, m.source_name)
     steps = [
+        lock_step([m.source]),
         Step(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema))),
         Step(
             sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
@@ -50,8 +51,21 @@ def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
     return steps
 
 
+def lock_step(relations: list[sql.Identifier]) -> Step:
+    return Step(
+        sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.SQL(", ").join(relations)),
+        "ACCESS EXCLUSIVE: the wait is bounded by lock_timeout, the hold is milliseconds",
+        bounded=True,
+    )
+
+
 def rollback_steps(m: TableMove) -> list[Step]:
     steps = [
+        lock_step(
+            [m.target, sql.Identifier(m.source_schema, m.source_name)]
+            if m.options.compat_view
+            else [m.target]
+        ),
         Step(
             sql.SQL("DROP VIEW IF EXISTS {}").format(sql.Identifier(m.source_schema, m.source_name))
         )
