@@ -252,6 +252,37 @@ def _engine(
         yield eng
 
 
+class DryFmt(StrEnum):
+    text = "text"
+    json = "json"
+    sql = "sql"
+
+
+def _dry_run(plan: Path, fmt: str) -> None:
+    from orchestrator import dryrun
+
+    with _guard("json" if fmt == "json" else "text"):
+        loaded = load_plan(plan)
+        with _connect() as conn:
+            conn.execute("SET search_path = ''")
+            d = dryrun.build(conn, loaded)
+    if fmt == "json":
+        _emit_json(d.as_dict())
+    elif fmt == "sql":
+        sys.stdout.write(dryrun.to_sql(d) + "\n")
+    else:
+        tui.print_dry_run(out, d)
+
+
+@app.command("dry-run")
+def dry_run(
+    plan: PlanArg,
+    fmt: Annotated[DryFmt, typer.Option("--format", help="text, json or sql")] = DryFmt.text,
+) -> None:
+    """Show every stage's SQL (forward and back), locks, sizes, durations and risks."""
+    _dry_run(plan, fmt.value)
+
+
 @app.command()
 def apply(
     plan: PlanArg,
@@ -269,9 +300,14 @@ def apply(
     ] = False,
     yes: YesOpt = False,
     lock_timeout: LockOpt = None,
+    dry: Annotated[bool, typer.Option("--dry-run", help="Show what would run; change "
+                                      "nothing.")] = False,
     fmt: FmtOpt = Fmt.text,
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
+    if dry:
+        _dry_run(plan, fmt.value)
+        return
     allowed = ("prepare", "dual_write", "copy", "verify", "cutover")
     with _guard(fmt):
         if until not in allowed:

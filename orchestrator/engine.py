@@ -21,7 +21,7 @@ from orchestrator.db import Conn, connect
 from orchestrator.ddl import run_locked
 from orchestrator.errors import LockTimeoutExhausted, StageError, ValidationFailed
 from orchestrator.graph import Unit
-from orchestrator.move import TableMove, build_move, retired_schema
+from orchestrator.move import TableMove, build_move
 from orchestrator.plan import LoadedPlan, Strategy, TableSpec
 from orchestrator.sqlutil import render
 from orchestrator.stages import Ctx, Progress, Step, dual_write, finalize, prepare, rename
@@ -71,37 +71,7 @@ class Engine:
             control.register_plan(self.conn, self.loaded, stages)
 
     def context(self) -> Ctx:
-        report = inspect(self.conn, self.loaded)
-        if not report.ok:
-            problems = [f"{p.subject}: {p.message} (fix: {p.hint})" for p in report.problems]
-            raise ValidationFailed(
-                f"plan {self.plan.name} is not valid:\n  " + "\n  ".join(problems),
-                hint=f"run `orchestrator validate {self.loaded.path}` and fix what it lists",
-                problems=problems,
-            )
-        moves: dict[str, TableMove] = {}
-        retired = retired_schema(self.s)
-        for spec in self.plan.tables:
-            strategy = self.plan.options_for(spec).strategy
-            cat = report.catalog
-            rel = cat.table(self.plan.source_schema, spec.name)
-            if rel is None or rel.kind == "v":
-                rel = (
-                    cat.table(retired, spec.name)
-                    if strategy == Strategy.copy
-                    else cat.table(spec.schema_, spec.target_name)
-                )
-            if rel is not None and rel.kind in ("r", "p"):
-                moves[spec.name] = build_move(self.plan, spec, rel)
-        return Ctx(
-            conn=self.conn,
-            loaded=self.loaded,
-            catalog=report.catalog,
-            graph=report.graph,
-            moves=moves,
-            progress=self.progress,
-            lock_timeout_ms=self.lock_timeout_ms,
-        )
+        return build_context(self.conn, self.loaded, self.progress, self.lock_timeout_ms)
 
     def status(self, table: str, stage: str) -> str:
         return control.get_stage(self.conn, self.s, self.plan.name, table, stage).status
@@ -647,6 +617,34 @@ class Engine:
                     if n < 10_000:
                         break
         return total
+
+
+def build_context(conn: Conn, loaded: LoadedPlan, progress: Progress | None = None,
+                  lock_timeout_ms: int | None = None) -> Ctx:
+    """Read the catalog, check the plan and resolve every table's move (read-only)."""
+    plan = loaded.plan
+    report = inspect(conn, loaded)
+    if not report.ok:
+        problems = [f"{p.subject}: {p.message} (fix: {p.hint})" for p in report.problems]
+        raise ValidationFailed(
+            f"plan {plan.name} is not valid:\n  " + "\n  ".join(problems),
+            hint=f"run `orchestrator validate {loaded.path}` and fix what it lists",
+            problems=problems,
+        )
+    moves: dict[str, TableMove] = {}
+    cat = report.catalog
+    for spec in plan.tables:
+        strategy = plan.options_for(spec).strategy
+        rel = cat.table(plan.source_schema, spec.name)
+        if rel is None or rel.kind == "v":
+            # Already swapped: the source sits in the retired schema (copy) or in its target
+            # schema (rename).
+            rel = (cat.table(plan.retired_schema, spec.name) if strategy == Strategy.copy
+                   else cat.table(spec.schema_, spec.target_name))
+        if rel is not None and rel.kind in ("r", "p"):
+            moves[spec.name] = build_move(plan, spec, rel)
+    return Ctx(conn=conn, loaded=loaded, catalog=cat, graph=report.graph, moves=moves,
+               progress=progress or (lambda _e: None), lock_timeout_ms=lock_timeout_ms)
 
 
 def _set_local(conn: Conn, name: str, value: str) -> None:

@@ -259,3 +259,48 @@ class Reporter:
             )
         elif "paused" in e:
             self.log.info("throttled", table=table, stage=stage, reason=e["paused"])
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n //= 1024
+    return f"{n} PB"
+
+
+def print_dry_run(console: Console, d: Any) -> None:
+    """A dry-run for people: per table, what, why, how long, the risks and every statement."""
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+
+    rate = f"{d.copy_rate:,.0f} rows/s ({d.rate_source})" if d.copy_rate else d.rate_source
+    console.print(Text.assemble(("dry-run of plan ", "bold"), (d.plan, "bold cyan"),
+                                " — nothing is changed. Copy rate: ", rate))
+    for s in d.sessions:
+        console.print(Text.assemble(("long-running transaction now: ", "yellow"),
+                                    f"pid {s['pid']} ({s['role']}, "
+                                    f"{s['application_name'] or '-'}, {s['state']}, "
+                                    f"open {s['xact_age']}): {s['query']}"))
+    for t in d.tables:
+        expected = f", expected copy {t.expected_s:,.1f} s" if t.expected_s is not None else ""
+        head = Text.assemble((t.table, "bold"), " → ", (t.target, "cyan"),
+                             f"  unit {t.unit}{' (cycle)' if t.cycle else ''}, wave {t.wave}, "
+                             f"{t.rows:,} rows, {_size(t.bytes)}{expected}")
+        body = [Text.assemble(("strategy: ", "bold"), t.reason)]
+        body += [Text.assemble(("risk: ", "yellow"), r) for r in t.risks]
+        console.print(Panel(Text("\n").join(body), title=head, title_align="left"))
+        for s in t.stages:
+            console.print(Text.assemble(("  ", ""), (s.stage, "bold magenta"),
+                                        f" [{s.status}]", (f"  {s.note}" if s.note else "",
+                                                           "dim")))
+            for st in s.forward:
+                if st.locks:
+                    waits = (f"; would wait behind pid {', '.join(map(str, st.waits_behind))}"
+                             if st.waits_behind else "")
+                    console.print(Text(f"    -- locks: {st.locks}{waits}", style="dim"))
+                console.print(Syntax(st.sql, "sql", word_wrap=True, padding=(0, 0, 0, 4)))
+            if s.rollback:
+                console.print(Text("    rollback:", style="bold"))
+                for st in s.rollback:
+                    console.print(Syntax(st.sql, "sql", word_wrap=True, padding=(0, 0, 0, 6)))
