@@ -180,6 +180,39 @@ def status(plan: PlanArg, fmt: FmtOpt = Fmt.text) -> None:
 
 
 @app.command()
+def watch(
+    plan: PlanArg,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")]
+    = 1.0,
+    count: Annotated[int, typer.Option("--count", help="Stop after this many refreshes "
+                                       "(0: until Ctrl-C).")] = 0,
+) -> None:
+    """Follow the move live from the control schema (works beside an apply elsewhere)."""
+    import time
+
+    from rich.live import Live
+
+    with _guard():
+        loaded = load_plan(plan)
+        with _connect() as conn:
+            def frame() -> Any:
+                rows = control.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
+                events = control.events(conn, loaded.plan.control_schema, loaded.plan.name,
+                                        limit=20)
+                return tui.status_view(loaded.plan, rows, events)
+
+            n = 0
+            try:
+                with Live(frame(), console=out, refresh_per_second=4) as live:
+                    while count == 0 or n < count:
+                        n += 1
+                        time.sleep(interval)
+                        live.update(frame())
+            except KeyboardInterrupt:
+                pass
+
+
+@app.command()
 def history(
     plan: PlanArg,
     table: Annotated[str | None, typer.Option("--table", help="Only this table.")] = None,

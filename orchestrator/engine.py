@@ -235,8 +235,10 @@ class Engine:
                 copy_stage.run(ctx, m, rel)
                 if not self.done(m.label, "copy"):
                     return  # stopped on request; rerun resumes from the checkpoint
+                self.progress({"table": m.label, "stage": stage, "status": "done"})
             elif stage == "verify":
                 verify_stage.run(ctx, m)
+                self.progress({"table": m.label, "stage": stage, "status": "done"})
 
     def _remember_schema(self, ctx: Ctx, m: TableMove) -> Callable[[Conn], None]:
         """Note (with the stage's work) that we created the target schema, so a full

@@ -126,27 +126,29 @@ def status_table(plan: Plan, rows: list[StageRow]) -> Table:
     return table
 
 
-def print_status(
-    console: Console, plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]
-) -> None:
+def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) -> Any:
+    """The status table and, after a lock wait, who held the lock (status and watch)."""
+    from datetime import datetime
+
+    from rich.console import Group
+
     if not rows:
-        console.print(
-            f"plan {plan.name} has not started: nothing recorded yet "
-            f"(run `orchestrator apply {plan.name}`)",
-            highlight=False,
-        )
-        return
-    console.print(status_table(plan, rows))
+        return Text(f"plan {plan.name} has not started: nothing recorded yet "
+                    f"(run `orchestrator apply PLAN`)")
+    parts: list[Any] = [status_table(plan, rows)]
     blocked = [e for e in events if e["outcome"] == "lock_timeout"]
     if blocked:
         e = blocked[-1]
-        console.print(
-            Text.assemble(
-                ("last lock wait: ", "yellow"),
-                f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
-                _blockers_text(e.get("detail") or {}),
-            )
-        )
+        parts.append(Text.assemble(("last lock wait: ", "yellow"),
+                                   f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
+                                   _blockers_text(e.get("detail") or {})))
+    parts.append(Text(f"as of {datetime.now():%H:%M:%S}", style="dim"))
+    return Group(*parts)
+
+
+def print_status(console: Console, plan: Plan, rows: list[StageRow],
+                 events: list[dict[str, Any]]) -> None:
+    console.print(status_view(plan, rows, events))
 
 
 def _blockers_text(detail: dict[str, Any]) -> str:
