@@ -525,3 +525,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted: every committed step is recorded; rerun the same command to resume")
         sys.exit(130)
+
+
+def _register_tools() -> None:
+    from orchestrator import cli_tools
+
+    cli_tools.register(app)
+
+
+_register_tools()
