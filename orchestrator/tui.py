@@ -82,24 +82,43 @@ def _stages_for(plan: Plan, table: str) -> tuple[str, ...]:
     return RENAME_STAGES if plan.options_for(spec).strategy == Strategy.rename else STAGES
 
 
+_SHORT = {"prepare": "prep", "dual_write": "dual", "copy": "copy", "verify": "verify",
+          "cutover": "swap", "finalize": "final"}
+
+
+def _progress_cells(stages: dict[str, StageRow]) -> tuple[str, str, str]:
+    """rows done/estimated, rate and ETA of the copy (or of verify while it runs)."""
+    row = stages.get("verify") if stages.get("verify") and stages["verify"].status == "running" \
+        else stages.get("copy")
+    if row is None or not row.rows_estimated:
+        return "", "", ""
+    done, est = row.rows_done, max(row.rows_estimated, row.rows_done)
+    rate = f"{row.rows_per_s:,.0f}/s" if row.rows_per_s else ""
+    eta = ""
+    if row.status == "running" and row.rows_per_s:
+        eta = f"{max(est - done, 0) / row.rows_per_s:,.0f} s"
+    return f"{done:,}/{est:,}", rate, eta
+
+
 def status_table(plan: Plan, rows: list[StageRow]) -> Table:
+    """Tables by stages, coloured by status, with progress and the last error."""
     by_table: dict[str, dict[str, StageRow]] = {}
     for r in rows:
         by_table.setdefault(r.table_name, {})[r.stage] = r
     table = Table(title=f"plan {plan.name}", expand=False)
-    table.add_column("table", style="bold")
-    table.add_column("strategy")
+    table.add_column("table", style="bold", no_wrap=True)
     for stage in STAGES:
-        table.add_column(stage.replace("_", "-"))
-    table.add_column("rows")
-    table.add_column("rate")
-    table.add_column("last error", overflow="fold", max_width=50)
+        table.add_column(_SHORT[stage], no_wrap=True)
+    for col in ("rows", "rate", "eta"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("last error", overflow="fold", max_width=40)
     for spec in plan.tables:
         stages = by_table.get(spec.name, {})
         names = _stages_for(plan, spec.name)
         cells: list[Text] = []
         for stage in STAGES:
-            key = "rename" if stage == "prepare" and "rename" in names else stage
+            # The rename strategy's one stage is its swap: shown in the cutover column.
+            key = "rename" if stage == "cutover" and "rename" in names else stage
             cell = stages.get(key)
             if key not in names:
                 cells.append(Text("·", style="dim"))
@@ -107,22 +126,9 @@ def status_table(plan: Plan, rows: list[StageRow]) -> Table:
                 cells.append(Text("pending", style="dim"))
             else:
                 cells.append(Text(cell.status, style=STATUS_STYLE.get(cell.status, "")))
-        copy: StageRow | None = stages.get("copy") or stages.get("verify")
-        rows_txt = ""
-        rate = ""
-        if copy is not None and copy.rows_estimated:
-            rows_txt = f"{copy.rows_done:,}/{copy.rows_estimated:,}"
-            if copy.rows_per_s:
-                rate = f"{copy.rows_per_s:,.0f}/s"
         errors = [r.last_error for r in stages.values() if r.last_error]
-        table.add_row(
-            spec.name,
-            plan.options_for(spec).strategy.value,
-            *cells,
-            rows_txt,
-            rate,
-            errors[-1] if errors else "",
-        )
+        label = spec.name + (" (rename)" if "rename" in names else "")
+        table.add_row(label, *cells, *_progress_cells(stages), errors[-1] if errors else "")
     return table
 
 
