@@ -11,6 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import psycopg
 import typer
 from rich.console import Console
 
@@ -101,6 +102,13 @@ def _guard(fmt: str = "text") -> Iterator[None]:
         yield
     except OrchestratorError as exc:
         _fail(exc, fmt)
+    except psycopg.OperationalError as exc:
+        # The server went away or ended our session mid-step: every committed step and
+        # checkpoint is recorded, so the same command resumes.
+        _fail(OrchestratorError(
+            f"lost the database connection: {str(exc).strip()}",
+            hint="check the server, then rerun the same command: it resumes from the last "
+            "committed step"), fmt)
 
 
 def _connect(autocommit: bool = True) -> Conn:
