@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from psycopg import errors, sql
 
-from orchestrator.db import Conn
+from orchestrator.db import Conn, snapshot_txn
 from orchestrator.move import TableMove
 from orchestrator.sqlutil import catalog_sql, ident, idents, row
 
@@ -269,20 +269,13 @@ def replay_batch(conn: Conn, d: Direction, n: int) -> int:
 def replay_all(conn: Conn, d: Direction) -> int:
     """Drain every visible entry at one snapshot. The caller's transaction must be
     REPEATABLE READ, or no transaction at all (then one is opened here)."""
-    own = conn.info.transaction_status == 0  # IDLE: open our own REPEATABLE READ txn
-    if own:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-    try:
-        n = backlog(conn, d)
-        for stmt in replay_all_sql(d):
-            conn.execute(stmt)
-        if own:
-            conn.execute("COMMIT")
-        return n
-    except BaseException:
-        if own:
-            conn.execute("ROLLBACK")
-        raise
+    if conn.info.transaction_status == 0:  # idle: take our own snapshot
+        with snapshot_txn(conn):
+            return replay_all(conn, d)
+    n = backlog(conn, d)
+    for stmt in replay_all_sql(d):
+        conn.execute(stmt)
+    return n
 
 
 def key_row(cols: tuple[str, ...]) -> sql.Composed:

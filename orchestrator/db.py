@@ -128,6 +128,20 @@ def _nullctx() -> Iterator[None]:
     yield
 
 
+@contextmanager
+def snapshot_txn(conn: Conn, *, read_only: bool = False, rollback: bool = False) -> Iterator[None]:
+    """One REPEATABLE READ transaction on an autocommit connection: every statement inside
+    sees the same snapshot. `rollback=True` undoes it whatever happens (for measurements)."""
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only
+                 else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("ROLLBACK" if rollback else "COMMIT")
+
+
 def server_version(conn: Conn) -> int:
     return int(conn.info.server_version)
 

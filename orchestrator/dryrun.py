@@ -15,7 +15,7 @@ from psycopg import sql
 
 from orchestrator import control
 from orchestrator.catalog import Catalog, Relation
-from orchestrator.db import Conn
+from orchestrator.db import Conn, snapshot_txn
 from orchestrator.ddl import blockers
 from orchestrator.move import TableMove
 from orchestrator.plan import LoadedPlan, Strategy
@@ -115,8 +115,7 @@ def _measure_rate(conn: Conn, loaded: LoadedPlan, moves: dict[str, TableMove],
     # A real (WAL-logged) table with the key, like the target, in a transaction that is
     # rolled back: the catalog is left as it was.
     sample = sql.Identifier(m.source_schema, f"_orch_rate_{m.tag}")
-    conn.execute("BEGIN")
-    try:
+    with snapshot_txn(conn, rollback=True):
         conn.execute(sql.SQL("CREATE TABLE {} AS SELECT {} FROM {} LIMIT 0").format(
             sample, cols, m.source))
         conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
@@ -127,8 +126,7 @@ def _measure_rate(conn: Conn, loaded: LoadedPlan, moves: dict[str, TableMove],
             sql.Literal(SAMPLE_ROWS)))
         n = cur.rowcount
         elapsed = time.monotonic() - t0
-    finally:
-        conn.execute("ROLLBACK")
+
     if n <= 0:
         return None, f"{m.label} is empty"
     return n / max(elapsed, 1e-6), f"a {n:,}-row sample copy of {m.label} (rolled back)"

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from orchestrator import capture, control
 from orchestrator.catalog import Relation
-from orchestrator.db import Conn
+from orchestrator.db import Conn, snapshot_txn
 from orchestrator.move import TableMove
 from orchestrator.sqlutil import catalog_sql, idents, rewrite_definition
 from orchestrator.stages import Ctx, Step
@@ -297,8 +297,7 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
     while capture.replay_batch(conn, d, 10_000) >= 10_000:
         pass
     t0 = time.monotonic()
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-    try:
+    with snapshot_txn(conn):
         drained = capture.replay_all(conn, d)
         for step in index_steps(m, rel):
             conn.execute(step.sql)
@@ -314,7 +313,4 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
             duration_ms=(time.monotonic() - t0) * 1000,
             detail={"rows": rows_done, "drained": drained, "indexes": len(index_steps(m, rel))},
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+

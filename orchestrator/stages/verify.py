@@ -15,6 +15,7 @@ from typing import Any
 from psycopg import sql
 
 from orchestrator import capture, control
+from orchestrator.db import snapshot_txn
 from orchestrator.errors import StageError
 from orchestrator.move import TableMove
 from orchestrator.sqlutil import catalog_sql, idents
@@ -111,19 +112,19 @@ def _check_chunk(
     lo: list[str] | None,
 ) -> tuple[list[str] | None, dict[str, Any]]:
     conn = ctx.conn
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-    try:
+    with snapshot_txn(conn, read_only=True):
         r = conn.execute(chunk_end_sql(m, lo is not None), _params(lo, None)).fetchone()
         hi = r["hi"] if r else None
-        res = conn.execute(
-            checksum_sql(m, lo is not None, hi is not None), _params(lo, hi)
-        ).fetchone()
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        return hi, _checksum(ctx, m, lo, hi)
+
+
+def _checksum(ctx: Ctx, m: TableMove, lo: list[str] | None,
+              hi: list[str] | None) -> dict[str, Any]:
+    """Both sides' checksums of one chunk (call inside a snapshot transaction)."""
+    res = ctx.conn.execute(checksum_sql(m, lo is not None, hi is not None),
+                           _params(lo, hi)).fetchone()
     assert res is not None
-    return hi, dict(res)
+    return dict(res)
 
 
 def drain(ctx: Ctx, m: TableMove, until: int = 0) -> int:
@@ -156,18 +157,8 @@ def run(ctx: Ctx, m: TableMove) -> None:
             tries += 1
             drain(ctx, m)
             time.sleep(0.05 * tries)
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            try:
-                res = dict(
-                    conn.execute(
-                        checksum_sql(m, lo is not None, hi is not None), _params(lo, hi)
-                    ).fetchone()
-                    or {}
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            with snapshot_txn(conn, read_only=True):
+                res = _checksum(ctx, m, lo, hi)
         if res["source"] != res["target"]:
             mismatch = Mismatch(lo, hi, res["source"], res["target"])
             break
