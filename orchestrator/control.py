@@ -305,7 +305,8 @@ def events(
         _q(
             schema,
             """SELECT * FROM (SELECT * FROM {s}.events WHERE plan = %s
-                      AND (%s::text IS NULL OR table_name = %s) ORDER BY id DESC LIMIT %s) e
+                      AND (%s::text IS NULL OR %s = ANY(string_to_array(table_name, ',')))
+                      ORDER BY id DESC LIMIT %s) e
                       ORDER BY id""",
         ),
         (plan, table, table, limit),

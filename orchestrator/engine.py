@@ -281,6 +281,16 @@ class Engine:
 
     def cutover(self, tables: list[str] | None = None) -> None:
         ctx = self.context()
+        # Check every unit before swapping any: a refusal must leave the plan as it was.
+        for unit in self.units(ctx, tables):
+            for name in unit.members:
+                m = ctx.moves.get(name)
+                if m is not None and m.strategy == "copy" and not self.done(name, "cutover") \
+                        and not self.done(name, "verify"):
+                    raise StageError(
+                        f"{name}: cutover needs a clean verify first (verify is "
+                        f"{self.status(name, 'verify')}); nothing was cut over",
+                        hint=f"run `orchestrator apply {self.loaded.path} --table {name}`")
         for unit in self.units(ctx, tables):
             self._cutover_unit(ctx, unit)
             ctx = self.context()
@@ -309,12 +319,6 @@ class Engine:
             self._running(m.label, "cutover")
         first = copy_moves[0]
         steps = cutover_stage.forward_steps(copy_moves, ctx.catalog)
-        if not all(m.options.compat_view for m in copy_moves):
-            steps = [
-                s
-                for s in steps
-                if not render(self.conn, s.sql).startswith(("CREATE VIEW", "ALTER VIEW", "GRANT"))
-            ]
         self._ddl(
             ctx,
             first,
@@ -455,7 +459,7 @@ class Engine:
                     "finalize",
                     finalize.forward_steps(m),
                     "done",
-                    [_rc(m.retired_schema, m.source_name)],
+                    [_rc(m.retired_schema, m.source_name), _rc(m.target_schema, m.target_name)],
                 )
 
     # --- rollback ---------------------------------------------------------------------------
@@ -466,17 +470,24 @@ class Engine:
         unit = next(iter(self.units(ctx, [table])), None)
         if unit is None:
             raise StageError(f"{table}: not part of plan {self.plan.name}", hint="check --table")
-        moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
-        undone: list[str] = []
-        for m in moves:
-            if self.done(m.label, "finalize"):
+        # A finalized table has no source left to build a move from: check by name.
+        for name in unit.members:
+            if self.done(name, "finalize"):
                 raise StageError(
-                    f"{m.label}: finalized, so it cannot be rolled back",
+                    f"{name}: finalized, so it cannot be rolled back",
                     hint="finalize dropped the retired table; move it back with a "
                     "new plan if you must",
                 )
+        moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
+        undone: list[str] = []
         self._refuse_stranding(ctx, moves, to)
         if any(m.strategy == "rename" for m in moves):
+            if to is not None:
+                raise StageError(
+                    f"{table}: the rename strategy has a single stage, so there is nothing "
+                    f"to roll back to ({to})",
+                    hint=f"run `orchestrator rollback {self.loaded.path} --table {table}` "
+                    "without --to")
             for m in moves:
                 if self.done(m.label, "rename") and to is None:
                     self._ddl(
@@ -494,9 +505,14 @@ class Engine:
         order = [*BEFORE_CUTOVER, "cutover"]
         stop = order.index(to) if to else -1
         for stage in reversed(order[stop + 1 :]):
-            todo = [
-                m for m in moves if self.status(m.label, stage) in ("done", "failed", "running")
-            ]
+            # prepare, dual_write and cutover are single transactions: unless done, nothing
+            # of them exists. A copy or verify that ran at all may have left batches behind.
+            statuses = {m.label: self.status(m.label, stage) for m in moves}
+            undo = ("done", "failed", "running") if stage in ("copy", "verify") else ("done",)
+            self._forget_attempts(stage, [m for m in moves
+                                          if statuses[m.label] in ("failed", "running")
+                                          and statuses[m.label] not in undo])
+            todo = [m for m in moves if statuses[m.label] in undo]
             if not todo:
                 continue
             ctx = self.context()
@@ -504,6 +520,18 @@ class Engine:
             undone += [f"{m.label}:{stage}" for m in todo]
         self._drop_empty_schemas()
         return undone
+
+    def _forget_attempts(self, stage: str, moves: list[TableMove]) -> None:
+        """A failed or interrupted atomic stage left nothing: record it as rolled back."""
+        if not moves:
+            return
+        with self.conn.transaction():
+            for m in moves:
+                control.set_status(self.conn, self.s, self.plan.name, m.label, stage,
+                                   "rolled_back")
+                control.log_event(self.conn, self.s, self.plan.name, f"rollback_{stage}", "ok",
+                                  table=m.label, stage=stage,
+                                  detail={"note": "the stage never committed; nothing to undo"})
 
     def _refuse_stranding(self, ctx: Ctx, moves: list[TableMove], to: str | None) -> None:
         """A plan view that reads a moved table would break if the table went back."""
@@ -682,7 +710,10 @@ def session(
     # whatever search_path the operator's session had.
     conn.execute("SET search_path = ''")
     try:
-        names = tables or [t.name for t in loaded.plan.tables]
+        # Table locks are taken by qualified source name: two plans moving the same table
+        # collide, two plans moving same-named tables of different schemas do not.
+        names = [f"{loaded.plan.source_schema}.{t}"
+                 for t in (tables or [t.name for t in loaded.plan.tables])]
         with control.operator_lock(lock_conn, loaded.plan.name, names):
             eng = Engine(
                 conn=conn,

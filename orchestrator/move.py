@@ -150,7 +150,7 @@ def build_move(plan: Plan, spec: TableSpec, rel: Relation) -> TableMove:
         plan=plan.name,
         control=plan.control_schema,
         source_schema=plan.source_schema,
-        source_name=rel.name,
+        source_name=spec.name,
         target_schema=spec.schema_,
         target_name=spec.target_name,
         key_source=keys,
@@ -160,5 +160,5 @@ def build_move(plan: Plan, spec: TableSpec, rel: Relation) -> TableMove:
         source_types=tuple(c.type for c in rel.columns),
         options=opts,
         strategy=opts.strategy.value,
-        tag=object_tag(plan.name, plan.source_schema, rel.name),
+        tag=object_tag(plan.name, plan.source_schema, spec.name),
     )

@@ -187,6 +187,11 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                 "use strategy: copy for a table with column mappings",
             )
         )
+    if opts.strategy == Strategy.copy and not opts.compat_view:
+        problems.append(Problem(
+            name, "the copy strategy needs its compatibility view (compat_view: false is only "
+            "supported by the rename strategy for now)",
+            "remove `compat_view: false`, or use `options: {strategy: rename}`"))
     if opts.strategy == Strategy.copy:
         for c in src.constraints:
             if c.kind == "x":

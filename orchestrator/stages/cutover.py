@@ -181,6 +181,10 @@ def lock_targets(
         for fk in cat.fks_to(*key):
             if (fk.schema, fk.table) not in unit:
                 out.append((fk.schema, fk.table))
+        # Dropping and adding a table's own foreign keys touches its parents' triggers too.
+        for fk in cat.fks_from(*key):
+            if (fk.ref_schema, fk.ref_table) not in unit:
+                out.append((fk.ref_schema, fk.ref_table))
         for d in cat.dependents_of(m.source_schema, m.source_name):
             out.append((d.schema, d.name))
     return list(dict.fromkeys(out))

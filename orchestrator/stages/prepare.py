@@ -45,6 +45,13 @@ def _column_def(m: TableMove, rel: Relation, name: str) -> sql.Composed:
     return sql.SQL(" ").join(parts)
 
 
+def owner_usage(schema: str, owner: str) -> Step:
+    """The table's owner must reach its new schema: foreign-key checks run as the owner, and
+    the application often connects as it."""
+    return Step(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema),
+                                                                  sql.Identifier(owner)))
+
+
 def key_index(rel: Relation, m: TableMove) -> str | None:
     """The source index that backs the move's key when the table has no primary key."""
     if rel.primary_key is not None:
@@ -94,6 +101,7 @@ def forward_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
         steps.append(
             Step(sql.SQL("ALTER TABLE {} OWNER TO {}").format(m.target, sql.Identifier(rel.owner)))
         )
+        steps.append(owner_usage(m.target_schema, rel.owner))
     if rel.comment is not None:
         steps.append(
             Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(m.target, sql.Literal(rel.comment)))
