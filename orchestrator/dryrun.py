@@ -227,7 +227,8 @@ def _stage_plans(ctx: Ctx, m: TableMove, rel: Relation, unit: list[TableMove],
 
     if m.strategy == "rename":
         return [
-            sp("rename", rename.forward_steps(m, rel), rename.rollback_steps(m)),
+            sp("rename", rename.forward_steps(m, rel, ctx.plan),
+               rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan))),
             sp("finalize", [], [], "nothing to drop: the compatibility view stays until the "
                "plan drops it; finalize only records that the move is final"),
         ]

@@ -372,16 +372,17 @@ class Engine:
                 hint=f"`orchestrator status {self.loaded.path}`",
             )
         self._running(m.label, "rename")
-        self._ddl(
-            ctx,
-            m,
-            "rename",
-            "rename",
-            rename.forward_steps(m, rel),
-            "done",
-            [_rc(m.source_schema, m.source_name)],
-            extra=self._remember_schema(ctx, m),
-        )
+        granted = rename.plan_grants(m, rel, self.plan)
+        remember = self._remember_schema(ctx, m)
+
+        def record(conn: Conn) -> None:
+            remember(conn)
+            # What the plan granted beyond the table's own ACL, for an exact rollback.
+            control.save(conn, self.s, self.plan.name, m.label, "rename_grants",
+                         [[role, list(privs)] for role, privs in granted])
+
+        self._ddl(ctx, m, "rename", "rename", rename.forward_steps(m, rel, self.plan), "done",
+                  [_rc(m.source_schema, m.source_name)], extra=record)
 
     def create_views(self, ctx: Ctx) -> None:
         """Create plan views whose tables have all moved (idempotent)."""
@@ -495,7 +496,10 @@ class Engine:
                         m,
                         "rename",
                         "rollback_rename",
-                        rename.rollback_steps(m),
+                        rename.rollback_steps(m, [
+                            (str(role), tuple(privs)) for role, privs in control.load_saved(
+                                self.conn, self.s, self.plan.name, m.label, "rename_grants")
+                            or []]),
                         "rolled_back",
                         [_rc(m.target_schema, m.target_name)],
                     )

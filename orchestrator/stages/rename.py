@@ -3,19 +3,72 @@
 For tables that move without any column change. Foreign keys, indexes, triggers, owned
 sequences, grants and policies follow the table by OID; views that read it keep reading it in
 its new schema. Reversible until finalize by the same statements backwards.
+
+Given the plan, the move also applies the plan's grants for the target schema (USAGE, and the
+table privileges the table's ACL does not hold yet, see `plan_grants`). An exact rollback
+revokes exactly those: the caller records `plan_grants(...)` with the forward stage and passes
+it back to `rollback_steps`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from psycopg import sql
 
-from orchestrator.acl import grant_statements
+from orchestrator.acl import grant_statements, parse_aclitem
 from orchestrator.catalog import Relation
 from orchestrator.move import TableMove
+from orchestrator.plan import Plan
 from orchestrator.stages import Step
+from orchestrator.stages.prepare import owner_usage
+
+Granted = Sequence[tuple[str, tuple[str, ...]]]
 
 
-def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
+def plan_grants(m: TableMove, rel: Relation, plan: Plan) -> list[tuple[str, tuple[str, ...]]]:
+    """(role, privileges) the plan grants on the moved table that its ACL does not hold yet."""
+    spec = plan.schemas.get(m.target_schema)
+    if spec is None:
+        return []
+    held: dict[str, set[str]] = {}
+    for item in rel.acl:
+        acl = parse_aclitem(item)
+        held.setdefault(acl.grantee, set()).update(acl.privileges)
+    out: dict[str, list[str]] = {}
+    for g in spec.grants:
+        if g.role == rel.owner:
+            continue  # the owner holds every privilege already
+        for p in g.privileges:
+            if p not in held.get(g.role, set()) and p not in out.get(g.role, []):
+                out.setdefault(g.role, []).append(p)
+    return [(role, tuple(privs)) for role, privs in out.items()]
+
+
+def _plan_grant_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
+    spec = plan.schemas.get(m.target_schema)
+    if spec is None:
+        return []
+    steps = [
+        Step(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(m.target_schema), sql.Identifier(role)
+            )
+        )
+        for role in spec.usage
+    ]
+    for role, privs in plan_grants(m, rel, plan):
+        steps.append(
+            Step(
+                sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                    sql.SQL(", ").join(sql.SQL(p) for p in privs), m.target, sql.Identifier(role)
+                )
+            )
+        )
+    return steps
+
+
+def forward_steps(m: TableMove, rel: Relation, plan: Plan | None = None) -> list[Step]:
     moved = sql.Identifier(m.target_schema, m.source_name)
     steps = [
         lock_step([m.source]),
@@ -33,6 +86,10 @@ def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
                 sql.SQL("ALTER TABLE {} RENAME TO {}").format(moved, sql.Identifier(m.target_name))
             )
         )
+    if rel.owner:
+        steps.append(owner_usage(m.target_schema, rel.owner))
+    if plan is not None:
+        steps += _plan_grant_steps(m, rel, plan)
     if m.options.compat_view:
         view = sql.Identifier(m.source_schema, m.source_name)
         steps.append(
@@ -59,7 +116,8 @@ def lock_step(relations: list[sql.Identifier]) -> Step:
     )
 
 
-def rollback_steps(m: TableMove) -> list[Step]:
+def rollback_steps(m: TableMove, granted: Granted = ()) -> list[Step]:
+    """The move backwards; `granted` (from `plan_grants` at forward time) is revoked first."""
     steps = [
         lock_step(
             [m.target, sql.Identifier(m.source_schema, m.source_name)]
@@ -68,8 +126,16 @@ def rollback_steps(m: TableMove) -> list[Step]:
         ),
         Step(
             sql.SQL("DROP VIEW IF EXISTS {}").format(sql.Identifier(m.source_schema, m.source_name))
-        )
+        ),
     ]
+    for role, privs in granted:
+        steps.append(
+            Step(
+                sql.SQL("REVOKE {} ON TABLE {} FROM {}").format(
+                    sql.SQL(", ").join(sql.SQL(p) for p in privs), m.target, sql.Identifier(role)
+                )
+            )
+        )
     if m.target_name != m.source_name:
         steps.append(
             Step(
