@@ -99,3 +99,16 @@ def grant_statements(
                 )
             )
     return out
+
+
+def revoke_defaults(
+    target: sql.Composable, grantees: tuple[str, ...], owner: str, kind: sql.SQL = _TABLE
+) -> list[sql.Composed]:
+    """Undo what our default privileges added to a relation we just created, so that its
+    access list ends up exactly the source's (no privilege leak through ALTER DEFAULT
+    PRIVILEGES)."""
+    return [
+        sql.SQL("REVOKE ALL ON {} {} FROM {}").format(kind, target, _to(g))
+        for g in grantees
+        if g != owner
+    ]

@@ -190,6 +190,9 @@ class Catalog:
     dependents: tuple[Dependent, ...]
     server_version: int
     queries: int = field(default=0, compare=False)
+    # Roles our own default privileges grant on every new table or view, by schema ('' for
+    # all schemas): a new target or compatibility view must not carry them.
+    default_grantees: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def table(self, schema: str, name: str) -> Relation | None:
         rel = self.relations.get((schema, name))
@@ -200,6 +203,12 @@ class Catalog:
 
     def fks_to(self, schema: str, name: str) -> list[ForeignKey]:
         return [f for f in self.foreign_keys if (f.ref_schema, f.ref_table) == (schema, name)]
+
+    def defaults_for(self, schema: str) -> tuple[str, ...]:
+        """Grantees ('' is PUBLIC) our default privileges add to a new relation in schema."""
+        return tuple(
+            dict.fromkeys(self.default_grantees.get("", ()) + self.default_grantees.get(schema, ()))
+        )
 
     def dependents_of(self, schema: str, name: str) -> list[Dependent]:
         return [d for d in self.dependents if (d.on_schema, d.on_table) == (schema, name)]
@@ -365,6 +374,19 @@ WHERE tn.nspname = ANY(%(schemas)s) AND t.oid <> v.oid AND t.relkind IN ('r','p'
 """
 
 
+_DEFAULT_ACL = """
+SELECT coalesce(n.nspname, '') AS schema,
+       array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee) END)
+         AS grantees
+FROM pg_default_acl d
+LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+CROSS JOIN LATERAL aclexplode(d.defaclacl) a
+WHERE d.defaclrole = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+  AND d.defaclobjtype = 'r'
+GROUP BY 1
+"""
+
+
 def _fetch(conn: Conn, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     global QUERY_COUNT
     QUERY_COUNT += 1
@@ -374,7 +396,7 @@ def _fetch(conn: Conn, query: str, params: dict[str, Any]) -> list[dict[str, Any
 
 
 def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
-    """Read everything about the given schemas in a fixed number of queries (nine)."""
+    """Read everything about the given schemas in a fixed number of queries (ten)."""
     before = QUERY_COUNT
     schemas = tuple(dict.fromkeys(schemas))
     params = {"schemas": list(schemas)}
@@ -387,6 +409,7 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
     pols = _fetch(conn, _POLICIES, params)
     seqs = _fetch(conn, _SEQUENCES, params)
     deps = _fetch(conn, _DEPENDENTS, params)
+    defaults = _fetch(conn, _DEFAULT_ACL, {})
 
     by_oid: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for r in cols:
@@ -548,6 +571,7 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
         foreign_keys=tuple(fks),
         sequences=sequences,
         dependents=dependents,
+        default_grantees={r["schema"]: tuple(r["grantees"]) for r in defaults},
         server_version=int(conn.info.server_version),
         queries=QUERY_COUNT - before,
     )

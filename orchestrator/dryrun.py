@@ -75,8 +75,9 @@ class DryRun:
         return dataclasses.asdict(self)
 
 
-def _statements(conn: Conn, steps: list[Step], holders: dict[str, list[int]]) -> tuple[
-        Statement, ...]:
+def _statements(
+    conn: Conn, steps: list[Step], holders: dict[str, list[int]]
+) -> tuple[Statement, ...]:
     out = []
     for s in steps:
         waits: tuple[int, ...] = ()
@@ -96,16 +97,20 @@ def _long_transactions(conn: Conn) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def _measure_rate(conn: Conn, loaded: LoadedPlan, moves: dict[str, TableMove],
-                  cat: Catalog) -> tuple[float | None, str]:
+def _measure_rate(
+    conn: Conn, loaded: LoadedPlan, moves: dict[str, TableMove], cat: Catalog
+) -> tuple[float | None, str]:
     """Rows per second of a copy: from earlier copies of this plan, else a rolled-back sample."""
     plan = loaded.plan
     rows = control.stage_rows(conn, plan.control_schema, plan.name)
     rates = [r.rows_per_s for r in rows if r.stage == "copy" and r.rows_per_s]
     if rates:
         return max(rates), "measured by earlier copies of this plan"
-    candidates = [(cat.table(m.source_schema, m.source_name), m) for m in moves.values()
-                  if m.strategy == "copy"]
+    candidates = [
+        (cat.table(m.source_schema, m.source_name), m)
+        for m in moves.values()
+        if m.strategy == "copy"
+    ]
     candidates = [(r, m) for r, m in candidates if r is not None and r.kind == "r"]
     if not candidates:
         return None, "no table uses the copy strategy"
@@ -116,14 +121,24 @@ def _measure_rate(conn: Conn, loaded: LoadedPlan, moves: dict[str, TableMove],
     # rolled back: the catalog is left as it was.
     sample = sql.Identifier(m.source_schema, f"_orch_rate_{m.tag}")
     with snapshot_txn(conn, rollback=True):
-        conn.execute(sql.SQL("CREATE TABLE {} AS SELECT {} FROM {} LIMIT 0").format(
-            sample, cols, m.source))
-        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-            sample, sql.SQL(", ").join(sql.Identifier(k) for k in m.key_source)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} AS SELECT {} FROM {} LIMIT 0").format(sample, cols, m.source)
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                sample, sql.SQL(", ").join(sql.Identifier(k) for k in m.key_source)
+            )
+        )
         t0 = time.monotonic()
-        cur = conn.execute(sql.SQL("INSERT INTO {} SELECT {} FROM {} ORDER BY {} LIMIT {}").format(
-            sample, cols, m.source, sql.SQL(", ").join(sql.Identifier(k) for k in m.key_source),
-            sql.Literal(SAMPLE_ROWS)))
+        cur = conn.execute(
+            sql.SQL("INSERT INTO {} SELECT {} FROM {} ORDER BY {} LIMIT {}").format(
+                sample,
+                cols,
+                m.source,
+                sql.SQL(", ").join(sql.Identifier(k) for k in m.key_source),
+                sql.Literal(SAMPLE_ROWS),
+            )
+        )
         n = cur.rowcount
         elapsed = time.monotonic() - t0
 
@@ -142,43 +157,71 @@ def _risks(ctx: Ctx, m: TableMove, rel: Relation) -> list[str]:
     out: list[str] = []
     names = {t.name for t in plan.tables}
     if rel.user_triggers:
-        out.append("user triggers " + ", ".join(t.name for t in rel.user_triggers)
-                   + (" move to the new table at cutover" if m.strategy == "copy"
-                      else " move with the table"))
-    deps = [d for d in cat.dependents_of(m.source_schema, m.source_name)
-            if (d.schema, d.name) not in plan.locations()]
+        out.append(
+            "user triggers "
+            + ", ".join(t.name for t in rel.user_triggers)
+            + (
+                " move to the new table at cutover"
+                if m.strategy == "copy"
+                else " move with the table"
+            )
+        )
+    deps = [
+        d
+        for d in cat.dependents_of(m.source_schema, m.source_name)
+        if (d.schema, d.name) not in plan.locations()
+    ]
     if deps:
-        out.append("dependent views " + ", ".join(f"{d.schema}.{d.name}" for d in deps)
-                   + (" are recreated over the compatibility view at cutover"
-                      if m.strategy == "copy" else " keep reading the moved table"))
+        out.append(
+            "dependent views "
+            + ", ".join(f"{d.schema}.{d.name}" for d in deps)
+            + (
+                " are recreated over the compatibility view at cutover"
+                if m.strategy == "copy"
+                else " keep reading the moved table"
+            )
+        )
     for fk in cat.fks_to(m.source_schema, m.source_name):
         if fk.table not in names or fk.schema != plan.source_schema:
-            out.append(f"inbound foreign key {fk.name} from {fk.schema}.{fk.table} (outside "
-                       "the plan) is re-pointed at cutover" if m.strategy == "copy" else
-                       f"inbound foreign key {fk.name} from {fk.schema}.{fk.table} follows "
-                       "the table")
+            out.append(
+                f"inbound foreign key {fk.name} from {fk.schema}.{fk.table} (outside "
+                "the plan) is re-pointed at cutover"
+                if m.strategy == "copy"
+                else f"inbound foreign key {fk.name} from {fk.schema}.{fk.table} follows the table"
+            )
     for fk in cat.fks_from(m.source_schema, m.source_name):
         if not fk.columns_indexed:
-            out.append(f"foreign key {fk.name} ({', '.join(fk.columns)}) has no index on its "
-                       "columns: validation and cascades scan the table")
+            out.append(
+                f"foreign key {fk.name} ({', '.join(fk.columns)}) has no index on its "
+                "columns: validation and cascades scan the table"
+            )
     if rel.total_bytes > LARGE_BYTES:
         out.append(f"large table: {rel.total_bytes / (1 << 30):.1f} GiB")
     read_only = [c.source for c in m.columns if c.down is not None]
     if read_only:
-        out.append("read-only through the compatibility view (computed by down): "
-                   + ", ".join(read_only) + "; INSERT and UPDATE naming them will fail")
-    out.append(f"after the swap TRUNCATE {m.source_schema}.{m.source_name} fails (it is a "
-               f"view); truncate {m.target_schema}.{m.target_name} instead")
+        out.append(
+            "read-only through the compatibility view (computed by down): "
+            + ", ".join(read_only)
+            + "; INSERT and UPDATE naming them will fail"
+        )
+    out.append(
+        f"after the swap TRUNCATE {m.source_schema}.{m.source_name} fails (it is a "
+        f"view); truncate {m.target_schema}.{m.target_name} instead"
+    )
     return out
 
 
 def _reason(m: TableMove, spec_columns: int) -> str:
     if m.strategy == Strategy.rename.value:
-        return ("rename: ALTER TABLE ... SET SCHEMA plus a compatibility view; instant, no "
-                "copy (the table changes no column)")
+        return (
+            "rename: ALTER TABLE ... SET SCHEMA plus a compatibility view; instant, no "
+            "copy (the table changes no column)"
+        )
     if spec_columns == 0:
-        return ("copy, as the plan asks; it qualifies for the instant rename strategy (no "
-                "column changes): set `options: {strategy: rename}` to use it")
+        return (
+            "copy, as the plan asks; it qualifies for the instant rename strategy (no "
+            "column changes): set `options: {strategy: rename}` to use it"
+        )
     return "copy: the plan maps columns, which only the copy strategy can do"
 
 
@@ -190,15 +233,17 @@ def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
     cat, plan = ctx.catalog, ctx.plan
     status = _status(conn, loaded)
     rate, source = _measure_rate(conn, loaded, ctx.moves, cat)
-    out = DryRun(plan=plan.name, copy_rate=rate, rate_source=source,
-                 sessions=_long_transactions(conn))
+    out = DryRun(
+        plan=plan.name, copy_rate=rate, rate_source=source, sessions=_long_transactions(conn)
+    )
     for unit in ctx.graph.units:
         if unit.kind != "tables":
             continue
         moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
         for m in moves:
             rel = cat.table(m.source_schema, m.source_name) or cat.table(
-                plan.retired_schema, m.source_name)
+                plan.retired_schema, m.source_name
+            )
             if rel is None or rel.kind != "r":
                 continue
             holders: dict[str, list[int]] = {}
@@ -207,49 +252,100 @@ def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
             st = _stage_plans(ctx, m, rel, moves, status, holders)
             expected = rel.row_estimate / rate if rate and m.strategy == "copy" else None
             spec = plan.table(m.label)
-            out.tables.append(TablePlan(
-                table=m.label, target=f"{m.target_schema}.{m.target_name}", unit=unit.id,
-                wave=unit.wave, cycle=unit.is_cycle, strategy=m.strategy,
-                reason=_reason(m, len(spec.columns)), rows=rel.row_estimate,
-                bytes=rel.total_bytes, expected_s=expected, risks=tuple(_risks(ctx, m, rel)),
-                stages=tuple(st)))
+            out.tables.append(
+                TablePlan(
+                    table=m.label,
+                    target=f"{m.target_schema}.{m.target_name}",
+                    unit=unit.id,
+                    wave=unit.wave,
+                    cycle=unit.is_cycle,
+                    strategy=m.strategy,
+                    reason=_reason(m, len(spec.columns)),
+                    rows=rel.row_estimate,
+                    bytes=rel.total_bytes,
+                    expected_s=expected,
+                    risks=tuple(_risks(ctx, m, rel)),
+                    stages=tuple(st),
+                )
+            )
     return out
 
 
-def _stage_plans(ctx: Ctx, m: TableMove, rel: Relation, unit: list[TableMove],
-                 status: dict[tuple[str, str], str],
-                 holders: dict[str, list[int]]) -> list[StagePlan]:
+def _stage_plans(
+    ctx: Ctx,
+    m: TableMove,
+    rel: Relation,
+    unit: list[TableMove],
+    status: dict[tuple[str, str], str],
+    holders: dict[str, list[int]],
+) -> list[StagePlan]:
     conn = ctx.conn
 
     def sp(stage: str, fwd: list[Step], back: list[Step], note: str = "") -> StagePlan:
-        return StagePlan(stage, status.get((m.label, stage), "pending"),
-                         _statements(conn, fwd, holders), _statements(conn, back, holders), note)
+        return StagePlan(
+            stage,
+            status.get((m.label, stage), "pending"),
+            _statements(conn, fwd, holders),
+            _statements(conn, back, holders),
+            note,
+        )
 
     if m.strategy == "rename":
         return [
-            sp("rename", rename.forward_steps(m, rel, ctx.plan),
-               rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan))),
-            sp("finalize", [], [], "nothing to drop: the compatibility view stays until the "
-               "plan drops it; finalize only records that the move is final"),
+            sp(
+                "rename",
+                rename.forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema)),
+                rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan)),
+            ),
+            sp(
+                "finalize",
+                [],
+                [],
+                "nothing to drop: the compatibility view stays until the "
+                "plan drops it; finalize only records that the move is final",
+            ),
         ]
     copy_moves = [x for x in unit if x.strategy == "copy"]
-    swap_note = ("the whole unit swaps in one transaction: " + ", ".join(x.label for x in unit)
-                 if len(unit) > 1 else "")
+    swap_note = (
+        "the whole unit swaps in one transaction: " + ", ".join(x.label for x in unit)
+        if len(unit) > 1
+        else ""
+    )
     return [
-        sp("prepare", prepare.forward_steps(m, rel, ctx.plan), prepare.rollback_steps(m)),
+        sp(
+            "prepare",
+            prepare.forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema)),
+            prepare.rollback_steps(m),
+        ),
         sp("dual_write", dual_write.forward_steps(m), dual_write.rollback_steps(m)),
-        sp("copy", copy_stage.forward_steps(m, rel), copy_stage.rollback_steps(m, rel),
-           "batches repeat from the checkpoint until the upper bound; the index builds run "
-           "with the final drain in one transaction"),
-        sp("verify", verify_stage.forward_steps(m), [],
-           "read-only: nothing to undo; chunks repeat over the key range"),
-        sp("cutover", cutover_stage.forward_steps(copy_moves, ctx.catalog), [],
-           (swap_note + "; " if swap_note else "") + "rollback is the same swap backwards "
-           "under the same lock discipline: drain the reverse log, move the retired table "
-           "back, re-point foreign keys and triggers, drop the compatibility view; its exact "
-           "SQL is computed from the catalog once the swap has happened"),
-        sp("finalize", finalize.forward_steps(m), [],
-           "CANNOT BE UNDONE: drops the retired table and its reverse capture"),
+        sp(
+            "copy",
+            copy_stage.forward_steps(m, rel),
+            copy_stage.rollback_steps(m, rel),
+            "batches repeat from the checkpoint until the upper bound; the index builds run "
+            "with the final drain in one transaction",
+        ),
+        sp(
+            "verify",
+            verify_stage.forward_steps(m),
+            [],
+            "read-only: nothing to undo; chunks repeat over the key range",
+        ),
+        sp(
+            "cutover",
+            cutover_stage.forward_steps(copy_moves, ctx.catalog),
+            [],
+            (swap_note + "; " if swap_note else "") + "rollback is the same swap backwards "
+            "under the same lock discipline: drain the reverse log, move the retired table "
+            "back, re-point foreign keys and triggers, drop the compatibility view; its exact "
+            "SQL is computed from the catalog once the swap has happened",
+        ),
+        sp(
+            "finalize",
+            finalize.forward_steps(m),
+            [],
+            "CANNOT BE UNDONE: drops the retired table and its reverse capture",
+        ),
     ]
 
 
@@ -257,8 +353,9 @@ def to_sql(d: DryRun) -> str:
     """A reviewable script: a header per stage, forward SQL, then the rollback as comments."""
     lines = [f"-- orchestrator dry-run of plan {d.plan}", "-- nothing below has been run", ""]
     for t in d.tables:
-        lines.append(f"-- ===== {t.table} -> {t.target} (unit {t.unit}, wave {t.wave}, "
-                     f"{t.strategy}) =====")
+        lines.append(
+            f"-- ===== {t.table} -> {t.target} (unit {t.unit}, wave {t.wave}, {t.strategy}) ====="
+        )
         for s in t.stages:
             lines.append(f"-- ----- {t.table}: {s.stage} (now {s.status}) -----")
             if s.note:

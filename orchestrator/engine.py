@@ -119,8 +119,7 @@ class Engine:
                         _set_local(conn, "statement_timeout", f"{policy.lock_timeout_ms}ms")
                     conn.execute(step.sql)
                     if step.bounded:
-                        _set_local(conn, "statement_timeout",
-                                   f"{policy.statement_timeout_ms}ms")
+                        _set_local(conn, "statement_timeout", f"{policy.statement_timeout_ms}ms")
                 except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                     raise
                 except psycopg.Error as exc:
@@ -147,34 +146,54 @@ class Engine:
             )
 
         try:
-            run_locked(self.conn, plan=self.plan.name, control_schema=self.s,
-                       table=",".join(names), stage=stage, action=action, policy=ctx.policy(m),
-                       relations=relations, work=work, on_retry=on_retry)
+            run_locked(
+                self.conn,
+                plan=self.plan.name,
+                control_schema=self.s,
+                table=",".join(names),
+                stage=stage,
+                action=action,
+                policy=ctx.policy(m),
+                relations=relations,
+                work=work,
+                on_retry=on_retry,
+            )
         except _StepFailed as exc:
             self._failed(names, stage, action, str(exc.error).strip(), exc.statement)
             raise StageError(
                 f"{', '.join(names)}: {action} failed and was rolled back, nothing changed: "
                 f"{str(exc.error).strip()}\n  statement: {exc.statement}",
                 hint=f"fix the cause, then rerun; or undo earlier stages with `orchestrator "
-                f"rollback {self.loaded.path} --table {names[0]}`") from exc.error
+                f"rollback {self.loaded.path} --table {names[0]}`",
+            ) from exc.error
         except LockTimeoutExhausted as exc:
             self._failed(names, stage, action, exc.message, None)
             raise
         self.progress({"table": ",".join(names), "stage": stage, "status": status})
 
-    def _failed(self, names: list[str], stage: str, action: str, error: str,
-                statement: str | None) -> None:
+    def _failed(
+        self, names: list[str], stage: str, action: str, error: str, statement: str | None
+    ) -> None:
         with self.conn.transaction():
             for name in names:
                 if action.startswith("rollback"):
                     # A failed rollback leaves the stage as it was: only the error is new.
                     control.set_error(self.conn, self.s, self.plan.name, name, stage, error)
                 else:
-                    control.set_status(self.conn, self.s, self.plan.name, name, stage,
-                                       "failed", error=error)
-            control.log_event(self.conn, self.s, self.plan.name, action, "error",
-                              table=",".join(names), stage=stage, statement=statement,
-                              detail={"error": error})
+                    control.set_status(
+                        self.conn, self.s, self.plan.name, name, stage, "failed", error=error
+                    )
+            control.log_event(
+                self.conn,
+                self.s,
+                self.plan.name,
+                action,
+                "error",
+                table=",".join(names),
+                stage=stage,
+                statement=statement,
+                detail={"error": error},
+            )
 
     def _running(self, table: str, stage: str) -> None:
         with self.conn.transaction():
@@ -216,7 +235,9 @@ class Engine:
                     m,
                     stage,
                     "prepare",
-                    prepare.forward_steps(m, rel, self.plan),
+                    prepare.forward_steps(
+                        m, rel, self.plan, ctx.catalog.defaults_for(m.target_schema)
+                    ),
                     "done",
                     [],
                     extra=self._remember_schema(ctx, m),
@@ -247,17 +268,26 @@ class Engine:
 
         def save(conn: Conn) -> None:
             if not existed:
-                control.save(conn, self.s, self.plan.name, "*",
-                             f"created_schema:{m.target_schema}", m.target_schema)
+                control.save(
+                    conn,
+                    self.s,
+                    self.plan.name,
+                    "*",
+                    f"created_schema:{m.target_schema}",
+                    m.target_schema,
+                )
 
         return save
 
     def _drop_empty_schemas(self) -> None:
         """Drop target schemas this plan created once nothing is left in them."""
         rows = self.conn.execute(
-            sql.SQL("SELECT key, value FROM {}.saved WHERE plan = %s AND table_name = '*' "
-                    "AND key LIKE 'created_schema:%%'").format(sql.Identifier(self.s)),
-            (self.plan.name,)).fetchall()
+            sql.SQL(
+                "SELECT key, value FROM {}.saved WHERE plan = %s AND table_name = '*' "
+                "AND key LIKE 'created_schema:%%'"
+            ).format(sql.Identifier(self.s)),
+            (self.plan.name,),
+        ).fetchall()
         for r in rows:
             schema = str(r["value"])
             empty = self.conn.execute(
@@ -266,18 +296,27 @@ class Engine:
                 "pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s) "
                 "AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON "
                 "n.oid = t.typnamespace WHERE n.nspname = %s) AS empty",
-                (schema, schema, schema)).fetchone()
+                (schema, schema, schema),
+            ).fetchone()
             if not (empty and empty["empty"]):
                 continue
             stmt = sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(schema))
             with self.conn.transaction():
                 self.conn.execute(stmt)
                 self.conn.execute(
-                    sql.SQL("DELETE FROM {}.saved WHERE plan = %s AND table_name = '*' "
-                            "AND key = %s").format(sql.Identifier(self.s)),
-                    (self.plan.name, r["key"]))
-                control.log_event(self.conn, self.s, self.plan.name, "drop_schema", "ok",
-                                  statement=render(self.conn, stmt))
+                    sql.SQL(
+                        "DELETE FROM {}.saved WHERE plan = %s AND table_name = '*' AND key = %s"
+                    ).format(sql.Identifier(self.s)),
+                    (self.plan.name, r["key"]),
+                )
+                control.log_event(
+                    self.conn,
+                    self.s,
+                    self.plan.name,
+                    "drop_schema",
+                    "ok",
+                    statement=render(self.conn, stmt),
+                )
 
     def cutover(self, tables: list[str] | None = None) -> None:
         ctx = self.context()
@@ -285,12 +324,17 @@ class Engine:
         for unit in self.units(ctx, tables):
             for name in unit.members:
                 m = ctx.moves.get(name)
-                if m is not None and m.strategy == "copy" and not self.done(name, "cutover") \
-                        and not self.done(name, "verify"):
+                if (
+                    m is not None
+                    and m.strategy == "copy"
+                    and not self.done(name, "cutover")
+                    and not self.done(name, "verify")
+                ):
                     raise StageError(
                         f"{name}: cutover needs a clean verify first (verify is "
                         f"{self.status(name, 'verify')}); nothing was cut over",
-                        hint=f"run `orchestrator apply {self.loaded.path} --table {name}`")
+                        hint=f"run `orchestrator apply {self.loaded.path} --table {name}`",
+                    )
         for unit in self.units(ctx, tables):
             self._cutover_unit(ctx, unit)
             ctx = self.context()
@@ -378,11 +422,25 @@ class Engine:
         def record(conn: Conn) -> None:
             remember(conn)
             # What the plan granted beyond the table's own ACL, for an exact rollback.
-            control.save(conn, self.s, self.plan.name, m.label, "rename_grants",
-                         [[role, list(privs)] for role, privs in granted])
+            control.save(
+                conn,
+                self.s,
+                self.plan.name,
+                m.label,
+                "rename_grants",
+                [[role, list(privs)] for role, privs in granted],
+            )
 
-        self._ddl(ctx, m, "rename", "rename", rename.forward_steps(m, rel, self.plan), "done",
-                  [_rc(m.source_schema, m.source_name)], extra=record)
+        self._ddl(
+            ctx,
+            m,
+            "rename",
+            "rename",
+            rename.forward_steps(m, rel, self.plan, ctx.catalog.defaults_for(m.source_schema)),
+            "done",
+            [_rc(m.source_schema, m.source_name)],
+            extra=record,
+        )
 
     def create_views(self, ctx: Ctx) -> None:
         """Create plan views whose tables have all moved (idempotent)."""
@@ -488,7 +546,8 @@ class Engine:
                     f"{table}: the rename strategy has a single stage, so there is nothing "
                     f"to roll back to ({to})",
                     hint=f"run `orchestrator rollback {self.loaded.path} --table {table}` "
-                    "without --to")
+                    "without --to",
+                )
             for m in moves:
                 if self.done(m.label, "rename") and to is None:
                     self._ddl(
@@ -496,10 +555,16 @@ class Engine:
                         m,
                         "rename",
                         "rollback_rename",
-                        rename.rollback_steps(m, [
-                            (str(role), tuple(privs)) for role, privs in control.load_saved(
-                                self.conn, self.s, self.plan.name, m.label, "rename_grants")
-                            or []]),
+                        rename.rollback_steps(
+                            m,
+                            [
+                                (str(role), tuple(privs))
+                                for role, privs in control.load_saved(
+                                    self.conn, self.s, self.plan.name, m.label, "rename_grants"
+                                )
+                                or []
+                            ],
+                        ),
                         "rolled_back",
                         [_rc(m.target_schema, m.target_name)],
                     )
@@ -513,9 +578,14 @@ class Engine:
             # of them exists. A copy or verify that ran at all may have left batches behind.
             statuses = {m.label: self.status(m.label, stage) for m in moves}
             undo = ("done", "failed", "running") if stage in ("copy", "verify") else ("done",)
-            self._forget_attempts(stage, [m for m in moves
-                                          if statuses[m.label] in ("failed", "running")
-                                          and statuses[m.label] not in undo])
+            self._forget_attempts(
+                stage,
+                [
+                    m
+                    for m in moves
+                    if statuses[m.label] in ("failed", "running") and statuses[m.label] not in undo
+                ],
+            )
             todo = [m for m in moves if statuses[m.label] in undo]
             if not todo:
                 continue
@@ -531,11 +601,17 @@ class Engine:
             return
         with self.conn.transaction():
             for m in moves:
-                control.set_status(self.conn, self.s, self.plan.name, m.label, stage,
-                                   "rolled_back")
-                control.log_event(self.conn, self.s, self.plan.name, f"rollback_{stage}", "ok",
-                                  table=m.label, stage=stage,
-                                  detail={"note": "the stage never committed; nothing to undo"})
+                control.set_status(self.conn, self.s, self.plan.name, m.label, stage, "rolled_back")
+                control.log_event(
+                    self.conn,
+                    self.s,
+                    self.plan.name,
+                    f"rollback_{stage}",
+                    "ok",
+                    table=m.label,
+                    stage=stage,
+                    detail={"note": "the stage never committed; nothing to undo"},
+                )
 
     def _refuse_stranding(self, ctx: Ctx, moves: list[TableMove], to: str | None) -> None:
         """A plan view that reads a moved table would break if the table went back."""
@@ -550,8 +626,14 @@ class Engine:
                 )
             if not exists and self.done(_view_key(v.name), VIEW_STAGE):
                 with self.conn.transaction():
-                    control.set_status(self.conn, self.s, self.plan.name, _view_key(v.name),
-                                       VIEW_STAGE, "rolled_back")
+                    control.set_status(
+                        self.conn,
+                        self.s,
+                        self.plan.name,
+                        _view_key(v.name),
+                        VIEW_STAGE,
+                        "rolled_back",
+                    )
 
     def _rollback_stage(self, ctx: Ctx, moves: list[TableMove], stage: str) -> None:
         for m in moves:
@@ -601,8 +683,9 @@ class Engine:
                     [_rc(m.source_schema, m.source_name)],
                 )
             elif stage == "prepare":
-                self._ddl(ctx, m, stage, "rollback_prepare", prepare.rollback_steps(m),
-                          "rolled_back", [])
+                self._ddl(
+                    ctx, m, stage, "rollback_prepare", prepare.rollback_steps(m), "rolled_back", []
+                )
         if stage == "cutover":
             self._rollback_cutover(ctx, moves)
 
@@ -653,8 +736,12 @@ class Engine:
         return total
 
 
-def build_context(conn: Conn, loaded: LoadedPlan, progress: Progress | None = None,
-                  lock_timeout_ms: int | None = None) -> Ctx:
+def build_context(
+    conn: Conn,
+    loaded: LoadedPlan,
+    progress: Progress | None = None,
+    lock_timeout_ms: int | None = None,
+) -> Ctx:
     """Read the catalog, check the plan and resolve every table's move (read-only)."""
     plan = loaded.plan
     report = inspect(conn, loaded)
@@ -673,17 +760,28 @@ def build_context(conn: Conn, loaded: LoadedPlan, progress: Progress | None = No
         if rel is None or rel.kind == "v":
             # Already swapped: the source sits in the retired schema (copy) or in its target
             # schema (rename).
-            rel = (cat.table(plan.retired_schema, spec.name) if strategy == Strategy.copy
-                   else cat.table(spec.schema_, spec.target_name))
+            rel = (
+                cat.table(plan.retired_schema, spec.name)
+                if strategy == Strategy.copy
+                else cat.table(spec.schema_, spec.target_name)
+            )
         if rel is not None and rel.kind in ("r", "p"):
             moves[spec.name] = build_move(plan, spec, rel)
-    return Ctx(conn=conn, loaded=loaded, catalog=cat, graph=report.graph, moves=moves,
-               progress=progress or (lambda _e: None), lock_timeout_ms=lock_timeout_ms)
+    return Ctx(
+        conn=conn,
+        loaded=loaded,
+        catalog=cat,
+        graph=report.graph,
+        moves=moves,
+        progress=progress or (lambda _e: None),
+        lock_timeout_ms=lock_timeout_ms,
+    )
 
 
 def _set_local(conn: Conn, name: str, value: str) -> None:
-    conn.execute(sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(name),
-                                                                   sql.Literal(value)))
+    conn.execute(
+        sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value))
+    )
 
 
 class _StepFailed(Exception):
@@ -716,8 +814,10 @@ def session(
     try:
         # Table locks are taken by qualified source name: two plans moving the same table
         # collide, two plans moving same-named tables of different schemas do not.
-        names = [f"{loaded.plan.source_schema}.{t}"
-                 for t in (tables or [t.name for t in loaded.plan.tables])]
+        names = [
+            f"{loaded.plan.source_schema}.{t}"
+            for t in (tables or [t.name for t in loaded.plan.tables])
+        ]
         with control.operator_lock(lock_conn, loaded.plan.name, names):
             eng = Engine(
                 conn=conn,

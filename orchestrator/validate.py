@@ -221,6 +221,14 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                     "drop it before the move and recreate it after, or use strategy: rename",
                 )
             )
+    column_grants = sorted({c.name for c in src.columns if c.acl})
+    if column_grants and opts.compat_view:
+        report.warnings.append(Problem(
+            name, f"has column-level grants ({', '.join(column_grants)}): a role holding only "
+            "those cannot read through the security_invoker compatibility view, which selects "
+            "every column of the new table",
+            "grant those roles table-level SELECT, or point them at the new table, before the "
+            "swap"))
     if src.user_triggers and opts.strategy == Strategy.copy:
         report.warnings.append(
             Problem(

@@ -261,7 +261,7 @@ def test_the_query_count_does_not_grow_with_the_table_count(empty_dsn: str) -> N
             )
     assert counts["small"] == counts["large"]
     sent, counted, reported = counts["large"]
-    assert sent == counted == reported == 9
+    assert sent == counted == reported == 10
 
 
 def test_make_tables_quotes_its_names(empty_conn: Conn) -> None:

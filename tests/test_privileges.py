@@ -185,11 +185,10 @@ def test_a_column_grant_still_reads_its_columns_in_the_new_table(granted: World)
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="engine bug: the compatibility view selects every column of conversation.turns and, "
-    "being security_invoker, PostgreSQL checks SELECT on all of them for the invoker; a role "
-    "with column-level SELECT (id, content) on public.turns gets 'permission denied for table "
-    "turns' for `SELECT id, content FROM public.turns` after cutover. Neither validate nor "
-    "cutover warns or refuses.",
+    reason="known limitation (PostgreSQL): the compatibility view selects every column of "
+    "conversation.turns and, being security_invoker, PostgreSQL checks SELECT on all of them "
+    "for the invoker; a role with column-level SELECT (id, content) on public.turns gets "
+    "'permission denied for table turns' after cutover. validate warns about such grants.",
 )
 def test_a_column_grant_still_reads_its_columns_through_the_compatibility_view(
     granted: World,
@@ -260,16 +259,6 @@ def test_a_plan_grant_opens_the_new_table_and_only_it(world: World, tmp_path: Pa
     assert [now[q] for q in ("insert", "update", "delete")] == [DENIED] * 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug (privilege leak): the target table (prepare) and the compatibility view "
-    "(cutover) are new objects, so the orchestrator's role's default privileges (ALTER DEFAULT "
-    "PRIVILEGES ... GRANT SELECT ON TABLES TO reporting) apply to them on top of the copied "
-    "grants; a role whose SELECT on public.turns was revoked reads every turn after cutover "
-    "through public.turns and conversation.turns. The new objects' ACLs should be set to "
-    "exactly the source's (revoke what the defaults added).",
-)
 def test_default_privileges_do_not_reopen_a_table_closed_to_a_role(world: World) -> None:
     """A reporting role reads every new table by default, but turns was closed to it."""
     world.role("reporting")

@@ -313,4 +313,3 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
             duration_ms=(time.monotonic() - t0) * 1000,
             detail={"rows": rows_done, "drained": drained, "indexes": len(index_steps(m, rel))},
         )
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from orchestrator import capture
-from orchestrator.acl import grant_statements
+from orchestrator.acl import grant_statements, revoke_defaults
 from orchestrator.catalog import Catalog, ForeignKey, Relation
 from orchestrator.errors import StageError
 from orchestrator.move import TableMove
@@ -43,9 +43,7 @@ def fk_sql(
     )
     return sql.SQL(
         "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({})" + tail
-    ).format(
-        child, sql.Identifier(fk.name), idents(columns), parent, idents(ref_columns)
-    )
+    ).format(child, sql.Identifier(fk.name), idents(columns), parent, idents(ref_columns))
 
 
 def _drop_fk(schema: str, table: str, name: str) -> sql.Composed:
@@ -65,7 +63,7 @@ class _Unit:
         self.by_retired = {(m.retired_schema, m.source_name): m for m in moves}
 
 
-def _view_sql(m: TableMove, rel: Relation) -> list[Step]:
+def _view_sql(m: TableMove, rel: Relation, defaults: tuple[str, ...] = ()) -> list[Step]:
     types = dict(zip((c.source for c in m.columns), m.source_types, strict=True))
     cols = sql.SQL(", ").join(
         sql.SQL("{} AS {}").format(c.down_sql("t", types[c.source]), sql.Identifier(c.source))
@@ -91,6 +89,7 @@ def _view_sql(m: TableMove, rel: Relation) -> list[Step]:
         steps.append(
             Step(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(rel.comment)))
         )
+    steps += [Step(r) for r in revoke_defaults(view, defaults, rel.owner)]
     steps += [Step(g) for g in grant_statements(rel.acl, view, rel.owner)]
     for c in rel.columns:
         steps += [Step(g) for g in grant_statements(c.acl, view, rel.owner, (c.name,))]
@@ -156,10 +155,20 @@ def _sequence_handover(
             seq_id = sql.Identifier(seq.schema, seq.name)
             steps.append(Step(sql.SQL("ALTER SEQUENCE {} OWNED BY NONE").format(seq_id)))
             if seq.schema != dst[0]:
-                steps.append(Step(sql.SQL("ALTER SEQUENCE {} SET SCHEMA {}").format(
-                    seq_id, sql.Identifier(dst[0]))))
-            steps.append(Step(sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
-                sql.Identifier(dst[0], seq.name), sql.Identifier(*dst, col))))
+                steps.append(
+                    Step(
+                        sql.SQL("ALTER SEQUENCE {} SET SCHEMA {}").format(
+                            seq_id, sql.Identifier(dst[0])
+                        )
+                    )
+                )
+            steps.append(
+                Step(
+                    sql.SQL("ALTER SEQUENCE {} OWNED BY {}").format(
+                        sql.Identifier(dst[0], seq.name), sql.Identifier(*dst, col)
+                    )
+                )
+            )
     return steps
 
 
@@ -290,7 +299,7 @@ def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     for m in moves:
         rel = cat.table(m.source_schema, m.source_name)
         assert rel is not None
-        steps += _view_sql(m, rel)
+        steps += _view_sql(m, rel, cat.defaults_for(m.source_schema))
     for m in moves:
         steps += _dependent_views(cat, m.source_schema, m.source_name)
     steps += later

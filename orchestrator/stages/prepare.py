@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.acl import grant_statements
+from orchestrator.acl import grant_statements, revoke_defaults
 from orchestrator.catalog import Relation
 from orchestrator.move import TableMove
 from orchestrator.plan import Plan
@@ -48,8 +48,11 @@ def _column_def(m: TableMove, rel: Relation, name: str) -> sql.Composed:
 def owner_usage(schema: str, owner: str) -> Step:
     """The table's owner must reach its new schema: foreign-key checks run as the owner, and
     the application often connects as it."""
-    return Step(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema),
-                                                                  sql.Identifier(owner)))
+    return Step(
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            sql.Identifier(schema), sql.Identifier(owner)
+        )
+    )
 
 
 def key_index(rel: Relation, m: TableMove) -> str | None:
@@ -62,7 +65,9 @@ def key_index(rel: Relation, m: TableMove) -> str | None:
     return None
 
 
-def forward_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
+def forward_steps(
+    m: TableMove, rel: Relation, plan: Plan, defaults: tuple[str, ...] = ()
+) -> list[Step]:
     renames = m.rename_map
     elements: list[sql.Composable] = [_column_def(m, rel, c.name) for c in rel.columns]
     pk = rel.primary_key
@@ -102,6 +107,7 @@ def forward_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
             Step(sql.SQL("ALTER TABLE {} OWNER TO {}").format(m.target, sql.Identifier(rel.owner)))
         )
         steps.append(owner_usage(m.target_schema, rel.owner))
+    steps += [Step(r) for r in revoke_defaults(m.target, defaults, rel.owner)]
     if rel.comment is not None:
         steps.append(
             Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(m.target, sql.Literal(rel.comment)))

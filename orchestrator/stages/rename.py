@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from orchestrator.acl import grant_statements, parse_aclitem
+from orchestrator.acl import grant_statements, parse_aclitem, revoke_defaults
 from orchestrator.catalog import Relation
 from orchestrator.move import TableMove
 from orchestrator.plan import Plan
@@ -68,7 +68,9 @@ def _plan_grant_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
     return steps
 
 
-def forward_steps(m: TableMove, rel: Relation, plan: Plan | None = None) -> list[Step]:
+def forward_steps(
+    m: TableMove, rel: Relation, plan: Plan | None = None, defaults: tuple[str, ...] = ()
+) -> list[Step]:
     moved = sql.Identifier(m.target_schema, m.source_name)
     steps = [
         lock_step([m.source]),
@@ -102,6 +104,7 @@ def forward_steps(m: TableMove, rel: Relation, plan: Plan | None = None) -> list
         steps.append(
             Step(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(rel.owner)))
         )
+        steps += [Step(r) for r in revoke_defaults(view, defaults, rel.owner)]
         steps += [Step(g) for g in grant_statements(rel.acl, view, rel.owner)]
         for c in rel.columns:
             steps += [Step(g) for g in grant_statements(c.acl, view, rel.owner, (c.name,))]

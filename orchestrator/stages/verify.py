@@ -95,8 +95,9 @@ def fast_hash_works(ctx: Ctx, m: TableMove) -> bool:
     row = sql.SQL(", ").join(c.up_sql("s") for c in m.copied)
     try:
         with ctx.conn.transaction():
-            ctx.conn.execute(sql.SQL("SELECT {} FROM {} s LIMIT 1").format(_hash(row, True),
-                                                                            m.source))
+            ctx.conn.execute(
+                sql.SQL("SELECT {} FROM {} s LIMIT 1").format(_hash(row, True), m.source)
+            )
     except (errors.UndefinedFunction, errors.FeatureNotSupported):
         return False
     return True
@@ -140,11 +141,13 @@ def _check_chunk(
         return hi, _checksum(ctx, m, lo, hi, fast)
 
 
-def _checksum(ctx: Ctx, m: TableMove, lo: list[str] | None,
-              hi: list[str] | None, fast: bool) -> dict[str, Any]:
+def _checksum(
+    ctx: Ctx, m: TableMove, lo: list[str] | None, hi: list[str] | None, fast: bool
+) -> dict[str, Any]:
     """Both sides' checksums of one chunk (call inside a snapshot transaction)."""
-    res = ctx.conn.execute(checksum_sql(m, lo is not None, hi is not None, fast),
-                           _params(lo, hi)).fetchone()
+    res = ctx.conn.execute(
+        checksum_sql(m, lo is not None, hi is not None, fast), _params(lo, hi)
+    ).fetchone()
     assert res is not None
     return dict(res)
 
@@ -160,8 +163,9 @@ def _narrow(ctx: Ctx, m: TableMove, bad: Mismatch, rows: int, fast: bool) -> Mis
         with snapshot_txn(conn, read_only=True):
             params = _params(bad.lo, bad.hi)
             params["chunk"] = half
-            r = conn.execute(chunk_end_sql(m, bad.lo is not None, bad.hi is not None),
-                             params).fetchone()
+            r = conn.execute(
+                chunk_end_sql(m, bad.lo is not None, bad.hi is not None), params
+            ).fetchone()
             if r is None:
                 break
             mid = r["hi"]
@@ -210,8 +214,9 @@ def run(ctx: Ctx, m: TableMove) -> None:
             with snapshot_txn(conn, read_only=True):
                 res = _checksum(ctx, m, lo, hi, fast)
         if res["source"] != res["target"]:
-            mismatch = _narrow(ctx, m, Mismatch(lo, hi, res["source"], res["target"]),
-                               int(res["rows"]), fast)
+            mismatch = _narrow(
+                ctx, m, Mismatch(lo, hi, res["source"], res["target"]), int(res["rows"]), fast
+            )
             break
         checked += int(res["rows"])
         elapsed = max(time.monotonic() - t0, 1e-6)
@@ -254,9 +259,12 @@ def run(ctx: Ctx, m: TableMove) -> None:
                 detail={"rows": checked},
             )
         else:
+            def key(k: list[str] | None, none: str) -> str:
+                return none if k is None else "(" + ", ".join(k) + ")"
+
             where = (
-                f"keys ({', '.join(m.key_source)}) after {mismatch.lo or '(start)'} "
-                f"up to {mismatch.hi or '(end)'}"
+                f"keys ({', '.join(m.key_source)}) after {key(mismatch.lo, '(start)')} "
+                f"up to {key(mismatch.hi, '(end)')}"
             )
             msg = f"source and target differ in {where}"
             control.set_status(conn, s, p, m.label, "verify", "failed", error=msg)
@@ -279,6 +287,7 @@ def run(ctx: Ctx, m: TableMove) -> None:
     if mismatch is not None:
         raise StageError(
             f"{m.label}: {msg}",
-            hint=f"inspect that range; `orchestrator rollback PLAN --table {m.label} --to "
-            f"dual_write` and apply again recopies the table",
+            hint=f"inspect that range; `orchestrator rollback {ctx.loaded.path} --table "
+            f"{m.label} --to dual_write` then `orchestrator apply {ctx.loaded.path} --table "
+            f"{m.label}` recopies the table",
         )
