@@ -30,6 +30,7 @@ FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 LEFT JOIN pg_class c ON c.oid = l.relation
 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.relation = ANY(%s::regclass[])
 ORDER BY a.pid
 """
@@ -123,9 +124,11 @@ def run_locked(
                     )
                     or "a session that has ended"
                 )
+                tries = "1 try" if attempt == 1 else f"{attempt} tries"
                 raise LockTimeoutExhausted(
                     f"{table or plan}: {action} could not get its locks within "
-                    f"{policy.lock_timeout_ms} ms after {attempt} tries; nothing was changed. "
+                    f"{policy.lock_timeout_ms} ms after {tries}; "
+                    f"nothing was changed. "
                     f"Blocking: {names}",
                     hint="wait for that transaction to end and rerun, raise the timeout with "
                     "--lock-timeout, or end the blocker with SELECT pg_terminate_backend(pid)",

@@ -217,6 +217,8 @@ class Engine:
                 ctx = self.context()
         if last >= order.index("cutover"):
             self.create_views(self.context())
+        # Whichever command runs replays what the capture logged (DESIGN.md).
+        self.replay_once()
 
     def _before_cutover(self, ctx: Ctx, m: TableMove, stages: list[str]) -> None:
         rel = ctx.catalog.table(m.source_schema, m.source_name)
@@ -339,6 +341,7 @@ class Engine:
             self._cutover_unit(ctx, unit)
             ctx = self.context()
         self.create_views(ctx)
+        self.replay_once()
 
     def _cutover_unit(self, ctx: Ctx, unit: Unit) -> None:
         moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
@@ -346,7 +349,11 @@ class Engine:
         for m in moves:
             if m.strategy == "rename":
                 self._rename(ctx, m)
-        if not copy_moves or all(self.done(m.label, "cutover") for m in copy_moves):
+        if not copy_moves:
+            return
+        if all(self.done(m.label, "cutover") for m in copy_moves):
+            # A crash after the swap may have left foreign keys NOT VALID: finish them.
+            self._validate_fks(copy_moves)
             return
         for m in copy_moves:
             if not self.done(m.label, "verify"):
@@ -394,17 +401,26 @@ class Engine:
                     duration_ms=(time.monotonic() - t0) * 1000,
                 )
 
-            run_locked(
-                self.conn,
-                plan=self.plan.name,
-                control_schema=self.s,
-                table=moves[0].label,
-                stage="cutover",
-                action="validate_fk",
-                policy=ctx.policy(moves[0]),
-                relations=[],
-                work=work,
-            )
+            try:
+                run_locked(
+                    self.conn,
+                    plan=self.plan.name,
+                    control_schema=self.s,
+                    table=moves[0].label,
+                    stage="cutover",
+                    action="validate_fk",
+                    policy=ctx.policy(moves[0]),
+                    relations=[],
+                    work=work,
+                )
+            except psycopg.Error as exc:
+                raise StageError(
+                    f"{', '.join(m.label for m in moves)}: the swap is done, but validating a "
+                    f"foreign key failed: {str(exc).strip()}\n  statement: "
+                    f"{render(self.conn, step.sql)}",
+                    hint="fix the offending rows, then rerun the same cutover command: it "
+                    "validates what is left",
+                ) from exc
 
     def _rename(self, ctx: Ctx, m: TableMove) -> None:
         if self.done(m.label, "rename"):

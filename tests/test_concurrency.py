@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import pytest
 from conftest import COGITO_PLAN
 from psycopg import errors
 from psycopg.rows import dict_row
@@ -42,6 +43,7 @@ Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 PLAN = str(COGITO_PLAN)
 LOCK_TIMEOUT_MS = 200
+BOTH = ("--table", "turns", "--table", "users")  # the tables this story moves
 
 # Errors an application retries: waits given up, conflicts lost, a parent gone meanwhile.
 TRANSIENT: tuple[type[psycopg.Error], ...] = (
@@ -52,16 +54,63 @@ TRANSIENT: tuple[type[psycopg.Error], ...] = (
     errors.UniqueViolation,
 )
 
-# The moved tables as the application knows them: the new column sent_at reads as "timestamp".
-TURNS_COLUMNS = (
-    'id, participant_id, reply_to_turn_id, content, "timestamp", metadata, llm_config_id, '
-    "updated_at"
+# The application's statements. Each returns the row it left, for the ledger; "timestamp" is
+# the application's name for what the new table calls sent_at.
+INSERT_TURN = (
+    "INSERT INTO public.turns (participant_id, reply_to_turn_id, content, metadata, llm_config_id) "
+    "VALUES (%s, %s, %s, %s, %s) RETURNING id, participant_id, reply_to_turn_id, content, "
+    '"timestamp", metadata, llm_config_id, updated_at'
 )
-TURNS_AFTER = (
-    'id, participant_id, reply_to_turn_id, content, sent_at AS "timestamp", metadata, '
-    "llm_config_id, updated_at"
+UPDATE_TURN = (
+    "UPDATE public.turns SET content = %s, metadata = %s WHERE id = %s RETURNING id, "
+    'participant_id, reply_to_turn_id, content, "timestamp", metadata, llm_config_id, updated_at'
 )
-USERS_COLUMNS = "id, email, auth_info, created_at, client_id, default_participant_id"
+REKEY_TURN = (
+    "UPDATE public.turns SET id = %s WHERE id = %s RETURNING id, participant_id, "
+    'reply_to_turn_id, content, "timestamp", metadata, llm_config_id, updated_at'
+)
+DELETE_TURN = "DELETE FROM public.turns WHERE id = %s RETURNING id"
+INSERT_USER = (
+    "INSERT INTO public.users (email, auth_info, client_id) VALUES (%s, %s, %s) "
+    "RETURNING id, email, auth_info, created_at, client_id, default_participant_id"
+)
+UPDATE_USER = (
+    "UPDATE public.users SET auth_info = %s WHERE id = %s "
+    "RETURNING id, email, auth_info, created_at, client_id, default_participant_id"
+)
+REKEY_USER = (
+    "UPDATE public.users SET id = %s WHERE id = %s "
+    "RETURNING id, email, auth_info, created_at, client_id, default_participant_id"
+)
+DELETE_USER = "DELETE FROM public.users WHERE id = %s RETURNING id"
+INSERT_LINK = (
+    "INSERT INTO public.block_turns (block_id, turn_id, sequence_order) VALUES (%s, %s, %s) "
+    "RETURNING *"
+)
+UPDATE_LINK = (
+    "UPDATE public.block_turns SET sequence_order = %s WHERE block_id = %s AND turn_id = %s "
+    "RETURNING *"
+)
+REKEY_LINK = (
+    "UPDATE public.block_turns SET block_id = %s WHERE block_id = %s AND turn_id = %s RETURNING *"
+)
+DELETE_LINK = "DELETE FROM public.block_turns WHERE block_id = %s AND turn_id = %s RETURNING *"
+
+SELECT_TURNS_BEFORE = (
+    'SELECT id, participant_id, reply_to_turn_id, content, "timestamp", metadata, '
+    "llm_config_id, updated_at FROM public.turns"
+)
+SELECT_TURNS_AFTER = (
+    'SELECT id, participant_id, reply_to_turn_id, content, sent_at AS "timestamp", metadata, '
+    "llm_config_id, updated_at FROM conversation.turns"
+)
+SELECT_USERS_BEFORE = (
+    "SELECT id, email, auth_info, created_at, client_id, default_participant_id FROM public.users"
+)
+SELECT_USERS_AFTER = (
+    "SELECT id, email, auth_info, created_at, client_id, default_participant_id "
+    "FROM client_mgmt.users"
+)
 
 
 def orchestrator(dsn: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -75,13 +124,34 @@ def orchestrator(dsn: str, *args: str, timeout: float = 90) -> subprocess.Comple
     )
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
 def start_orchestrator(dsn: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """Start the CLI in the background (a failed test ends it; a passing one waits for it)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "--dsn", dsn, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_orchestrator_left_running() -> Iterator[None]:
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def cutover_turns(plan: str, lock_timeout_ms: int) -> tuple[str, ...]:
+    """The operator's command: cut turns over, waiting at most lock_timeout_ms per try."""
+    return ("cutover", plan, "--table", "turns", "--yes", "--lock-timeout", str(lock_timeout_ms))
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
@@ -100,7 +170,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
         if value:
             return value
         time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 # --- the application ----------------------------------------------------------------------------
@@ -171,7 +241,7 @@ class Worker(threading.Thread):
 
     def write(
         self, conn: Conn, table: str, kind: str, query: str, params: tuple[Any, ...]
-    ) -> Row | None | bool:
+    ) -> Row | bool | None:
         """Send one statement; return its RETURNING row (None if it matched nothing), or False
         when it failed with an error the application retries (counted)."""
         start = now()
@@ -190,14 +260,33 @@ class Worker(threading.Thread):
 
 
 class TurnsWriter(Worker):
-    """Writes turns: its own new turns (any change, including new keys and deletes) and
-    non-key updates of the existing turns it owns (id % 2 == index)."""
+    """Writes turns. It owns the turns it inserts and the existing turns with id % 2 == index.
+
+    Non-key updates go to any of them; new keys and deletes only to turns no other turn replies
+    to (a block may still hold one: the foreign key then refuses, and the application goes on).
+    A new key is an id freed by one of its own deletes (so inside the copy's key range, ahead of
+    or behind the copy's cursor), an id below every other, or one above every other.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.originals = [k for k in self.ledger.rows["turns"] if k % 2 == self.index]
-        self.mine: list[int] = []
+        ours = sorted(k for k in self.ledger.rows["turns"] if k % 2 == self.index)
+        replied_to = set(ours[:50])
+        # Existing turns it never deletes or re-keys: replied to, or holding blocks at the start.
+        self.fixed = [k for k in ours if k in replied_to or k not in self.app.childless]
+        self.replied_to = sorted(replied_to)
+        # The turns it may re-key or delete.
+        self.mine = [k for k in ours if k not in self.fixed]
+        self.holes: list[int] = []
+        self.reused = 0  # rows moved to a key deleted earlier
         self.app.new_turns[self.index] = self.mine
+
+    def fresh_key(self) -> int:
+        r = self.rng.random()
+        if self.holes and r < 0.4:
+            return self.holes.pop(self.rng.randrange(len(self.holes)))
+        key = super().fresh_key()
+        return -key if r < 0.7 else key
 
     def step(self, conn: Conn) -> None:
         ledger = self.ledger.rows["turns"]
@@ -207,11 +296,10 @@ class TurnsWriter(Worker):
                 conn,
                 "turns",
                 "insert",
-                f"INSERT INTO public.turns (participant_id, reply_to_turn_id, content, metadata, "
-                f"llm_config_id) VALUES (%s, %s, %s, %s, %s) RETURNING {TURNS_COLUMNS}",
+                INSERT_TURN,
                 (
                     self.rng.choice(self.app.participants),
-                    self.rng.choice([None, *self.originals[:50]]),
+                    self.rng.choice([None, *self.replied_to]),
                     f"{self.name} turn {self.n}",
                     Jsonb({"by": self.name, "n": self.n}),
                     self.rng.choice([None, *self.app.llm_configs]),
@@ -220,51 +308,38 @@ class TurnsWriter(Worker):
             if isinstance(row, dict):
                 ledger[row["id"]] = row
                 self.mine.append(row["id"])
-        elif r < 0.55:
-            key = self.rng.choice(self.mine if self.rng.random() < 0.5 else self.originals)
+            return
+        if r < 0.55:
+            key = self.rng.choice(self.mine if self.rng.random() < 0.5 else self.fixed)
             row = self.write(
                 conn,
                 "turns",
                 "update",
-                f"UPDATE public.turns SET content = %s, metadata = %s WHERE id = %s "
-                f"RETURNING {TURNS_COLUMNS}",
+                UPDATE_TURN,
                 (f"{self.name} edit {self.n}", Jsonb({"edit": self.n}), key),
             )
-            self.settle(ledger, key, row)
+            if isinstance(row, dict):
+                ledger[key] = row
         elif r < 0.8:
-            # A new primary key for a turn of ours (no turn replies to it; a block may hold it,
-            # and then the foreign key refuses the update: the application retries another).
             key = self.rng.choice(self.mine)
             new = self.fresh_key()
-            row = self.write(
-                conn,
-                "turns",
-                "key_update",
-                f"UPDATE public.turns SET id = %s WHERE id = %s RETURNING {TURNS_COLUMNS}",
-                (new, key),
-            )
+            row = self.write(conn, "turns", "key_update", REKEY_TURN, (new, key))
             if isinstance(row, dict):
+                self.reused += ledger.get(new, 0) is None
                 ledger[key] = None
                 ledger[new] = row
                 self.mine[self.mine.index(key)] = new
-            elif row is None:
-                self.ledger.anomalies.append(f"turn {key} vanished before its key update")
+                self.holes.append(key)
+            elif new > 0 and new < Worker.KEY_BASE:
+                self.holes.append(new)  # still free
         else:
             key = self.rng.choice(self.mine)
-            row = self.write(
-                conn, "turns", "delete", "DELETE FROM public.turns WHERE id = %s RETURNING id",
-                (key,),
-            )
+            row = self.write(conn, "turns", "delete", DELETE_TURN, (key,))
             if isinstance(row, dict):
                 ledger[key] = None
                 self.mine.remove(key)
-            elif row is None:
-                self.ledger.anomalies.append(f"turn {key} vanished before its delete")
-
-    def settle(self, ledger: dict[Any, Row | None], key: Any, row: Row | None | bool) -> None:
-        if isinstance(row, dict):
-            ledger[key] = row
-        elif row is None:
+                self.holes.append(key)
+        if row is None:
             self.ledger.anomalies.append(f"turns {key}: the application's row vanished")
 
 
@@ -284,10 +359,12 @@ class UsersWriter(Worker):
                 conn,
                 "users",
                 "insert",
-                f"INSERT INTO public.users (email, auth_info, client_id) VALUES (%s, %s, %s) "
-                f"RETURNING {USERS_COLUMNS}",
-                (f"app-{self.n}@example.test", Jsonb({"n": self.n}),
-                 self.rng.choice(self.app.clients)),
+                INSERT_USER,
+                (
+                    f"app-{self.n}@example.test",
+                    Jsonb({"n": self.n}),
+                    self.rng.choice(self.app.clients),
+                ),
             )
             if isinstance(row, dict):
                 ledger[row["id"]] = row
@@ -299,7 +376,7 @@ class UsersWriter(Worker):
                 conn,
                 "users",
                 "update",
-                f"UPDATE public.users SET auth_info = %s WHERE id = %s RETURNING {USERS_COLUMNS}",
+                UPDATE_USER,
                 (Jsonb({"seen": self.n}), key),
             )
         elif r < 0.8:
@@ -309,7 +386,7 @@ class UsersWriter(Worker):
                 conn,
                 "users",
                 "key_update",
-                f"UPDATE public.users SET id = %s WHERE id = %s RETURNING {USERS_COLUMNS}",
+                REKEY_USER,
                 (new, key),
             )
             if isinstance(row, dict):
@@ -320,7 +397,10 @@ class UsersWriter(Worker):
         else:
             key = self.rng.choice(self.mine)
             row = self.write(
-                conn, "users", "delete", "DELETE FROM public.users WHERE id = %s RETURNING id",
+                conn,
+                "users",
+                "delete",
+                DELETE_USER,
                 (key,),
             )
             if isinstance(row, dict):
@@ -353,8 +433,7 @@ class BlockTurnsWriter(Worker):
                 conn,
                 "block_turns",
                 "insert",
-                "INSERT INTO public.block_turns (block_id, turn_id, sequence_order) "
-                "VALUES (%s, %s, %s) RETURNING *",
+                INSERT_LINK,
                 (self.rng.choice(self.app.blocks), turn, self.n),
             )
             if isinstance(row, dict):
@@ -366,8 +445,7 @@ class BlockTurnsWriter(Worker):
                 conn,
                 "block_turns",
                 "update",
-                "UPDATE public.block_turns SET sequence_order = %s "
-                "WHERE block_id = %s AND turn_id = %s RETURNING *",
+                UPDATE_LINK,
                 (self.n, *key),
             )
             if isinstance(row, dict):
@@ -378,8 +456,7 @@ class BlockTurnsWriter(Worker):
                 conn,
                 "block_turns",
                 "key_update",
-                "UPDATE public.block_turns SET block_id = %s "
-                "WHERE block_id = %s AND turn_id = %s RETURNING *",
+                REKEY_LINK,
                 (block, *key),
             )
             if isinstance(row, dict):
@@ -390,8 +467,7 @@ class BlockTurnsWriter(Worker):
                 conn,
                 "block_turns",
                 "delete",
-                "DELETE FROM public.block_turns WHERE block_id = %s AND turn_id = %s "
-                "RETURNING *",
+                DELETE_LINK,
                 key,
             )
             if isinstance(row, dict):
@@ -407,12 +483,12 @@ class Application:
         self.stop = threading.Event()
         self.ledger = Ledger(
             rows={
-                "turns": {r["id"]: r for r in conn.execute(
-                    f"SELECT {TURNS_COLUMNS} FROM public.turns").fetchall()},
-                "users": {r["id"]: r for r in conn.execute(
-                    f"SELECT {USERS_COLUMNS} FROM public.users").fetchall()},
-                "block_turns": {(r["block_id"], r["turn_id"]): r for r in conn.execute(
-                    "SELECT * FROM public.block_turns").fetchall()},
+                "turns": {r["id"]: r for r in conn.execute(SELECT_TURNS_BEFORE).fetchall()},
+                "users": {r["id"]: r for r in conn.execute(SELECT_USERS_BEFORE).fetchall()},
+                "block_turns": {
+                    (r["block_id"], r["turn_id"]): r
+                    for r in conn.execute("SELECT * FROM public.block_turns").fetchall()
+                },
             }
         )
         ids = lambda q: [r["id"] for r in conn.execute(q).fetchall()]  # noqa: E731
@@ -421,6 +497,13 @@ class Application:
         self.clients = ids("SELECT id FROM public.clients")
         self.blocks = ids("SELECT id FROM public.blocks")
         self.original_turns = sorted(self.ledger.rows["turns"])
+        self.childless = set(
+            ids(
+                "SELECT id FROM public.turns t WHERE NOT EXISTS (SELECT 1 FROM public.block_turns "
+                "b WHERE b.turn_id = t.id) AND NOT EXISTS (SELECT 1 FROM public.turns r "
+                "WHERE r.reply_to_turn_id = t.id)"
+            )
+        )
         self.new_turns: dict[int, list[int]] = {}
         self.workers: list[Worker] = [
             TurnsWriter("turns-0", 0, dsn, self.ledger, self),
@@ -468,6 +551,14 @@ def stage_row(conn: Conn, table: str, stage: str) -> Row:
     return row
 
 
+def cutover_waits(conn: Conn) -> list[Row]:
+    """The tries of the cutover of turns that gave way to a lock, oldest first."""
+    return conn.execute(
+        "SELECT * FROM _orchestrator.events WHERE table_name = 'turns' AND action = 'cutover' "
+        "AND outcome = 'lock_timeout' ORDER BY id"
+    ).fetchall()
+
+
 def inside(ops: list[Op], lo: datetime, hi: datetime) -> list[Op]:
     """The statements that started and committed within [lo, hi]."""
     return [o for o in ops if lo <= o.start and o.end <= hi]
@@ -501,10 +592,7 @@ def test_concurrent_writes_through_the_whole_move_lose_and_invent_nothing(
         for key, value in (("batch_size", "100"), ("sleep_ms", "120")):
             r = orchestrator(cogito_dsn, "set", PLAN, key, value, "--table", "turns")
             assert r.returncode == 0, r.stdout + r.stderr
-        r = orchestrator(
-            cogito_dsn, "apply", PLAN, "--table", "turns", "--table", "users",
-            "--until", "copy", "--yes",
-        )
+        r = orchestrator(cogito_dsn, "apply", PLAN, *BOTH, "--until", "copy")
         assert r.returncode == 0, r.stdout + r.stderr
 
         # 2. Verify while a session holds SHARE on the new table for 1.5 s: verify's replay
@@ -512,9 +600,7 @@ def test_concurrent_writes_through_the_whole_move_lose_and_invent_nothing(
         # to public.turns and the capture log, which that lock does not touch.
         with psycopg.connect(cogito_dsn) as holder:
             holder.execute("LOCK TABLE conversation.turns IN SHARE MODE")
-            proc = start_orchestrator(
-                cogito_dsn, "apply", PLAN, "--table", "turns", "--table", "users", "--yes"
-            )
+            proc = start_orchestrator(cogito_dsn, "apply", PLAN, *BOTH)
             wait_for(
                 "verify of turns to start",
                 lambda: stage_row(db, "turns", "verify")["status"] == "running",
@@ -533,16 +619,10 @@ def test_concurrent_writes_through_the_whole_move_lose_and_invent_nothing(
         assert r.returncode == 0, r.stdout + r.stderr
         with psycopg.connect(cogito_dsn, application_name="app-report") as report:
             report.execute("SELECT count(*) FROM public.turns").fetchone()
-            proc = start_orchestrator(
-                cogito_dsn, "cutover", PLAN, "--table", "turns", "--yes",
-                "--lock-timeout", str(LOCK_TIMEOUT_MS),
-            )
+            proc = start_orchestrator(cogito_dsn, *cutover_turns(PLAN, LOCK_TIMEOUT_MS))
             wait_for(
-                "the cutover of turns to give way to the report",
-                lambda: db.execute(
-                    "SELECT count(*) AS n FROM _orchestrator.events WHERE table_name = 'turns' "
-                    "AND action = 'cutover' AND outcome = 'lock_timeout'"
-                ).fetchone()["n"] >= 2,
+                "the cutover of turns to give way to the report twice",
+                lambda: len(cutover_waits(db)) >= 2,
             )
             report.commit()
         code, output = finish(proc)
@@ -561,29 +641,34 @@ def test_concurrent_writes_through_the_whole_move_lose_and_invent_nothing(
     assert all(not w.is_alive() for w in app.workers)
 
     # Nothing lost, nothing invented: the new tables hold exactly the application's ledger.
-    turns = {r["id"]: r for r in db.execute(
-        f"SELECT {TURNS_AFTER} FROM conversation.turns").fetchall()}
-    users = {r["id"]: r for r in db.execute(
-        f"SELECT {USERS_COLUMNS} FROM client_mgmt.users").fetchall()}
-    links = {(r["block_id"], r["turn_id"]): r for r in db.execute(
-        "SELECT * FROM public.block_turns").fetchall()}
+    turns = {r["id"]: r for r in db.execute(SELECT_TURNS_AFTER).fetchall()}
+    users = {r["id"]: r for r in db.execute(SELECT_USERS_AFTER).fetchall()}
+    links = {
+        (r["block_id"], r["turn_id"]): r
+        for r in db.execute("SELECT * FROM public.block_turns").fetchall()
+    }
     assert diff(ledger.expected("turns"), turns) == []
     assert diff(ledger.expected("users"), users) == []
     assert diff(ledger.expected("block_turns"), links) == []
     # The application's names now read the new tables.
-    assert db.execute("SELECT relkind FROM pg_class WHERE oid = 'public.turns'::regclass"
-                      ).fetchone()["relkind"] == "v"
+    kind = db.execute(
+        "SELECT relkind::text AS k FROM pg_class WHERE oid = 'public.turns'::regclass"
+    )
+    assert kind.fetchone() == {"k": "v"}
     # block_turns still references only turns that exist, through the re-pointed key.
-    assert db.execute(
+    orphans = db.execute(
         "SELECT count(*) AS n FROM public.block_turns b WHERE NOT EXISTS "
         "(SELECT 1 FROM conversation.turns t WHERE t.id = b.turn_id)"
-    ).fetchone()["n"] == 0
+    )
+    assert orphans.fetchone() == {"n": 0}
 
     # The ledger is not trivially the initial data: every kind of write committed, many times.
     for table in ("turns", "users", "block_turns"):
         for kind in ("insert", "update", "key_update", "delete"):
             assert len(app.done(table, kind)) >= 5, (table, kind)
-    assert any(k >= Worker.KEY_BASE for k in turns), "no turn under a new key survived"
+    # Rows now live under keys above, below and inside the original range (reused keys).
+    assert any(k >= Worker.KEY_BASE for k in turns) and any(k < 0 for k in turns)
+    assert sum(w.reused for w in app.workers if isinstance(w, TurnsWriter)) > 10
 
     # The windows, from the event log (and the stage record for where verify began).
     copy_lo = event_at(db, "turns", "copy", "started")
@@ -591,10 +676,7 @@ def test_concurrent_writes_through_the_whole_move_lose_and_invent_nothing(
     verify_hi = event_at(db, "turns", "verify", "ok", 0)
     cutover_hi = event_at(db, "turns", "cutover", "ok")
     cutover_lo = stage_row(db, "turns", "cutover")["started_at"]
-    retries = db.execute(
-        "SELECT at FROM _orchestrator.events WHERE table_name = 'turns' AND action = 'cutover' "
-        "AND outcome = 'lock_timeout' ORDER BY id"
-    ).fetchall()
+    retries = cutover_waits(db)
     assert started < copy_lo < copy_hi <= verify_started < verify_hi < cutover_lo
     assert cutover_lo < retries[0]["at"] and retries[-1]["at"] < cutover_hi < after_cutover
     assert after_cutover < ended
