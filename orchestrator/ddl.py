@@ -25,7 +25,7 @@ T = TypeVar("T")
 _BLOCKERS = """
 SELECT DISTINCT a.pid, a.usename AS role, a.application_name, a.state,
        (now() - a.xact_start)::text AS xact_age, left(a.query, 300) AS query,
-       l.mode, c.relname AS relation
+       l.mode, c.relname AS relation, l.relation::bigint AS relation_oid
 FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 LEFT JOIN pg_class c ON c.oid = l.relation

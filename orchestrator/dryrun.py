@@ -236,6 +236,12 @@ def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
     out = DryRun(
         plan=plan.name, copy_rate=rate, rate_source=source, sessions=_long_transactions(conn)
     )
+    # One query for every source table's current lock holders, whatever the table count.
+    held: dict[int, list[int]] = {}
+    sources = [regclass(m.source_schema, m.source_name) for m in ctx.moves.values()
+               if cat.table(m.source_schema, m.source_name) is not None]
+    for b in blockers(conn, sources):
+        held.setdefault(int(b["relation_oid"]), []).append(int(b["pid"]))
     for unit in ctx.graph.units:
         if unit.kind != "tables":
             continue
@@ -246,9 +252,7 @@ def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
             )
             if rel is None or rel.kind != "r":
                 continue
-            holders: dict[str, list[int]] = {}
-            for b in blockers(conn, [regclass(m.source_schema, m.source_name)]):
-                holders.setdefault(str(b["relation"]), []).append(int(b["pid"]))
+            holders = {m.label: held.get(rel.oid, [])}
             st = _stage_plans(ctx, m, rel, moves, status, holders)
             expected = rel.row_estimate / rate if rate and m.strategy == "copy" else None
             spec = plan.table(m.label)
