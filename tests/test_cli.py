@@ -221,3 +221,12 @@ def test_no_arguments_prints_help(run: Any) -> None:
     result = CliRunner().invoke(app, [])
     assert "validate" in result.output
     assert "Traceback (most recent call last)" not in result.output
+
+
+def test_embedded_takes_an_optional_directory(tmp_path: Path) -> None:
+    from orchestrator.cli import embedded_argv
+
+    assert embedded_argv(["--embedded", "status", "p.yaml"]) == ["--embedded=", "status", "p.yaml"]
+    assert embedded_argv(["--embedded", str(tmp_path), "graph", "p.yaml"]) == [
+        f"--embedded={tmp_path}", "graph", "p.yaml"]
+    assert embedded_argv(["--embedded=x", "status"]) == ["--embedded=x", "status"]
