@@ -17,7 +17,7 @@ from typing import Any
 from psycopg import sql
 
 from orchestrator import capture, control
-from orchestrator.catalog import Relation
+from orchestrator.catalog import Constraint, Index, Relation
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.move import TableMove
 from orchestrator.sqlutil import catalog_sql, idents, rewrite_definition
@@ -72,60 +72,41 @@ def upper_bound_sql(m: TableMove) -> sql.Composed:
     )
 
 
-def index_steps(m: TableMove, rel: Relation) -> list[Step]:
-    """The source's secondary indexes and unique/exclusion constraints, for the target."""
-    steps: list[Step] = []
+def _secondary(m: TableMove, rel: Relation) -> list[tuple[Index, Constraint | None]]:
+    """The source's indexes the copy builds on the target (all but the key's), each with the
+    unique or exclusion constraint it backs, if any."""
     skip = {key_index(rel, m)}
     cons = {c.index: c for c in rel.constraints if c.kind in ("u", "x") and c.index}
-    for i in rel.indexes:
-        if i.primary or i.name in skip:
-            continue
-        steps.append(
-            Step(
-                rewrite_definition(i.definition, m.target_schema, m.target_name, m.rename_map),
-                "SHARE on the target only",
-            )
-        )
-        con = cons.get(i.name)
+    return [(i, cons.get(i.name)) for i in rel.indexes if not i.primary and i.name not in skip]
+
+
+def index_steps(m: TableMove, rel: Relation) -> list[Step]:
+    """The source's secondary indexes and unique constraints, for the target."""
+    steps: list[Step] = []
+    for i, con in _secondary(m, rel):
+        steps.append(Step(
+            rewrite_definition(i.definition, m.target_schema, m.target_name, m.rename_map),
+            "SHARE on the target only",
+        ))
         if con is not None and con.kind == "u":
             defer = sql.SQL("")
             if con.deferrable:
                 defer = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if con.deferred else " DEFERRABLE")
-            steps.append(
-                Step(
-                    sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}").format(
-                        m.target, sql.Identifier(con.name), sql.Identifier(i.name), defer
-                    )
-                )
-            )
+            steps.append(Step(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}").format(
+                    m.target, sql.Identifier(con.name), sql.Identifier(i.name), defer)))
     return steps
 
 
 def drop_index_steps(m: TableMove, rel: Relation) -> list[Step]:
-    steps: list[Step] = []
-    skip = {key_index(rel, m)}
-    cons = {c.index: c for c in rel.constraints if c.kind in ("u", "x") and c.index}
-    for i in rel.indexes:
-        if i.primary or i.name in skip:
-            continue
-        con = cons.get(i.name)
-        if con is not None:
-            steps.append(
-                Step(
-                    sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-                        m.target, sql.Identifier(con.name)
-                    )
-                )
-            )
-        else:
-            steps.append(
-                Step(
-                    sql.SQL("DROP INDEX IF EXISTS {}").format(
-                        sql.Identifier(m.target_schema, i.name)
-                    )
-                )
-            )
-    return steps
+    """What index_steps built, dropped again (a constraint takes its index with it)."""
+    return [
+        Step(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+            m.target, sql.Identifier(con.name)))
+        if con is not None else
+        Step(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(m.target_schema, i.name)))
+        for i, con in _secondary(m, rel)
+    ]
 
 
 def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
