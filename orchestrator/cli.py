@@ -499,13 +499,18 @@ def rollback(
 def set_cmd(
     plan: PlanArg,
     key: Annotated[
-        str, typer.Argument(help="batch_size, sleep_ms, probe_max or max_replication_lag_bytes")
+        str,
+        typer.Argument(
+            help="batch_size, sleep_ms, probe_max, max_replication_lag_bytes or "
+            "max_wal_bytes_per_s"
+        ),
     ],
     value: Annotated[float, typer.Argument()],
     table: Annotated[str, typer.Option("--table", "-t")] = "*",
 ) -> None:
     """Change a running copy's batch size or throttle (read before every batch)."""
-    allowed = ("batch_size", "sleep_ms", "probe_max", "max_replication_lag_bytes")
+    allowed = ("batch_size", "sleep_ms", "probe_max", "max_replication_lag_bytes",
+               "max_wal_bytes_per_s")
     with _guard():
         if key not in allowed:
             raise OrchestratorError(

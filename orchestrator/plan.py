@@ -66,6 +66,11 @@ class Throttle(_Model):
         ge=0,
         description="Pause while any standby in pg_stat_replication lags more than this.",
     )
+    max_wal_bytes_per_s: int | None = Field(
+        None,
+        ge=1,
+        description="Pause while the server writes WAL faster than this (ours included).",
+    )
     probe_sql: str | None = Field(
         None,
         description="A query returning one number; the copy pauses while it exceeds probe_max.",

@@ -137,9 +137,30 @@ class Throttle:
 
     sleep_ms: int
     max_lag_bytes: int | None
+    max_wal_rate: int | None
     probe_sql: str | None
     probe_max: float | None
     check_every_s: float
+
+
+@dataclass
+class WalMeter:
+    """The server's WAL write rate between two looks (bytes per second)."""
+
+    at: float = 0.0
+    lsn: int = 0
+
+    def rate(self, conn: Conn) -> float | None:
+        r = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn").fetchone()
+        now, lsn = time.monotonic(), int(r["lsn"]) if r else 0
+        if self.at == 0.0:
+            self.at, self.lsn = now, lsn
+            return None
+        if now - self.at < 0.05:
+            return None  # too short a window to measure: keep the older sample
+        rate = (lsn - self.lsn) / (now - self.at)
+        self.at, self.lsn = now, lsn
+        return rate
 
 
 def _throttle(ctx: Ctx, m: TableMove) -> Throttle:
@@ -151,14 +172,19 @@ def _throttle(ctx: Ctx, m: TableMove) -> Throttle:
         max_lag_bytes=get(
             conn, s, p, m.label, "max_replication_lag_bytes", t.max_replication_lag_bytes
         ),
+        max_wal_rate=get(conn, s, p, m.label, "max_wal_bytes_per_s", t.max_wal_bytes_per_s),
         probe_sql=t.probe_sql,
         probe_max=get(conn, s, p, m.label, "probe_max", t.probe_max),
         check_every_s=t.check_every_s,
     )
 
 
-def server_busy(conn: Conn, t: Throttle) -> str | None:
+def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | None:
     """Why the copy should pause now, or None."""
+    if t.max_wal_rate is not None and wal is not None:
+        rate = wal.rate(conn)
+        if rate is not None and rate > t.max_wal_rate:
+            return f"WAL rate {rate:,.0f} bytes/s > {t.max_wal_rate:,}"
     if t.max_lag_bytes is not None:
         r = conn.execute(
             "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint AS lag "
@@ -211,13 +237,14 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     estimate = control.get_stage(conn, s, p, m.label, "copy").rows_estimated or 0
     started = time.monotonic()
     done_here = 0
+    wal = WalMeter()
     while cp["hi"] is not None:
         t = _throttle(ctx, m)
-        reason = server_busy(conn, t)
+        reason = server_busy(conn, t, wal)
         while reason is not None:
             ctx.progress({"table": m.label, "stage": "copy", "paused": reason})
             time.sleep(t.check_every_s)
-            reason = server_busy(conn, _throttle(ctx, m))
+            reason = server_busy(conn, _throttle(ctx, m), wal)
         limit = int(control.setting(conn, s, p, m.label, "batch_size", m.options.batch_size))
         params: dict[str, Any] = {"limit": limit}
         for i, v in enumerate(cp["hi"]):
