@@ -448,15 +448,24 @@ def finalize(
     table: TablesOpt = None,
     yes: YesOpt = False,
     lock_timeout: LockOpt = None,
+    drop_views: Annotated[bool, typer.Option(
+        "--drop-compat-views", help="Also drop the compatibility views in the source schema "
+        "(once the application uses the new names; see compat-usage).")] = False,
     fmt: FmtOpt = Fmt.text,
 ) -> None:
     """Drop the retired tables and reverse capture. Cannot be undone."""
+    dropped: list[str] = []
     with _guard(fmt):
-        _confirm("finalize? This drops the retired tables and CANNOT be undone", yes)
+        what = "the retired tables" + (" and the compatibility views" if drop_views else "")
+        _confirm(f"finalize? This drops {what} and CANNOT be undone", yes)
         with _engine(plan, table, lock_timeout, fmt) as eng:
             eng.finalize(table)
+            if drop_views:
+                dropped = eng.drop_compat_views(table)
     if fmt == Fmt.json:
-        _emit_json({"plan": str(plan), "finalized": True})
+        _emit_json({"plan": str(plan), "finalized": True, "dropped_views": dropped})
+    elif dropped:
+        out.print(f"dropped compatibility views: {', '.join(dropped)}", highlight=False)
 
 
 @app.command()

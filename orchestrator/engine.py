@@ -18,7 +18,7 @@ from psycopg import sql
 
 from orchestrator import capture, control
 from orchestrator.db import Conn, connect
-from orchestrator.ddl import run_locked
+from orchestrator.ddl import LockPolicy, run_locked
 from orchestrator.errors import LockTimeoutExhausted, StageError, ValidationFailed
 from orchestrator.graph import Unit
 from orchestrator.move import TableMove, build_move
@@ -536,6 +536,43 @@ class Engine:
                     "done",
                     [_rc(m.retired_schema, m.source_name), _rc(m.target_schema, m.target_name)],
                 )
+
+    def drop_compat_views(self, tables: list[str] | None = None) -> list[str]:
+        """Drop the compatibility views of finalized tables, once nothing reads them.
+
+        Like finalize, this cannot be undone; `orchestrator compat-usage` tells whether the
+        application still uses them.
+        """
+        ctx = self.context()
+        src = self.plan.source_schema
+        dropped: list[str] = []
+        for spec in self.plan.tables:
+            if tables and spec.name not in tables:
+                continue
+            view = ctx.catalog.table(src, spec.name)
+            if view is None or view.kind != "v" or not self.done(spec.name, "finalize"):
+                continue
+            readers = [f"{d.schema}.{d.name}" for d in ctx.catalog.dependents_of(src, spec.name)]
+            if readers:
+                raise StageError(
+                    f"{src}.{spec.name}: views still read the compatibility view: "
+                    f"{', '.join(readers)}",
+                    hint="point them at the new table (or drop them), then rerun")
+            stmt = sql.SQL("DROP VIEW {}").format(sql.Identifier(src, spec.name))
+
+            def work(conn: Conn, stmt: sql.Composed = stmt, name: str = spec.name) -> None:
+                conn.execute(stmt)
+                control.log_event(conn, self.s, self.plan.name, "drop_compat_view", "ok",
+                                  table=name, stage="finalize", statement=render(conn, stmt))
+
+            run_locked(self.conn, plan=self.plan.name, control_schema=self.s, table=spec.name,
+                       stage="finalize", action="drop_compat_view",
+                       policy=ctx.policy(next(iter(ctx.moves.values()))) if ctx.moves else
+                       LockPolicy(self.plan.defaults.lock_timeout_ms, 0,
+                                  self.plan.defaults.lock_retries),
+                       relations=[_rc(src, spec.name)], work=work)
+            dropped.append(f"{src}.{spec.name}")
+        return dropped
 
     # --- rollback ---------------------------------------------------------------------------
 
