@@ -330,7 +330,7 @@ class Engine:
                     m is not None
                     and m.strategy == "copy"
                     and not self.done(name, "cutover")
-                    and not self.done(name, "verify")
+                    and not self._may_cut_over(name)
                 ):
                     raise StageError(
                         f"{name}: cutover needs a clean verify first (verify is "
@@ -342,6 +342,11 @@ class Engine:
             ctx = self.context()
         self.create_views(ctx)
         self.replay_once()
+
+    def _may_cut_over(self, table: str) -> bool:
+        """Copied, and verified clean — or verifying when a crash interrupted it: cutover
+        verifies again in full before the swap and stops on any difference."""
+        return self.done(table, "copy") and self.status(table, "verify") in ("done", "running")
 
     def _cutover_unit(self, ctx: Ctx, unit: Unit) -> None:
         moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
@@ -356,7 +361,7 @@ class Engine:
             self._validate_fks(copy_moves)
             return
         for m in copy_moves:
-            if not self.done(m.label, "verify"):
+            if not self._may_cut_over(m.label):
                 raise StageError(
                     f"{m.label}: cutover needs a clean verify first (verify is "
                     f"{self.status(m.label, 'verify')})",
