@@ -88,44 +88,64 @@ def _key_eq(
     )
 
 
+def _eq(a: sql.Composable, b: sql.Composable) -> sql.Composed:
+    """`a = b` with the operator named by schema: the capture function runs with the
+    writer's search_path, so nothing in it may resolve through that path."""
+    return sql.SQL("{} OPERATOR(pg_catalog.=) {}").format(a, b)
+
+
 def install_sql(d: Direction) -> list[sql.Composed]:
-    """The log table, its capture functions and the triggers on the live table."""
+    """The log table, its capture functions and the triggers on the live table.
+
+    Measured on this machine (DESIGN.md, docs/benchmarks.md), every per-row cost counts: the
+    log has no index and no sequence (replay claims rows by ctid, in any order, because it
+    re-reads each key's current row), and the row function has no SET clause (a per-call GUC
+    save and restore). It stays SECURITY DEFINER, so writers need no privilege on our log;
+    with every relation and operator schema-qualified, the writer's search_path cannot
+    redirect it.
+    """
     cols = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(k), catalog_sql(t))
         for k, t in zip(d.live_key, d.key_types, strict=True)
     )
     new = sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(k)) for k in d.live_key)
     old = sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(k)) for k in d.live_key)
+    # Key columns are NOT NULL (a primary key or a declared unique NOT NULL key).
+    same_key = sql.SQL(" AND ").join(
+        _eq(sql.SQL("OLD.{}").format(sql.Identifier(k)), sql.SQL("NEW.{}").format(
+            sql.Identifier(k))) for k in d.live_key)
     keys = idents(d.live_key)
     ins = sql.SQL("INSERT INTO {} (_orch_op, {}) VALUES").format(d.log, keys)
+    op = sql.SQL("TG_OP")
     body = sql.SQL("""BEGIN
-  IF TG_OP = 'INSERT' THEN {ins} ('I', {new});
-  ELSIF TG_OP = 'DELETE' THEN {ins} ('D', {old});
+  IF {is_insert} THEN {ins} ('I', {new});
+  ELSIF {is_delete} THEN {ins} ('D', {old});
   ELSE
     {ins} ('U', {new});
-    IF ({old}) IS DISTINCT FROM ({new}) THEN {ins} ('K', {old}); END IF;
+    IF NOT ({same_key}) THEN {ins} ('K', {old}); END IF;
   END IF;
   RETURN NULL;
-END""").format(ins=ins, new=new, old=old)
+END""").format(ins=ins, new=new, old=old, same_key=same_key,
+               is_insert=_eq(op, sql.Literal("INSERT")),
+               is_delete=_eq(op, sql.Literal("DELETE")))
     tbody = sql.SQL("BEGIN TRUNCATE {copy}; TRUNCATE {log}; RETURN NULL; END").format(
         copy=d.copy, log=d.log
     )
     return [
+        sql.SQL('CREATE TABLE {} (_orch_op "char" NOT NULL, {})').format(d.log, cols),
         sql.SQL(
-            "CREATE TABLE {} (_orch_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-            '_orch_op "char" NOT NULL, {})'
-        ).format(d.log, cols),
-        sql.SQL("CREATE INDEX ON {} ({})").format(d.log, keys),
-        # SECURITY DEFINER: the application's roles write the live table, and need no
-        # privilege on our log. search_path is pinned so the function cannot be hijacked.
-        sql.SQL(
-            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
-            "SET search_path = pg_catalog AS {}"
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}"
         ).format(d.function, _Body(body)),
         sql.SQL(
             "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
             "SET search_path = pg_catalog AS {}"
         ).format(d.truncate_function, _Body(tbody)),
+        *create_triggers_sql(d),
+    ]
+
+
+def create_triggers_sql(d: Direction) -> list[sql.Composed]:
+    return [
         sql.SQL(
             "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
             "FOR EACH ROW EXECUTE FUNCTION {}()"
@@ -141,10 +161,6 @@ def drop_triggers_sql(d: Direction) -> list[sql.Composed]:
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), d.live),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), d.live),
     ]
-
-
-def create_triggers_sql(d: Direction) -> list[sql.Composed]:
-    return install_sql(d)[4:]
 
 
 def uninstall_sql(d: Direction) -> list[sql.Composed]:
@@ -192,8 +208,8 @@ def replay_batch_sql(d: Direction) -> sql.Composed:
     """
     lk = idents(d.live_key)
     return sql.SQL("""WITH d AS (
-  DELETE FROM {log} WHERE _orch_seq IN (
-    SELECT _orch_seq FROM {log} ORDER BY _orch_seq LIMIT %(n)s FOR UPDATE SKIP LOCKED)
+  DELETE FROM {log} WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM {log} LIMIT %(n)s FOR UPDATE SKIP LOCKED))
   RETURNING {lk}),
 keys AS (SELECT DISTINCT {lk} FROM d),
 gone AS (

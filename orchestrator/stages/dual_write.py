@@ -10,7 +10,7 @@ from orchestrator.stages import Step
 def forward_steps(m: TableMove) -> list[Step]:
     lock = "SHARE ROW EXCLUSIVE on the source for CREATE TRIGGER: waits at most lock_timeout"
     steps = capture.install_sql(capture.forward(m))
-    return [Step(s, lock if i >= 4 else "our log only") for i, s in enumerate(steps)]
+    return [Step(s, lock if i >= 3 else "our log only") for i, s in enumerate(steps)]
 
 
 def rollback_steps(m: TableMove) -> list[Step]:
