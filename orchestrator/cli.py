@@ -102,6 +102,14 @@ def _guard(fmt: str = "text") -> Iterator[None]:
         yield
     except OrchestratorError as exc:
         _fail(exc, fmt)
+    except psycopg.errors.QueryCanceled as exc:
+        # A statement ran past statement_timeout (the plan's, or the role's): the connection
+        # is fine, and nothing of the interrupted step was committed.
+        _fail(OrchestratorError(
+            f"a statement was canceled: {str(exc).strip()}",
+            hint="raise the plan's statement_timeout_ms (or the role's statement_timeout), or "
+            "lower batch_size with `orchestrator set PLAN batch_size N`, then rerun the same "
+            "command"), fmt)
     except psycopg.OperationalError as exc:
         # The server went away or ended our session mid-step: every committed step and
         # checkpoint is recorded, so the same command resumes.

@@ -51,6 +51,11 @@ def blockers(conn: Conn, relations: list[str]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+class LockWaitExceeded(Exception):
+    """The bounded lock statement ran out of its lock_timeout budget (a statement_timeout
+    set only around it), as opposed to any other statement running too long."""
+
+
 @dataclass
 class LockPolicy:
     lock_timeout_ms: int
@@ -96,8 +101,7 @@ def run_locked(
                         )
                     )
                 return work(conn)
-        except (errors.LockNotAvailable, errors.QueryCanceled) as exc:
-            # QueryCanceled: the bounded lock statement ran out of its lock_timeout budget.
+        except (errors.LockNotAvailable, LockWaitExceeded) as exc:
             waited = (time.monotonic() - started) * 1000
             who = blockers(conn, relations)
             with conn.transaction():

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from orchestrator import capture, control
 from orchestrator.db import Conn, connect
-from orchestrator.ddl import LockPolicy, run_locked
+from orchestrator.ddl import LockPolicy, LockWaitExceeded, run_locked
 from orchestrator.errors import LockTimeoutExhausted, StageError, ValidationFailed
 from orchestrator.graph import Unit
 from orchestrator.move import TableMove, build_move
@@ -120,8 +120,12 @@ class Engine:
                     conn.execute(step.sql)
                     if step.bounded:
                         _set_local(conn, "statement_timeout", f"{policy.statement_timeout_ms}ms")
-                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                except psycopg.errors.LockNotAvailable:
                     raise
+                except psycopg.errors.QueryCanceled as exc:
+                    if step.bounded:
+                        raise LockWaitExceeded(str(exc)) from exc
+                    raise _StepFailed(texts[-1], exc) from exc
                 except psycopg.Error as exc:
                     raise _StepFailed(texts[-1], exc) from exc
             if extra is not None:
