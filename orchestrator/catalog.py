@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from orchestrator.db import Conn
@@ -198,11 +199,23 @@ class Catalog:
         rel = self.relations.get((schema, name))
         return rel
 
+    # Lookups by table are indexed once per catalog: planning walks every table, and a scan
+    # of every foreign key per table made 2,000 tables quadratic.
+    @cached_property
+    def _fk_index(self) -> tuple[dict[tuple[str, str], list[ForeignKey]],
+                                 dict[tuple[str, str], list[ForeignKey]]]:
+        by_child: dict[tuple[str, str], list[ForeignKey]] = defaultdict(list)
+        by_parent: dict[tuple[str, str], list[ForeignKey]] = defaultdict(list)
+        for f in self.foreign_keys:
+            by_child[(f.schema, f.table)].append(f)
+            by_parent[(f.ref_schema, f.ref_table)].append(f)
+        return by_child, by_parent
+
     def fks_from(self, schema: str, name: str) -> list[ForeignKey]:
-        return [f for f in self.foreign_keys if (f.schema, f.table) == (schema, name)]
+        return list(self._fk_index[0].get((schema, name), ()))
 
     def fks_to(self, schema: str, name: str) -> list[ForeignKey]:
-        return [f for f in self.foreign_keys if (f.ref_schema, f.ref_table) == (schema, name)]
+        return list(self._fk_index[1].get((schema, name), ()))
 
     def defaults_for(self, schema: str) -> tuple[str, ...]:
         """Grantees ('' is PUBLIC) our default privileges add to a new relation in schema."""
@@ -210,13 +223,25 @@ class Catalog:
             dict.fromkeys(self.default_grantees.get("", ()) + self.default_grantees.get(schema, ()))
         )
 
+    @cached_property
+    def _dependents_index(self) -> dict[tuple[str, str], list[Dependent]]:
+        out: dict[tuple[str, str], list[Dependent]] = defaultdict(list)
+        for d in self.dependents:
+            out[(d.on_schema, d.on_table)].append(d)
+        return out
+
+    @cached_property
+    def _sequence_index(self) -> dict[tuple[str | None, str | None], list[Sequence]]:
+        out: dict[tuple[str | None, str | None], list[Sequence]] = defaultdict(list)
+        for seq in self.sequences.values():
+            out[(seq.owner_schema, seq.owner_table)].append(seq)
+        return out
+
     def dependents_of(self, schema: str, name: str) -> list[Dependent]:
-        return [d for d in self.dependents if (d.on_schema, d.on_table) == (schema, name)]
+        return list(self._dependents_index.get((schema, name), ()))
 
     def owned_sequences(self, schema: str, name: str) -> list[Sequence]:
-        return [
-            s for s in self.sequences.values() if (s.owner_schema, s.owner_table) == (schema, name)
-        ]
+        return list(self._sequence_index.get((schema, name), ()))
 
 
 _RELATIONS = """

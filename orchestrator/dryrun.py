@@ -155,7 +155,7 @@ def _status(conn: Conn, loaded: LoadedPlan) -> dict[tuple[str, str], str]:
 def _risks(ctx: Ctx, m: TableMove, rel: Relation) -> list[str]:
     cat, plan = ctx.catalog, ctx.plan
     out: list[str] = []
-    names = {t.name for t in plan.tables}
+    names = plan.table_names
     if rel.user_triggers:
         out.append(
             "user triggers "

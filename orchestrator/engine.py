@@ -104,6 +104,7 @@ class Engine:
         relations: list[str],
         tables: list[str] | None = None,
         extra: Callable[[Conn], None] | None = None,
+        between_tries: Callable[[], None] | None = None,
     ) -> None:
         """Run steps, then record status for each table, all in one locked transaction."""
         names = tables or [m.label]
@@ -148,6 +149,10 @@ class Engine:
             self.progress(
                 {"table": ",".join(names), "stage": stage, "lock_wait": attempt, "blockers": who}
             )
+            if between_tries is not None:
+                # Writes go on while we back off: drain them outside the lock again, so the
+                # try that succeeds has only a short tail to drain inside it.
+                between_tries()
 
         try:
             run_locked(
@@ -379,6 +384,11 @@ class Engine:
             self._running(m.label, "cutover")
         first = copy_moves[0]
         steps = cutover_stage.forward_steps(copy_moves, ctx.catalog)
+
+        def drain_forward() -> None:
+            for m in copy_moves:
+                verify_stage.drain(ctx, m, until=1000)
+
         self._ddl(
             ctx,
             first,
@@ -388,6 +398,7 @@ class Engine:
             "done",
             cutover_stage.lock_relations(copy_moves, ctx.catalog),
             tables=[m.label for m in copy_moves],
+            between_tries=drain_forward,
         )
         self._validate_fks(copy_moves)
 
@@ -760,10 +771,13 @@ class Engine:
         return reset
 
     def _rollback_cutover(self, ctx: Ctx, moves: list[TableMove]) -> None:
-        for m in moves:
-            d = capture.reverse(m)
-            while capture.replay_batch(self.conn, d, 10_000) >= 10_000:
-                pass
+        def drain_reverse() -> None:
+            for m in moves:
+                d = capture.reverse(m)
+                while capture.replay_batch(self.conn, d, 10_000) >= 10_000:
+                    pass
+
+        drain_reverse()
         steps = cutover_stage.rollback_steps(moves, ctx.catalog)
         rels = cutover_stage.lock_relations(moves, ctx.catalog, reverse=True)
         self._ddl(
@@ -775,6 +789,7 @@ class Engine:
             "rolled_back",
             rels,
             tables=[m.label for m in moves],
+            between_tries=drain_reverse,
         )
         self._validate_fks(moves, reverse=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -283,6 +284,10 @@ class Plan(_Model):
 
     def locations(self) -> dict[tuple[str, str], str]:
         """Every place a plan table can be during its move, mapped to its plan name."""
+        return self._locations
+
+    @cached_property
+    def _locations(self) -> dict[tuple[str, str], str]:
         out: dict[tuple[str, str], str] = {}
         for t in self.tables:
             out[(self.source_schema, t.name)] = t.name
@@ -290,11 +295,16 @@ class Plan(_Model):
             out[(self.retired_schema, t.name)] = t.name
         return out
 
+    @cached_property
+    def table_names(self) -> frozenset[str]:
+        return frozenset(t.name for t in self.tables)
+
     def table(self, name: str) -> TableSpec:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, TableSpec]:
+        return {t.name: t for t in self.tables}
 
     def options_for(self, table: TableSpec) -> Options:
         """The plan defaults with the table's overrides applied."""

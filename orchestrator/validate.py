@@ -203,7 +203,7 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                     )
                 )
     for dep in spec.depends_on:
-        if dep not in {t.name for t in plan.tables}:
+        if dep not in plan.table_names:
             problems.append(
                 Problem(
                     f"{name} depends_on {dep}",
@@ -238,9 +238,7 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
             )
         )
     for fk in cat.fks_to(plan.source_schema, spec.name):
-        if (fk.schema, fk.table) != (plan.source_schema, fk.table) or fk.table not in {
-            t.name for t in plan.tables
-        }:
+        if fk.schema != plan.source_schema or fk.table not in plan.table_names:
             report.warnings.append(
                 Problem(
                     f"{fk.schema}.{fk.table} ({fk.name})",

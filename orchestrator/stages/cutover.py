@@ -175,28 +175,33 @@ def _sequence_handover(
 def lock_targets(
     moves: list[TableMove], cat: Catalog, reverse: bool = False
 ) -> list[tuple[str, str]]:
-    """Every relation the swap alters: the live tables, tables whose foreign keys point at
-    them, and views that read them. Locked together, up front, in one bounded statement."""
-    out: list[tuple[str, str]] = []
+    """Every relation the swap alters: views that read the live tables, the live tables,
+    tables whose foreign keys point at them, and their parents. Locked together, up front, in
+    one bounded statement, views first: the application locks a view before the tables under
+    it, and taking them in the other order would deadlock with every such statement."""
+    views: list[tuple[str, str]] = []
+    tables: list[tuple[str, str]] = []
     unit = {
         (x.target_schema, x.target_name) if reverse else (x.source_schema, x.source_name)
         for x in moves
     }
     for m in moves:
-        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
-        out.append(key)
+        for d in cat.dependents_of(m.source_schema, m.source_name):
+            views.append((d.schema, d.name))
         if reverse:
-            out.append((m.source_schema, m.source_name))  # the compatibility view
+            views.append((m.source_schema, m.source_name))  # the compatibility view
+        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
+        tables.append(key)
+    for m in moves:
+        key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
         for fk in cat.fks_to(*key):
             if (fk.schema, fk.table) not in unit:
-                out.append((fk.schema, fk.table))
+                tables.append((fk.schema, fk.table))
         # Dropping and adding a table's own foreign keys touches its parents' triggers too.
         for fk in cat.fks_from(*key):
             if (fk.ref_schema, fk.ref_table) not in unit:
-                out.append((fk.ref_schema, fk.ref_table))
-        for d in cat.dependents_of(m.source_schema, m.source_name):
-            out.append((d.schema, d.name))
-    return list(dict.fromkeys(out))
+                tables.append((fk.ref_schema, fk.ref_table))
+    return list(dict.fromkeys(views + tables))
 
 
 def lock_relations(moves: list[TableMove], cat: Catalog, reverse: bool = False) -> list[str]:
