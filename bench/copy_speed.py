@@ -1,0 +1,362 @@
+"""Copy: the copy stage against the physical limit and pg_repack, on one server, interleaved.
+
+A table of 1,000,000 rows (~340 MB heap), bigint identity key, a UNIQUE email and an index on
+account_id. One-table plan, copy strategy; prepare and dual_write run first (untimed), then each
+round times, in rotating order:
+
+- orchestrator: `apply --until copy` (Engine.apply(..., "copy")): keyset batches, then the
+  REPEATABLE READ drain and the two index builds. The stage's time is `copy started` →
+  `copy ok` from the event log; the whole apply call is reported beside it. The copy is rolled
+  back (`rollback --to dual_write`) after each round, untimed.
+- limit: INSERT INTO a key-only table SELECT * FROM the source, then the same two index builds
+  (the unique one attached as a UNIQUE constraint, as the engine does).
+- pg_repack --table on an identical table (PostgreSQL 15 only, where Debian packages it).
+
+A CHECKPOINT precedes every timed variant. Then the copy runs again under a pgbench write
+workload on the source (2 clients, single-row UPDATE + INSERT), and the workload's throughput
+during the copy is compared with the same pgbench run's throughput before and after it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from bench.common import (
+    PG15_BIN,
+    BackgroundPgbench,
+    Server,
+    checkpoint,
+    create_table,
+    embedded_server,
+    events,
+    machine,
+    median,
+    pg15_available,
+    pg15_server,
+    pgbench_cmd,
+    plan_text,
+    say,
+    wait_quiet,
+    workdir,
+    write_script,
+)
+
+PLAN = "copybench"
+TARGET_LIMIT = 1.15
+TARGET_REPACK = 1.3
+
+WRITE_SCRIPT = """\\set id random(1, :maxid)
+UPDATE public.big SET account_id = account_id + 1, status = 'touched' WHERE id = :id;
+INSERT INTO public.big (email, account_id, payload)
+  VALUES (md5(random()::text || clock_timestamp()::text) || '@w.example', :id, repeat('w', 250));
+"""
+
+
+def _limit(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    lim = sql.Identifier("public", "lim")
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(lim))
+    conn.execute(sql.SQL("CREATE TABLE {} (LIKE public.big INCLUDING DEFAULTS)").format(lim))
+    conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(lim))
+    checkpoint(conn)
+    t0 = time.monotonic()
+    conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM public.big").format(lim))
+    t1 = time.monotonic()
+    conn.execute(sql.SQL("CREATE UNIQUE INDEX lim_email_key ON {} (email)").format(lim))
+    conn.execute(
+        sql.SQL(
+            "ALTER TABLE {} ADD CONSTRAINT lim_email_key UNIQUE USING INDEX lim_email_key"
+        ).format(lim)
+    )
+    conn.execute(sql.SQL("CREATE INDEX lim_account_idx ON {} (account_id)").format(lim))
+    t2 = time.monotonic()
+    conn.execute(sql.SQL("DROP TABLE {}").format(lim))
+    return {"seconds": t2 - t0, "insert_s": t1 - t0, "indexes_s": t2 - t1}
+
+
+def _orchestrator(conn: psycopg.Connection[Any], eng: Any) -> dict[str, float]:
+    checkpoint(conn)
+    t0 = time.monotonic()
+    eng.apply(["big"], "copy")
+    wall = time.monotonic() - t0
+    ev = [e for e in events(conn, PLAN) if e["action"] == "copy"]
+    started = next(e for e in reversed(ev) if e["outcome"] == "started")
+    ok = next(e for e in reversed(ev) if e["outcome"] == "ok")
+    stage = (ok["at"] - started["at"]).total_seconds()
+    finish = float(ok["duration_ms"] or 0) / 1000
+    detail = ok["detail"] or {}
+    r = conn.execute(
+        "SELECT (SELECT count(*) FROM public.big) AS src, (SELECT count(*) FROM moved.big) AS tgt"
+    ).fetchone()
+    assert r is not None
+    if r["src"] != r["tgt"]:
+        raise RuntimeError(f"copy left {r['tgt']} rows in the target for {r['src']} in the source")
+    eng.rollback("big", to="dual_write")
+    return {
+        "seconds": stage,
+        "apply_s": wall,
+        "batches_s": stage - finish,
+        "finish_s": finish,
+        "drained": float(detail.get("drained", 0)),
+    }
+
+
+def _repack(srv: Server, conn: psycopg.Connection[Any], db: str) -> dict[str, float]:
+    checkpoint(conn)
+    cmd = [
+        str(PG15_BIN / "pg_repack"),
+        "-h",
+        srv.host,
+        "-p",
+        str(srv.port),
+        "-U",
+        "postgres",
+        "-d",
+        db,
+        "--table",
+        "public.big_r",
+    ]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"pg_repack failed ({p.returncode}): {p.stderr.strip()}")
+    # pg_repack leaves fresh, unfrozen tuples: freeze them (untimed) so the next round reads
+    # the same kind of table as the first.
+    conn.execute("VACUUM (FREEZE, ANALYZE) public.big_r")
+    return {"seconds": elapsed}
+
+
+def _under_load(
+    srv: Server, conn: psycopg.Connection[Any], eng: Any, db: str, rows: int, tmp: Path
+) -> dict[str, Any]:
+    script = write_script(tmp, "copy_writes", WRITE_SCRIPT)
+    cmd = pgbench_cmd(
+        srv, db, script, clients=2, seconds=3600, threads=2, defines={"maxid": rows}
+    )
+    with BackgroundPgbench(cmd) as bg:
+        time.sleep(1.5)
+        before0 = time.time()
+        time.sleep(8.0)
+        before1 = time.time()
+        c0 = time.time()
+        t0 = time.monotonic()
+        eng.apply(["big"], "copy")
+        wall = time.monotonic() - t0
+        c1 = time.time()
+        time.sleep(8.0)
+        after1 = time.time()
+        rc = bg.stop()
+        problems = bg.aborted()
+    ev = [e for e in events(conn, PLAN) if e["action"] == "copy"]
+    started = next(e for e in reversed(ev) if e["outcome"] == "started")
+    ok = next(e for e in reversed(ev) if e["outcome"] == "ok")
+    tps_before = bg.tps_between(before0, before1)
+    tps_during = bg.tps_between(c0, c1)
+    tps_after = bg.tps_between(c1, after1)
+    base = statistics.mean([x for x in (tps_before, tps_after) if x is not None] or [0.0])
+    eng.rollback("big", to="dual_write")
+    return {
+        "clients": 2,
+        "script": WRITE_SCRIPT,
+        "copy_seconds": (ok["at"] - started["at"]).total_seconds(),
+        "apply_s": wall,
+        "finish_s": float(ok["duration_ms"] or 0) / 1000,
+        "drained_in_finish": (ok["detail"] or {}).get("drained"),
+        "tps_before": tps_before,
+        "tps_during": tps_during,
+        "tps_after": tps_after,
+        "tps_during_over_without": (tps_during / base) if tps_during and base else None,
+        "pgbench_rc": rc,
+        "pgbench_problems": problems[:5],
+    }
+
+
+def batch_check(conn: psycopg.Connection[Any], eng: Any, rows: int) -> dict[str, Any]:
+    """One of the engine's copy batches (stages.copy.batch_sql, 10,000 rows from the middle of
+    the table) under EXPLAIN (ANALYZE, BUFFERS), rolled back: where a batch's time goes."""
+    from orchestrator.stages import copy as copy_stage
+
+    m = eng.context().moves["big"]
+    stmt = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(
+        copy_stage.batch_sql(m, first=False)
+    )
+    params = {"limit": 10_000, "lo0": str(rows // 2), "hi0": str(rows)}
+    conn.execute("BEGIN")
+    try:
+        doc = conn.execute(stmt, params).fetchone()
+    finally:
+        conn.execute("ROLLBACK")
+    assert doc is not None
+    top = next(iter(doc.values()))[0]
+    nodes: list[dict[str, Any]] = []
+
+    def walk(n: dict[str, Any]) -> None:
+        nodes.append(n)
+        for c in n.get("Plans", []):
+            walk(c)
+
+    walk(top["Plan"])
+    scans = [
+        round(float(n["Actual Total Time"]), 2)
+        for n in nodes
+        if n["Node Type"] == "CTE Scan" and n.get("Parent Relationship") != "Member"
+    ]
+    insert = next((n for n in nodes if n["Node Type"] == "ModifyTable"), None)
+    wm = conn.execute("SHOW work_mem").fetchone()
+    return {
+        "execution_ms": round(float(top["Execution Time"]), 2),
+        "insert_ms": round(float(insert["Actual Total Time"]), 2) if insert else None,
+        "cte_scan_ms": scans,
+        "temp_blocks_written": int(top["Plan"].get("Temp Written Blocks", 0)),
+        "temp_blocks_read": int(top["Plan"].get("Temp Read Blocks", 0)),
+        "work_mem": next(iter(wm.values())) if wm else None,
+    }
+
+
+def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dict[str, Any]:
+    srv.configure(max_wal_size="8GB", checkpoint_timeout="30min", autovacuum="off")
+    db = "copybench"
+    dsn = srv.create_db(db)
+    from orchestrator.engine import session
+    from orchestrator.plan import parse_plan
+
+    out: dict[str, Any] = {"server": srv.describe(), "rows": rows, "rounds": rounds}
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn, workdir(
+        "copy"
+    ) as tmp:
+        say(f"copy ({srv.version}): generating {rows:,} rows")
+        out["table"] = create_table(conn, "big", rows)
+        out["table"]["rows"] = rows
+        if repack:
+            create_table(conn, "big_r", rows)
+            conn.execute("CREATE EXTENSION pg_repack")
+            v = conn.execute(
+                "SELECT extversion FROM pg_extension WHERE extname = 'pg_repack'"
+            ).fetchone()
+            out["pg_repack_version"] = v["extversion"] if v else None
+        loaded = parse_plan(plan_text(PLAN, ["big"]), "bench:copy.yaml")
+        with session(dsn, loaded) as eng:
+            eng.apply(["big"], "dual_write")
+            names = ["limit", "orchestrator"] + (["pg_repack"] if repack else [])
+            times: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+            out["load"] = [wait_quiet(f"copy {srv.kind}")]
+            loads = []
+            for r in range(rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    loads.append(round(_load1(), 2))
+                    if name == "limit":
+                        res = _limit(conn)
+                    elif name == "orchestrator":
+                        res = _orchestrator(conn, eng)
+                    else:
+                        res = _repack(srv, conn, db)
+                    times[name].append(res)
+                    say(f"copy ({srv.kind}) round {r + 1}: {name} {res['seconds']:.2f} s")
+            out["load_1m_per_run"] = loads
+            out["runs"] = times
+            med = {n: median([x["seconds"] for x in times[n]]) for n in names}
+            out["median_s"] = med
+            out["orchestrator_breakdown_median_s"] = {
+                k: median([x[k] for x in times["orchestrator"]])
+                for k in ("batches_s", "finish_s", "apply_s")
+            }
+            out["limit_breakdown_median_s"] = {
+                k: median([x[k] for x in times["limit"]]) for k in ("insert_s", "indexes_s")
+            }
+            out["ratio_to_limit"] = med["orchestrator"] / med["limit"]
+            out["ratio_to_limit_per_round"] = [
+                o["seconds"] / x["seconds"]
+                for o, x in zip(times["orchestrator"], times["limit"], strict=True)
+            ]
+            if repack:
+                out["ratio_to_pg_repack"] = med["orchestrator"] / med["pg_repack"]
+                out["pg_repack_over_limit"] = med["pg_repack"] / med["limit"]
+                out["ratio_to_pg_repack_per_round"] = [
+                    o["seconds"] / x["seconds"]
+                    for o, x in zip(times["orchestrator"], times["pg_repack"], strict=True)
+                ]
+            out["batch_statement"] = batch_check(conn, eng, rows)
+            if load:
+                out["load"].append(wait_quiet(f"copy under load {srv.kind}"))
+                out["under_load"] = _under_load(srv, conn, eng, db, rows, tmp)
+                u = out["under_load"]
+                say(
+                    f"copy under load: {u['copy_seconds']:.2f} s; pgbench tps before "
+                    f"{u['tps_before']}, during {u['tps_during']}, after {u['tps_after']}"
+                )
+    return out
+
+
+def _load1() -> float:
+    from bench.common import loadavg
+
+    return loadavg()
+
+
+def run(rows: int = 1_000_000, quick: bool = False) -> dict[str, Any]:
+    if quick:
+        rows = min(rows, 100_000)
+    rounds = 3
+    result: dict[str, Any] = {
+        "benchmark": "copy",
+        "machine": machine(),
+        "quick": quick,
+        "targets_defined": {"ratio_to_limit": TARGET_LIMIT, "ratio_to_pg_repack": TARGET_REPACK},
+    }
+    with embedded_server() as srv:
+        result["embedded"] = run_on(srv, rows, rounds, repack=False, load=True)
+    why = pg15_available()
+    repack_bin = PG15_BIN / "pg_repack"
+    if why is None and not repack_bin.exists():
+        why = (
+            f"{repack_bin} not found: install Debian's postgresql-15-repack "
+            "(apt-get install -y postgresql-15-repack)"
+        )
+    if why is None and shutil.which("runuser") is None:
+        why = "runuser not found (needed to start PostgreSQL 15 as the postgres user)"
+    if why is None:
+        with pg15_server() as srv:
+            result["pg15"] = run_on(srv, rows, rounds, repack=True, load=False)
+    else:
+        result["pg15"] = None
+        result["pg_repack_unavailable"] = why
+        say(f"copy: pg_repack unavailable: {why}")
+    e = result["embedded"]
+    p = result["pg15"]
+    targets: dict[str, Any] = {
+        "ratio_to_limit_pg18": {
+            "target": f"<= {TARGET_LIMIT}",
+            "value": e["ratio_to_limit"],
+            "met": e["ratio_to_limit"] <= TARGET_LIMIT,
+        }
+    }
+    if p is not None:
+        targets["ratio_to_limit_pg15"] = {
+            "target": f"<= {TARGET_LIMIT}",
+            "value": p["ratio_to_limit"],
+            "met": p["ratio_to_limit"] <= TARGET_LIMIT,
+        }
+        targets["ratio_to_pg_repack_pg15"] = {
+            "target": f"<= {TARGET_REPACK}",
+            "value": p["ratio_to_pg_repack"],
+            "met": p["ratio_to_pg_repack"] <= TARGET_REPACK,
+        }
+    else:
+        targets["ratio_to_pg_repack_pg15"] = {
+            "target": f"<= {TARGET_REPACK}",
+            "value": None,
+            "met": None,
+            "note": result["pg_repack_unavailable"],
+        }
+    result["targets"] = targets
+    return result

