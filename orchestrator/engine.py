@@ -903,6 +903,9 @@ def session(
                 progress=progress or (lambda _e: None),
                 lock_timeout_ms=lock_timeout_ms,
             )
+            # Bad input changes nothing: check the plan against the catalog before the
+            # control schema is created or the plan recorded.
+            build_context(conn, loaded)
             eng.register()
             yield eng
     finally:
