@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import COGITO_PLAN, COGITO_TEMPLATE, COGITO_TEST_TURNS, _fresh_db
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from orchestrator.catalog import snapshot
@@ -171,12 +172,9 @@ def foreign_keys_of_new_table(conn: Conn) -> dict[str, bool]:
 
 def except_both_ways(conn: Conn) -> tuple[int, int]:
     """Rows of the new table missing from the retired source, and the other way round."""
-    extra = conn.execute(
-        "SELECT count(*) AS n FROM (" + NEW_ROWS + " EXCEPT " + OLD_ROWS + ") x"  # noqa: S608
-    ).fetchone()
-    lost = conn.execute(
-        "SELECT count(*) AS n FROM (" + OLD_ROWS + " EXCEPT " + NEW_ROWS + ") x"  # noqa: S608
-    ).fetchone()
+    count = sql.SQL("SELECT count(*) AS n FROM ({} EXCEPT {}) x")
+    extra = conn.execute(count.format(sql.SQL(NEW_ROWS), sql.SQL(OLD_ROWS))).fetchone()
+    lost = conn.execute(count.format(sql.SQL(OLD_ROWS), sql.SQL(NEW_ROWS))).fetchone()
     assert extra is not None and lost is not None
     return extra["n"], lost["n"]
 

@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import COGITO_PLAN, COGITO_TEMPLATE, _fresh_db
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from orchestrator.catalog import snapshot
@@ -438,8 +439,8 @@ def writing(dsn: str, table: str, column: str) -> Conn:
     """An application transaction that updated one row of table and has not committed yet."""
     conn = psycopg.connect(dsn, application_name=f"app-{table}", row_factory=dict_row)
     conn.execute(
-        f"UPDATE public.{table} SET {column} = {column} "  # noqa: S608 - fixed names
-        f"WHERE id = (SELECT min(id) FROM public.{table})"
+        sql.SQL("UPDATE {t} SET {c} = {c} WHERE id = (SELECT min(id) FROM {t})").format(
+            t=sql.Identifier("public", table), c=sql.Identifier(column))
     )
     return conn
 

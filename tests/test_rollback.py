@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import COGITO_PLAN
+from psycopg import sql
 from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
@@ -87,7 +88,8 @@ def relkind(conn: Conn, name: str) -> str | None:
 
 
 def table_rows(conn: Conn, table: str) -> list[Row]:
-    return list(conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall())  # noqa: S608
+    query = sql.SQL("SELECT * FROM {} ORDER BY 1, 2").format(sql.Identifier(*table.split(".")))
+    return list(conn.execute(query).fetchall())
 
 
 class TurnsApp:
@@ -223,7 +225,8 @@ class AccountsApp:
     def assert_every_write_is_kept(self) -> None:
         for (table, key), row in self.expected.items():
             found = self.conn.execute(
-                f"SELECT * FROM {table} WHERE id = %s",  # noqa: S608 - fixed table names
+                sql.SQL("SELECT * FROM {} WHERE id = %s").format(
+                    sql.Identifier(*table.split("."))),
                 (key,),
             ).fetchone()
             assert found == row, f"{table} {key}: wrote {row}, found {found}"
@@ -575,7 +578,8 @@ def test_the_whole_plan_through_cutover_rolls_back_to_the_exact_catalog(
         "block_lens_version", "audit_log",
     ]  # fmt: skip
     counts = {
-        t: app_conn.execute(f"SELECT count(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608
+        t: app_conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(
+            sql.Identifier(*t.split(".")))).fetchone()["n"]
         for t in tables
     }
     before = catalog(cogito_dsn)
@@ -626,6 +630,7 @@ def test_the_whole_plan_through_cutover_rolls_back_to_the_exact_catalog(
         assert relkind(app_conn, f"public.{t}") == "r", t
     grown = {"clients", "users", "client_users", "participants", "turns"}
     for t, n in counts.items():
-        now = app_conn.execute(f"SELECT count(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608
+        now = app_conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(
+            sql.Identifier(*t.split(".")))).fetchone()["n"]
         assert now == n + (1 if t in grown else 0), t
     assert app_conn.execute("SELECT * FROM turns WHERE id = %s", (turn["id"],)).fetchone() == turn
