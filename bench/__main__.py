@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         result["elapsed_s"] = round(time.monotonic() - s0, 1)
         sub = "quick/" if args.quick else ""
         write_result(f"{sub}{name}", result)
+        if not args.quick:
+            report.append_history(RESULTS, name, result)
         report.print_summary(name, result)
     say(f"all done in {time.monotonic() - t0:.0f} s")
     if not args.quick and not args.no_report:

