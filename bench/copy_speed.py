@@ -189,7 +189,10 @@ def batch_check(conn: psycopg.Connection[Any], eng: Any, rows: int) -> dict[str,
     stmt = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(
         copy_stage.batch_sql(m, first=False)
     )
-    params = {"limit": 10_000, "lo0": str(rows // 2), "hi0": str(rows)}
+    params = {
+        "limit": 10_000, "lo0": str(rows // 2), "hi0": str(rows),
+        **copy_stage.fresh_params(None),
+    }
     conn.execute("BEGIN")
     try:
         doc = conn.execute(stmt, params).fetchone()

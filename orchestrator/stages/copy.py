@@ -3,9 +3,16 @@ log backlog drained and the secondary indexes built, in one transaction that mar
 
 No row locks and no ON CONFLICT: only the orchestrator writes the target, and no replay runs
 until the copy ends, so every batch is a plain INSERT ... SELECT. A row changed after a batch
-read it has its key in the capture log, and the drain at the end re-reads it. The copy stops at
-the largest key present when it started (the fixed upper bound), so it ends under any write
-rate: later rows reach the target through the log.
+read it has its key in the capture log, and the drain at the end re-reads it.
+
+The copy ends under any write rate, whatever the key order of new rows. It stops at the largest
+key present when it started (the upper bound), and within that range it skips every row
+written since it started: such a row was written while the capture trigger was live, so its
+key is in the log and the drain brings it. "Written since" is the row version's xmin, newer
+than the transaction that started the copy (exact while the cluster has used fewer than 2^32
+transaction ids: then a frozen tuple's kept xmin cannot wrap into the window). Past that, the
+copy falls back to the heap: rows in blocks added since the start are skipped. Without the
+skip, a serial key inserted below an outlier high key would keep a throttled copy chasing it.
 """
 
 from __future__ import annotations
@@ -34,10 +41,56 @@ def _typed_key(m: TableMove, param: str) -> sql.Composed:
     )
 
 
+# The copy-start facts that tell a row written since then (see the module docstring).
+NO_XID = None  # the xmin test is off (the cluster is past 2^32 transaction ids)
+NO_BLOCK = 4294967295  # the block test is off (beyond any block number)
+
+
+def fresh_bound_sql() -> sql.SQL:
+    """This transaction's id and the source's heap extent and file, taken when the copy starts
+    (after dual-write committed: any later writer of the source fires the capture trigger)."""
+    return sql.SQL(
+        "SELECT pg_current_xact_id()::text::bigint AS xid, "
+        "pg_relation_size(%(rel)s::oid::regclass) "
+        "/ current_setting('block_size')::bigint AS blocks, "
+        "pg_relation_filenode(%(rel)s::oid::regclass)::bigint AS node"
+    )
+
+
+def fresh_params(fresh: dict[str, Any] | None) -> dict[str, Any]:
+    """Batch parameters from the recorded bound; a checkpoint without one skips nothing."""
+    f = fresh or {}
+    xid = f.get("xid")
+    return {
+        # age() is relative to the batch's own transaction: rows whose xmin is at most
+        # age(start) old were written after the start. 0 and age 0 when off: xmin is never the
+        # batch's own transaction id, so nothing is skipped.
+        "fresh_xid": str(xid % 2**32) if xid is not None else "0",
+        "fresh_tid": f"({f.get('block', NO_BLOCK)},0)",
+        "fresh_oid": f.get("oid", 0),
+        "fresh_node": f.get("node", 0),
+    }
+
+
 def batch_sql(m: TableMove, first: bool) -> sql.Composed:
-    """One batch: the next `limit` source rows after the checkpoint, up to the upper bound."""
+    """One batch: the next `limit` source rows after the checkpoint, up to the upper bound,
+    leaving out rows written since the copy started (the drain brings those)."""
     keys = idents(m.key_source, "s")
-    cond = [sql.SQL("({}) <= {}").format(keys, _typed_key(m, "hi"))]
+    cond = [
+        sql.SQL("({}) <= {}").format(keys, _typed_key(m, "hi")),
+        # age(xid 0) is the largest age there is, so a disabled test must not match: the
+        # xid param is then '0', and age('0') is INT_MAX; guard with the explicit <> test.
+        sql.SQL(
+            "NOT (%(fresh_xid)s::xid <> '0'::xid AND age(s.xmin) >= 0 "
+            "AND age(s.xmin) <= age(%(fresh_xid)s::xid))"
+        ),
+        # The block test holds only while the source keeps the file it had at the start (a
+        # rewrite, such as VACUUM FULL, moves old rows anywhere).
+        sql.SQL(
+            "NOT (s.ctid >= %(fresh_tid)s::tid "
+            "AND pg_relation_filenode(%(fresh_oid)s::oid::regclass) = %(fresh_node)s::oid)"
+        ),
+    ]
     if not first:
         cond.insert(0, sql.SQL("({}) > {}").format(keys, _typed_key(m, "lo")))
     order = sql.SQL(", ").join(sql.Identifier("s", k) for k in m.key_source)
@@ -70,6 +123,16 @@ def upper_bound_sql(m: TableMove) -> sql.Composed:
     return sql.SQL("SELECT ARRAY[{}] AS hi FROM {} ORDER BY {} LIMIT 1").format(
         last, m.source, desc
     )
+
+
+def fresh_bound(conn: Conn, rel: Relation) -> dict[str, Any]:
+    """What tells a row written from now on: the xmin test while the cluster's transaction ids
+    have not wrapped (exact), else the heap extent of the source's current file."""
+    r = conn.execute(fresh_bound_sql(), {"rel": rel.oid}).fetchone()
+    assert r is not None
+    if int(r["xid"]) < 2**32:
+        return {"xid": int(r["xid"])}
+    return {"block": int(r["blocks"]), "oid": rel.oid, "node": int(r["node"])}
 
 
 def _secondary(m: TableMove, rel: Relation) -> list[tuple[Index, Constraint | None]]:
@@ -211,7 +274,7 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
         with conn.transaction():
             r = conn.execute(upper_bound_sql(m)).fetchone()
             est = max(rel.row_estimate, 0)
-            cp = {"hi": r["hi"] if r else None, "last": None}
+            cp = {"hi": r["hi"] if r else None, "last": None, "fresh": fresh_bound(conn, rel)}
             control.set_status(
                 conn,
                 s,
@@ -246,7 +309,7 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
             time.sleep(t.check_every_s)
             reason = server_busy(conn, _throttle(ctx, m), wal)
         limit = int(control.setting(conn, s, p, m.label, "batch_size", m.options.batch_size))
-        params: dict[str, Any] = {"limit": limit}
+        params: dict[str, Any] = {"limit": limit, **fresh_params(cp.get("fresh"))}
         for i, v in enumerate(cp["hi"]):
             params[f"hi{i}"] = v
         first = cp["last"] is None
@@ -260,7 +323,7 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
             n = int(r["n"]) if r else 0
             if n == 0:
                 break
-            cp = {"hi": cp["hi"], "last": r["last"] if r else None}
+            cp = {**cp, "last": r["last"] if r else None}
             rows_done += n
             done_here += n
             elapsed = max(time.monotonic() - started, 1e-6)
