@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import cProfile
+import io
 import pstats
 import sys
 import time
@@ -181,7 +182,10 @@ def server_log_count(log: Path, start: int) -> dict[str, int]:
 
 
 def phases(dsn: str, loaded: Any) -> list[tuple[str, Callable[[], Any]]]:
-    from orchestrator import dryrun, graph
+    from rich.console import Console
+
+    from orchestrator import dryrun, graph, tui
+    from orchestrator.cli import TEXT_SQL_MAX_TABLES
     from orchestrator.db import connect
     from orchestrator.validate import inspect
 
@@ -198,11 +202,28 @@ def phases(dsn: str, loaded: Any) -> list[tuple[str, Callable[[], Any]]]:
             return graph.to_json(report.graph)
 
     def dry() -> Any:
+        # As `orchestrator dry-run PLAN` does: build, then the text report (its SQL shown
+        # only up to cli.TEXT_SQL_MAX_TABLES tables; a larger plan gets one entry per table).
         with connect(dsn, autocommit=True) as conn:
             conn.execute("SET search_path = ''")
-            return dryrun.build(conn, loaded)
+            d = dryrun.build(conn, loaded)
+            show = len(d.tables) <= TEXT_SQL_MAX_TABLES
+            tui.print_dry_run(Console(file=io.StringIO(), width=120), d, show_sql=show)
+            return d
 
-    return [("validate", validate), ("graph", graph_phase), ("dry_run", dry)]
+    def script() -> Any:
+        # `orchestrator dry-run PLAN --format sql`: every statement of every stage, both ways.
+        with connect(dsn, autocommit=True) as conn:
+            conn.execute("SET search_path = ''")
+            d = dryrun.build(conn, loaded)
+            return d, dryrun.to_sql(d)
+
+    return [("validate", validate), ("graph", graph_phase), ("dry_run", dry),
+            ("sql_script", script)]
+
+
+# Timed and reported, but not part of the target's total (validate + graph + dry-run).
+OUTSIDE_TOTAL = ("sql_script",)
 
 
 def measure(srv: Server, n: int, repeats: int, profile: bool = False) -> dict[str, Any]:
@@ -230,15 +251,19 @@ def measure(srv: Server, n: int, repeats: int, profile: bool = False) -> dict[st
             res = fn()
             dt = time.monotonic() - t0
             times[name].append(dt)
-            total += dt
+            if name not in OUTSIDE_TOTAL:
+                total += dt
             if name == "dry_run":
                 info["dry_run_tables"] = len(res.tables)
                 info["units"] = len({t.unit for t in res.tables})
                 info["waves"] = len({t.wave for t in res.tables})
                 info["cycles"] = len({t.unit for t in res.tables if t.cycle})
+            if name == "sql_script":
+                d, text = res
                 info["statements_rendered"] = sum(
-                    len(s.forward) + len(s.rollback) for t in res.tables for s in t.stages
+                    len(s.forward) + len(s.rollback) for t in d.tables for s in t.stages
                 )
+                info["sql_script_bytes"] = len(text.encode())
         totals.append(total)
     out["seconds"] = {name: round(median(v), 3) for name, v in times.items()}
     out["seconds"]["total"] = round(median(totals), 3)

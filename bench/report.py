@@ -326,21 +326,32 @@ def _planning(r: dict[str, Any]) -> list[str]:
         "forms a two-table cycle with the next. One DO block builds it, committing every 100 "
         "tables. A plan moves every table (copy strategy). Each phase runs as its CLI command "
         "does, on a fresh connection: validate (`inspect`), graph (`inspect` + `to_json`), "
-        "dry-run (`dryrun.build`). Seconds are medians of the timed runs; statements are "
+        "dry-run (`dryrun.build` and the text report `orchestrator dry-run` prints: every "
+        "statement up to 20 tables, one entry per table beyond, where `--table` or "
+        "`--format sql` give the SQL). The whole SQL script (`--format sql`, every statement "
+        "of every stage both ways) is timed too, outside the target's total. "
+        "Seconds are medians of the timed runs; statements are "
         "counted in one more run, in the client (psycopg `Cursor.execute`/`executemany` and "
         "the connection's own BEGIN/COMMIT/SAVEPOINT commands) and in the server "
         "(`log_statement = 'all'` on the database, log lines counted).",
         "",
         "| tables | foreign keys | validate (s) | graph (s) | dry-run (s) | total (s) | "
-        "statements, client | statements, server log | units / cycles |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "SQL script (s, statements, MB) | statements, client | statements, server log | "
+        "units / cycles |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _n, s in r["runs"].items():
         sec = s["seconds"]
         srv = (s.get("server_logged_statements") or {}).get("total")
+        script = (
+            f"{sec['sql_script']:.2f}, {s['statements_rendered']:,}, "
+            f"{s['sql_script_bytes'] / 1e6:.1f}"
+            if "sql_script" in sec
+            else "n/a"
+        )
         out.append(
             f"| {s['tables']:,} | {s['foreign_keys']:,} | {sec['validate']:.2f} | "
-            f"{sec['graph']:.2f} | {sec['dry_run']:.2f} | **{sec['total']:.2f}** | "
+            f"{sec['graph']:.2f} | {sec['dry_run']:.2f} | **{sec['total']:.2f}** | {script} | "
             f"{s['client_statements']['total']} | {_f(srv)} | {s['units']:,} / {s['cycles']} |"
         )
     out.append("")

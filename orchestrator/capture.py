@@ -18,7 +18,7 @@ from psycopg import errors, sql
 
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.move import TableMove
-from orchestrator.sqlutil import catalog_sql, ident, idents, row
+from orchestrator.sqlutil import catalog_sql, ident, idents, render, row
 
 TRIGGER = "_orch_capture"
 TRUNCATE_TRIGGER = "_orch_capture_truncate"
@@ -181,7 +181,7 @@ class _Body(sql.Composable):
         self._body = body
 
     def as_bytes(self, context: object = None) -> bytes:
-        text = self._body.as_string(context)  # type: ignore[arg-type]
+        text = render(context, self._body)
         return sql.Literal(text).as_bytes(context)  # type: ignore[arg-type]
 
 

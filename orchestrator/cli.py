@@ -359,29 +359,42 @@ class DryFmt(StrEnum):
     sql = "sql"
 
 
-def _dry_run(plan: Path, fmt: str) -> None:
+# The text report shows every statement up to this many tables; a larger plan gets one panel per
+# table, and its SQL through --table, --format sql or --format json.
+TEXT_SQL_MAX_TABLES = 20
+
+
+def _dry_run(plan: Path, fmt: str, tables: list[str] | None = None) -> None:
     from orchestrator import dryrun
 
     with _guard("json" if fmt == "json" else "text"):
         loaded = load_plan(plan)
         with _connect() as conn:
             conn.execute("SET search_path = ''")
-            d = dryrun.build(conn, loaded)
-    if fmt == "json":
-        _emit_json(d.as_dict())
-    elif fmt == "sql":
-        sys.stdout.write(dryrun.to_sql(d) + "\n")
-    else:
-        tui.print_dry_run(out, d)
+            d = dryrun.build(conn, loaded, tables or ())
+            # Statements render on first read, with this connection's encoding.
+            if fmt == "json":
+                _emit_json(d.as_dict())
+            elif fmt == "sql":
+                sys.stdout.write(dryrun.to_sql(d) + "\n")
+            else:
+                show_sql = bool(tables) or len(d.tables) <= TEXT_SQL_MAX_TABLES
+                tui.print_dry_run(out, d, show_sql=show_sql)
+                if not show_sql:
+                    out.print(
+                        f"SQL not shown for {len(d.tables)} tables: `orchestrator dry-run {plan} "
+                        "--table NAME` shows one unit's, `--format sql` writes the whole script"
+                    )
 
 
 @app.command("dry-run")
 def dry_run(
     plan: PlanArg,
+    table: TablesOpt = None,
     fmt: Annotated[DryFmt, typer.Option("--format", help="text, json or sql")] = DryFmt.text,
 ) -> None:
     """Show every stage's SQL (forward and back), locks, sizes, durations and risks."""
-    _dry_run(plan, fmt.value)
+    _dry_run(plan, fmt.value, table)
 
 
 @app.command()
@@ -407,7 +420,7 @@ def apply(
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
     if dry:
-        _dry_run(plan, fmt.value)
+        _dry_run(plan, fmt.value, table)
         return
     allowed = ("prepare", "dual_write", "copy", "verify", "cutover")
     with _guard(fmt):

@@ -7,7 +7,10 @@ temporary table) runs in a transaction that is rolled back.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,7 @@ from orchestrator import control
 from orchestrator.catalog import Catalog, Relation
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.ddl import blockers
+from orchestrator.errors import StageError
 from orchestrator.move import TableMove
 from orchestrator.plan import LoadedPlan, Strategy
 from orchestrator.sqlutil import render
@@ -36,13 +40,40 @@ class Statement:
     waits_behind: tuple[int, ...] = ()
 
 
+Rendered = tuple[tuple[Statement, ...], tuple[Statement, ...]]
+
+
 @dataclass(frozen=True)
 class StagePlan:
+    """One stage of one table. Its statements are composed and rendered when first read: a
+    plan of 2,000 tables has ~120k of them, and the text report of a large plan shows none
+    (`--format sql`, `--format json` or `--table` do)."""
+
     stage: str
     status: str
-    forward: tuple[Statement, ...]
-    rollback: tuple[Statement, ...]
-    note: str = ""
+    note: str
+    statements: Callable[[], Rendered] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def _rendered(self) -> Rendered:
+        return self.statements()
+
+    @property
+    def forward(self) -> tuple[Statement, ...]:
+        return self._rendered[0]
+
+    @property
+    def rollback(self) -> tuple[Statement, ...]:
+        return self._rendered[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "forward": [dataclasses.asdict(st) for st in self.forward],
+            "rollback": [dataclasses.asdict(st) for st in self.rollback],
+            "note": self.note,
+        }
 
 
 @dataclass(frozen=True)
@@ -70,9 +101,18 @@ class DryRun:
     sessions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        import dataclasses
-
-        return dataclasses.asdict(self)
+        tables = []
+        for t in self.tables:
+            row = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
+            row["stages"] = [s.as_dict() for s in t.stages]
+            tables.append(row)
+        return {
+            "plan": self.plan,
+            "copy_rate": self.copy_rate,
+            "rate_source": self.rate_source,
+            "tables": tables,
+            "sessions": self.sessions,
+        }
 
 
 def _statements(
@@ -225,10 +265,16 @@ def _reason(m: TableMove, spec_columns: int) -> str:
     return "copy: the plan maps columns, which only the copy strategy can do"
 
 
-def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
-    """Plan every stage of every unit without changing anything."""
+def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRun:
+    """Plan every stage of every unit (or of the units holding `tables`), changing nothing."""
     from orchestrator.engine import build_context
 
+    unknown = [t for t in tables if t not in loaded.plan.table_names]
+    if unknown:
+        raise StageError(
+            f"{', '.join(unknown)}: not a table of plan {loaded.plan.name}",
+            hint=f"`orchestrator graph {loaded.path}` lists the plan's tables",
+        )
     ctx = build_context(conn, loaded)
     cat, plan = ctx.catalog, ctx.plan
     status = _status(conn, loaded)
@@ -246,6 +292,8 @@ def build(conn: Conn, loaded: LoadedPlan) -> DryRun:
         if unit.kind != "tables":
             continue
         moves = [ctx.moves[n] for n in unit.members if n in ctx.moves]
+        if tables and not set(unit.members) & set(tables):
+            continue
         for m in moves:
             rel = cat.table(m.source_schema, m.source_name) or cat.table(
                 plan.retired_schema, m.source_name
@@ -285,26 +333,32 @@ def _stage_plans(
 ) -> list[StagePlan]:
     conn = ctx.conn
 
-    def sp(stage: str, fwd: list[Step], back: list[Step], note: str = "") -> StagePlan:
+    def sp(
+        stage: str,
+        fwd: Callable[[], list[Step]],
+        back: Callable[[], list[Step]],
+        note: str = "",
+    ) -> StagePlan:
         return StagePlan(
             stage,
             status.get((m.label, stage), "pending"),
-            _statements(conn, fwd, holders),
-            _statements(conn, back, holders),
             note,
+            lambda: (_statements(conn, fwd(), holders), _statements(conn, back(), holders)),
         )
 
     if m.strategy == "rename":
         return [
             sp(
                 "rename",
-                rename.forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema)),
-                rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan)),
+                lambda: rename.forward_steps(
+                    m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema)
+                ),
+                lambda: rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan)),
             ),
             sp(
                 "finalize",
-                [],
-                [],
+                list,
+                list,
                 "nothing to drop: the compatibility view stays until the "
                 "plan drops it; finalize only records that the move is final",
             ),
@@ -318,27 +372,30 @@ def _stage_plans(
     return [
         sp(
             "prepare",
-            prepare.forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema)),
-            prepare.rollback_steps(m),
+            lambda: prepare.forward_steps(
+                m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema)
+            ),
+            lambda: prepare.rollback_steps(m),
         ),
-        sp("dual_write", dual_write.forward_steps(m), dual_write.rollback_steps(m)),
+        sp("dual_write", lambda: dual_write.forward_steps(m),
+           lambda: dual_write.rollback_steps(m)),
         sp(
             "copy",
-            copy_stage.forward_steps(m, rel),
-            copy_stage.rollback_steps(m, rel),
+            lambda: copy_stage.forward_steps(m, rel),
+            lambda: copy_stage.rollback_steps(m, rel),
             "batches repeat from the checkpoint until the upper bound; the index builds run "
             "with the final drain in one transaction",
         ),
         sp(
             "verify",
-            verify_stage.forward_steps(m),
-            [],
+            lambda: verify_stage.forward_steps(m),
+            list,
             "read-only: nothing to undo; chunks repeat over the key range",
         ),
         sp(
             "cutover",
-            cutover_stage.forward_steps(copy_moves, ctx.catalog),
-            [],
+            lambda: cutover_stage.forward_steps(copy_moves, ctx.catalog),
+            list,
             (swap_note + "; " if swap_note else "") + "rollback is the same swap backwards "
             "under the same lock discipline: drain the reverse log, move the retired table "
             "back, re-point foreign keys and triggers, drop the compatibility view; its exact "
@@ -346,8 +403,8 @@ def _stage_plans(
         ),
         sp(
             "finalize",
-            finalize.forward_steps(m),
-            [],
+            lambda: finalize.forward_steps(m),
+            list,
             "CANNOT BE UNDONE: drops the retired table and its reverse capture",
         ),
     ]

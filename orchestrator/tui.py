@@ -277,8 +277,9 @@ def _size(n: int) -> str:
     return f"{n} PB"
 
 
-def print_dry_run(console: Console, d: Any) -> None:
-    """A dry-run for people: per table, what, why, how long, the risks and every statement."""
+def print_dry_run(console: Console, d: Any, show_sql: bool = True) -> None:
+    """A dry-run for people: per table, what, why, how long, the risks and (unless the plan is
+    too large to read that way) every statement."""
     from rich.panel import Panel
     from rich.syntax import Syntax
 
@@ -290,6 +291,7 @@ def print_dry_run(console: Console, d: Any) -> None:
                                     f"pid {s['pid']} ({s['role']}, "
                                     f"{s['application_name'] or '-'}, {s['state']}, "
                                     f"open {s['xact_age']}): {s['query']}"))
+    compact: list[Text] = []  # a large plan: a few lines per table, printed at once
     for t in d.tables:
         expected = f", expected copy {t.expected_s:,.1f} s" if t.expected_s is not None else ""
         head = Text.assemble((t.table, "bold"), " → ", (t.target, "cyan"),
@@ -297,6 +299,9 @@ def print_dry_run(console: Console, d: Any) -> None:
                              f"{t.rows:,} rows, {_size(t.bytes)}{expected}")
         body = [Text.assemble(("strategy: ", "bold"), t.reason)]
         body += [Text.assemble(("risk: ", "yellow"), r) for r in t.risks]
+        if not show_sql:
+            compact += [head, *(Text.assemble("    ", b) for b in body)]
+            continue
         console.print(Panel(Text("\n").join(body), title=head, title_align="left"))
         for s in t.stages:
             console.print(Text.assemble(("  ", ""), (s.stage, "bold magenta"),
@@ -312,3 +317,5 @@ def print_dry_run(console: Console, d: Any) -> None:
                 console.print(Text("    rollback:", style="bold"))
                 for st in s.rollback:
                     console.print(Syntax(st.sql, "sql", word_wrap=True, padding=(0, 0, 0, 6)))
+    if compact:
+        console.print(Text("\n").join(compact), soft_wrap=True)  # wrapping 6k lines: 1 s

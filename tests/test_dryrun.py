@@ -71,3 +71,60 @@ def test_the_dry_run_names_a_session_holding_a_lock(cogito_dsn: str) -> None:
     turns = next(t for t in data["tables"] if t["table"] == "turns")
     cutover = next(s for s in turns["stages"] if s["stage"] == "cutover")
     assert pid in cutover["forward"][0]["waits_behind"]
+
+
+def test_the_fast_rendering_is_exactly_psycopgs(cogito_dsn: str) -> None:
+    """sqlutil.render skips psycopg's per-node work; every statement of the plan, both ways,
+    must come out byte for byte as psycopg renders it."""
+    from orchestrator import dryrun
+    from orchestrator.plan import load_plan
+    from orchestrator.sqlutil import render
+
+    captured: list[tuple[str, str]] = []
+    with connect(cogito_dsn, autocommit=True) as conn:
+        conn.execute("SET search_path = ''")
+        d = dryrun.build(conn, load_plan(COGITO_PLAN))
+        original = dryrun._statements
+
+        def spy(c: Any, steps: Any, holders: Any) -> Any:
+            for s in steps:
+                captured.append((render(c, s.sql), s.sql.as_string(c)))
+            return original(c, steps, holders)
+
+        dryrun._statements = spy  # type: ignore[assignment]
+        try:
+            dryrun.to_sql(d)
+        finally:
+            dryrun._statements = original  # type: ignore[assignment]
+    assert len(captured) > 300
+    assert [fast for fast, _ in captured] == [slow for _, slow in captured]
+
+
+def test_one_table_of_a_plan_and_a_table_the_plan_does_not_have(cogito_dsn: str) -> None:
+    runner = CliRunner()
+    one = runner.invoke(app, ["--dsn", cogito_dsn, "dry-run", str(COGITO_PLAN),
+                              "--table", "turns", "--format", "json"])
+    assert one.exit_code == 0, one.output
+    assert [t["table"] for t in json.loads(one.stdout)["tables"]] == ["turns"]
+
+    wrong = runner.invoke(app, ["--dsn", cogito_dsn, "dry-run", str(COGITO_PLAN),
+                                "--table", "turn"])
+    assert wrong.exit_code != 0
+    assert "turn: not a table of plan" in wrong.output
+    assert "Traceback" not in wrong.output
+
+
+def test_a_large_plan_reads_as_one_entry_per_table_and_says_where_the_sql_is(
+    cogito_dsn: str, monkeypatch: Any
+) -> None:
+    from orchestrator import cli
+
+    monkeypatch.setattr(cli, "TEXT_SQL_MAX_TABLES", 2)
+    runner = CliRunner()
+    big = runner.invoke(app, ["--dsn", cogito_dsn, "dry-run", str(COGITO_PLAN)])
+    assert big.exit_code == 0, big.output
+    assert "turns → conversation.turns" in big.output
+    assert "CREATE TABLE" not in big.output
+    assert "--table NAME` shows one unit's, `--format sql` writes the whole script" in big.output
+    one = runner.invoke(app, ["--dsn", cogito_dsn, "dry-run", str(COGITO_PLAN), "-t", "turns"])
+    assert 'CREATE TABLE "conversation"."turns"' in one.output
