@@ -24,23 +24,15 @@ def _copy(r: dict[str, Any]) -> list[str]:
             b = s.get("batch_statement") or {}
             spill = ""
             if b:
-                scans = b.get("cte_scan_ms") or []
                 spill = (
                     f" One batch under EXPLAIN ANALYZE: {b['execution_ms']:.0f} ms, of which "
-                    f"the INSERT {b['insert_ms']:.0f} ms; the materialized CTE of whole rows "
-                    f"(about 3 MB at 10,000 rows) "
+                    f"the INSERT {b['insert_ms']:.0f} ms; "
                     + (
-                        f"spilled to disk ({b['temp_blocks_written']} temp blocks written, "
-                        f"work_mem {b['work_mem']}) and "
+                        f"{b['temp_blocks_written']} temporary blocks written (work_mem "
+                        f"{b['work_mem']})."
                         if b.get("temp_blocks_written")
-                        else f"stayed in memory (work_mem {b['work_mem']}) and "
+                        else f"nothing spilled to disk (work_mem {b['work_mem']})."
                     )
-                    + "is scanned again for the row count and once more, sorted, for the "
-                    "last key ("
-                    + " + ".join(f"{x:.0f}" for x in scans[1:])
-                    + " ms). Engine change that would help: take the count and the last key "
-                    "from the INSERT's RETURNING of the key columns only, instead of rescanning "
-                    "full rows."
                 )
             out.append(
                 f"- **Copy, {label}: {s['ratio_to_limit']:.2f}x the limit (target 1.15x).** "
