@@ -168,6 +168,10 @@ class Engine:
                 on_retry=on_retry,
             )
         except _StepFailed as exc:
+            if self.conn.broken or self.conn.closed:
+                # Our session is gone (terminated, server down): nothing can be recorded on it,
+                # and a second error from trying would hide the server's reason.
+                raise exc.error from None
             self._failed(names, stage, action, str(exc.error).strip(), exc.statement)
             raise StageError(
                 f"{', '.join(names)}: {action} failed and was rolled back, nothing changed: "
