@@ -348,6 +348,21 @@ def setting(conn: Conn, schema: str, plan: str, table: str, key: str, default: A
     return default if row is None else row["value"]
 
 
+def settings(conn: Conn, schema: str, plan: str, table: str) -> dict[str, Any]:
+    """Every value set for a table, in one query (table-specific beats plan-wide): the copy
+    reads them before each batch, where a query per key cost a round trip each."""
+    rows = conn.execute(
+        _q(
+            schema,
+            """SELECT DISTINCT ON (key) key, value FROM {s}.settings
+                      WHERE plan = %s AND table_name IN (%s, '*')
+                      ORDER BY key, (table_name = '*')""",
+        ),
+        (plan, table),
+    ).fetchall()
+    return {r["key"]: r["value"] for r in rows}
+
+
 def put_setting(conn: Conn, schema: str, plan: str, key: str, value: Any, table: str = "*") -> None:
     conn.execute(
         _q(

@@ -23,7 +23,7 @@ from orchestrator.errors import LockTimeoutExhausted
 T = TypeVar("T")
 
 _BLOCKERS = """
-SELECT DISTINCT a.pid, a.usename AS role, a.application_name, a.state,
+SELECT DISTINCT a.pid, a.usename AS role, a.application_name, a.state, a.backend_type,
        (now() - a.xact_start)::text AS xact_age, left(a.query, 300) AS query,
        l.mode, c.relname AS relation, l.relation::bigint AS relation_oid
 FROM pg_locks l
@@ -49,6 +49,33 @@ def blockers(conn: Conn, relations: list[str]) -> list[dict[str, Any]]:
     except psycopg.Error:
         return []
     return [dict(r) for r in rows]
+
+
+def autovacuums_to_cancel(who: list[dict[str, Any]]) -> list[int]:
+    """The blockers that are autovacuum workers, except an anti-wraparound one (which must
+    finish, and which PostgreSQL itself never cancels)."""
+    return sorted({
+        int(b["pid"]) for b in who
+        if b.get("backend_type") == "autovacuum worker"
+        and "to prevent wraparound" not in (b.get("query") or "")
+    })
+
+
+def cancel_autovacuums(conn: Conn, pids: list[int]) -> dict[str, list[int]]:
+    """Cancel autovacuum workers in our way, as PostgreSQL's deadlock detector would once a
+    lock waiter had waited deadlock_timeout (1 s by default): our lock_timeout gives up sooner,
+    so without this a long autovacuum keeps every try failing. The worker comes back later.
+    Needs superuser (or pg_signal_autovacuum_worker on PostgreSQL 18); what was refused is
+    reported, not raised."""
+    done: dict[str, list[int]] = {"cancelled": [], "refused": []}
+    for pid in pids:
+        try:
+            with conn.transaction():
+                r = conn.execute("SELECT pg_cancel_backend(%s) AS ok", (pid,)).fetchone()
+            done["cancelled" if r and r["ok"] else "refused"].append(pid)
+        except psycopg.errors.InsufficientPrivilege:
+            done["refused"].append(pid)
+    return done
 
 
 class LockWaitExceeded(Exception):
@@ -104,6 +131,11 @@ def run_locked(
         except (errors.LockNotAvailable, LockWaitExceeded) as exc:
             waited = (time.monotonic() - started) * 1000
             who = blockers(conn, relations)
+            detail: dict[str, Any] = {
+                "attempt": attempt, "error": str(exc).strip(), "blockers": who}
+            vacuums = autovacuums_to_cancel(who)
+            if vacuums:
+                detail["autovacuum"] = cancel_autovacuums(conn, vacuums)
             with conn.transaction():
                 control.log_event(
                     conn,
@@ -114,7 +146,7 @@ def run_locked(
                     table=table,
                     stage=stage,
                     duration_ms=waited,
-                    detail={"attempt": attempt, "error": str(exc).strip(), "blockers": who},
+                    detail=detail,
                 )
             if on_retry is not None:
                 on_retry(attempt, who)

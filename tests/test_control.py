@@ -270,6 +270,12 @@ def test_settings_a_table_value_beats_the_plan_value(
     assert control.setting(cogito_conn, CTL, "cogito", "users", "batch_size", 5000) == 2000
     control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 50, table="turns")
     assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 50
+    # The copy reads them all at once, with the same precedence.
+    control.put_setting(cogito_conn, CTL, "cogito", "sleep_ms", 20)
+    assert control.settings(cogito_conn, CTL, "cogito", "turns") == {
+        "batch_size": 50, "sleep_ms": 20}
+    assert control.settings(cogito_conn, CTL, "cogito", "users") == {
+        "batch_size": 2000, "sleep_ms": 20}
 
 
 def test_saved_values_are_kept_for_a_rollback(cogito_conn: Conn, registered: LoadedPlan) -> None:

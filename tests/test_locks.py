@@ -552,3 +552,71 @@ def test_only_sessions_of_this_database_are_named_as_blockers(
             finally:
                 report.rollback()
                 report.close()
+
+
+@pytest.fixture
+def slow_autovacuum_server() -> Iterator[str]:
+    """A server of this test's own (its autovacuum settings would disturb the others'), with
+    autovacuum looking every second, and the Cogito sample."""
+    import shutil
+    import tempfile
+
+    from conftest import COGITO_TEST_TURNS, dsn_for
+
+    from orchestrator import sample
+    from orchestrator.db import start_embedded, stop_embedded
+
+    tmp = Path(tempfile.mkdtemp(prefix="orch-locks-av-", dir="/tmp"))
+    try:
+        base = start_embedded(tmp)
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+            admin.execute("SELECT pg_reload_conf()")
+            admin.execute("CREATE DATABASE cogito_av")
+        dsn = dsn_for(base, "cogito_av")
+        with psycopg.connect(dsn) as conn:
+            sample.load_schema(conn)
+            sample.generate_data(conn, turns=COGITO_TEST_TURNS, seed=1)
+            conn.commit()
+        yield dsn
+    finally:
+        stop_embedded(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_cutover_cancels_an_autovacuum_in_its_way_as_postgres_would(
+    slow_autovacuum_server: str,
+) -> None:
+    """An autovacuum of public.turns holds SHARE UPDATE EXCLUSIVE for seconds. PostgreSQL
+    cancels it for a lock waiter only after deadlock_timeout (1 s), longer than our
+    lock_timeout: the cutover cancels it itself, says so in the event log, and goes through."""
+    dsn = slow_autovacuum_server
+    assert orchestrator(dsn, "apply", PLAN, "--table", "turns").returncode == 0
+    db = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+    # A vacuum that sleeps 100 ms after every page, and dead rows to give it work now.
+    db.execute(
+        "ALTER TABLE public.turns SET (autovacuum_vacuum_cost_delay = 100, "
+        "autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0, "
+        "autovacuum_vacuum_scale_factor = 0)"
+    )
+    db.execute("UPDATE public.turns SET content = content")
+    deadline = time.monotonic() + 60
+    worker = None
+    while worker is None and time.monotonic() < deadline:
+        worker = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
+            "AND query LIKE '%%public.turns%%'"
+        ).fetchone()
+        time.sleep(0.2)
+    assert worker is not None, "no autovacuum of public.turns started within 60 s"
+
+    r = orchestrator(dsn, "cutover", PLAN, "--table", "turns", "--yes",
+                     "--lock-timeout", str(LOCK_TIMEOUT_MS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    detail = db.execute(
+        "SELECT detail FROM _orchestrator.events WHERE action = 'cutover' "
+        "AND outcome = 'lock_timeout' AND detail ? 'autovacuum' ORDER BY id LIMIT 1"
+    ).fetchone()
+    assert detail is not None, "the cutover never met the autovacuum"
+    assert worker["pid"] in detail["detail"]["autovacuum"]["cancelled"]
+    db.close()

@@ -232,20 +232,21 @@ class WalMeter:
         return rate
 
 
-def _throttle(ctx: Ctx, m: TableMove) -> Throttle:
+def _throttle(ctx: Ctx, m: TableMove, cfg: dict[str, Any]) -> Throttle:
+    """The throttle from the plan, with the operator's `set` values (`cfg`) over it."""
     t = ctx.plan.defaults.throttle
-    get = control.setting
-    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
     return Throttle(
-        sleep_ms=int(get(conn, s, p, m.label, "sleep_ms", t.sleep_ms)),
-        max_lag_bytes=get(
-            conn, s, p, m.label, "max_replication_lag_bytes", t.max_replication_lag_bytes
-        ),
-        max_wal_rate=get(conn, s, p, m.label, "max_wal_bytes_per_s", t.max_wal_bytes_per_s),
+        sleep_ms=int(cfg.get("sleep_ms", t.sleep_ms)),
+        max_lag_bytes=cfg.get("max_replication_lag_bytes", t.max_replication_lag_bytes),
+        max_wal_rate=cfg.get("max_wal_bytes_per_s", t.max_wal_bytes_per_s),
         probe_sql=t.probe_sql,
-        probe_max=get(conn, s, p, m.label, "probe_max", t.probe_max),
+        probe_max=cfg.get("probe_max", t.probe_max),
         check_every_s=t.check_every_s,
     )
+
+
+def _settings(ctx: Ctx, m: TableMove) -> dict[str, Any]:
+    return control.settings(ctx.conn, ctx.control, ctx.plan.name, m.label)
 
 
 def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | None:
@@ -304,17 +305,39 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
             )
         rows_done = 0
     estimate = control.get_stage(conn, s, p, m.label, "copy").rows_estimated or 0
+    # Each batch commits without waiting for its WAL flush (set for the session once, not per
+    # transaction: a round trip per batch saved). A crash may lose the last batches, each
+    # with its checkpoint, since WAL keeps their order: the rerun copies them again.
+    conn.execute("SET synchronous_commit = off")
+    try:
+        copied = _batches(ctx, m, cp, rows_done, estimate)
+    finally:
+        if not (conn.broken or conn.closed):
+            conn.execute("RESET synchronous_commit")
+    if copied is not None:
+        finish(ctx, m, rel, copied)
+
+
+def _batches(
+    ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int
+) -> int | None:
+    """Copy batches until the upper bound; the rows copied in all, or None if asked to stop.
+    Settings (batch size, throttle) are read again before every batch, in one query."""
+    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
     started = time.monotonic()
     done_here = 0
     wal = WalMeter()
     while cp["hi"] is not None:
-        t = _throttle(ctx, m)
+        cfg = _settings(ctx, m)
+        t = _throttle(ctx, m, cfg)
         reason = server_busy(conn, t, wal)
         while reason is not None:
             ctx.progress({"table": m.label, "stage": "copy", "paused": reason})
             time.sleep(t.check_every_s)
-            reason = server_busy(conn, _throttle(ctx, m), wal)
-        limit = int(control.setting(conn, s, p, m.label, "batch_size", m.options.batch_size))
+            cfg = _settings(ctx, m)
+            t = _throttle(ctx, m, cfg)
+            reason = server_busy(conn, t, wal)
+        limit = int(cfg.get("batch_size", m.options.batch_size))
         params: dict[str, Any] = {"limit": limit, **fresh_params(cp.get("fresh"))}
         for i, v in enumerate(cp["hi"]):
             params[f"hi{i}"] = v
@@ -323,8 +346,6 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
             for i, v in enumerate(cp["last"]):
                 params[f"lo{i}"] = v
         with conn.transaction():
-            # A lost commit after a server crash loses batch and checkpoint together.
-            conn.execute("SET LOCAL synchronous_commit = off")
             r = conn.execute(batch_sql(m, first), params).fetchone()
             n = int(r["n"]) if r else 0
             if n == 0:
@@ -357,8 +378,8 @@ def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
         if t.sleep_ms:
             time.sleep(t.sleep_ms / 1000)
         if ctx.stop_requested():
-            return
-    finish(ctx, m, rel, rows_done)
+            return None
+    return rows_done
 
 
 def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
