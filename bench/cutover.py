@@ -256,6 +256,19 @@ def one_round(
         worst = max(during, key=lambda s: s[1]) if during else None
         return {
             "lock_timeout_retries": len(tries),
+            # Who each failed try waited for (application_name, or the backend type when it
+            # has none, as for an autovacuum worker), and any autovacuum it cancelled.
+            "lock_timeout_blockers": [
+                sorted({
+                    b.get("application_name") or b.get("backend_type") or "?"
+                    for b in (t["detail"] or {}).get("blockers", [])
+                })
+                for t in tries
+            ],
+            "autovacuum_cancelled": sum(
+                len(((t["detail"] or {}).get("autovacuum") or {}).get("cancelled", []))
+                for t in tries
+            ),
             "succeeded_under_load": last_end >= e1,
             "longest_sampled_lock_ms": max((w["upper_ms"] for w in wins), default=None),
             "hold_ms_event": float(ev_["duration_ms"] or 0),
@@ -325,7 +338,11 @@ def drain_check(conn: psycopg.Connection[Any], eng: Any) -> dict[str, Any]:
         nodes = []
         conn.execute("BEGIN")
         try:
-            for stmt in capture.replay_all_sql(d)[:2]:
+            # As the engine runs them: its planner settings first, then the delete from the
+            # copy and the insert from the live table.
+            settings, delete, insert = capture.replay_all_sql(d)[:3]
+            conn.execute(settings)
+            for stmt in (delete, insert):
                 t0 = time.monotonic()
                 plan = conn.execute(
                     sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) {}").format(stmt)

@@ -118,7 +118,20 @@ def _cutover(r: dict[str, Any]) -> list[str]:
         )
     dc = next((s.get("in_lock_drain_check") for s in r["sizes"].values()
                if s.get("in_lock_drain_check")), None)
-    if dc and (t["hold_under_100ms"]["met"] is False or t["hold_flat"]["met"] is False):
+    planned_well = dc is not None and (
+        dc["stale_log_statistics"]["ms"] <= 3 * dc["after_analyze_of_the_log"]["ms"] + 20
+    )
+    if dc and planned_well:
+        stale, fresh = dc["stale_log_statistics"], dc["after_analyze_of_the_log"]
+        out.append(
+            "- **The in-lock drain no longer depends on the log's statistics:** the engine "
+            "sets `enable_hashjoin`, `enable_mergejoin` and `enable_seqscan` off for its replay "
+            "transactions, so each logged key is looked up by index. Measured in this run on "
+            f"the largest table, a {dc['tail_keys']}-key tail: {stale['ms']:.0f} ms with the "
+            f"log's earlier statistics ({'; '.join(stale['scans'])}), {fresh['ms']:.0f} ms "
+            "after ANALYZE of the log. (The run before this fix measured 557 ms and 3 ms.)"
+        )
+    elif dc and (t["hold_under_100ms"]["met"] is False or t["hold_flat"]["met"] is False):
         stale, fresh = dc["stale_log_statistics"], dc["after_analyze_of_the_log"]
         out.append(
             "- **Why the hold grows with the table (engine bug):** inside the lock, the "

@@ -270,6 +270,33 @@ def test_cutover_out_of_retries_stops_cleanly_names_the_blocker_and_changes_noth
     assert first == {"content": "after the failed cutover"}
 
 
+def test_a_failed_cutover_rolls_back_to_the_exact_catalog(
+    cogito_dsn: str, cogito_conn: Conn, tmp_path: Path
+) -> None:
+    """The operator gives up on a cutover that ran out of retries and rolls the table back
+    entirely: nothing of the move is left, whatever state the cutover stage was left in."""
+    db = cogito_conn
+    text = COGITO_PLAN.read_text(encoding="utf-8")
+    plan = plan_with(
+        tmp_path,
+        "cogito.yaml",
+        text.replace("  lock_timeout_ms: 500\n", "  lock_timeout_ms: 500\n  lock_retries: 0\n"),
+    )
+    user_schemas = ["public", "conversation", "_orchestrator_retired"]
+    before = snapshot(db, user_schemas)
+    ok(orchestrator(cogito_dsn, "apply", plan, "--table", "turns"))
+    report = report_reading_turns(cogito_dsn)
+    try:
+        result = orchestrator(cogito_dsn, *cutover_turns(plan, LOCK_TIMEOUT_MS))
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert stage(db, "turns", "cutover")["status"] == "failed"
+    finally:
+        report.commit()
+        report.close()
+    ok(orchestrator(cogito_dsn, "rollback", plan, "--table", "turns", "--yes"))
+    assert snapshot(db, user_schemas) == before
+
+
 # --- (c) the application's own latency while the cutover waits -------------------------------
 
 
@@ -619,4 +646,38 @@ def test_cutover_cancels_an_autovacuum_in_its_way_as_postgres_would(
     ).fetchone()
     assert detail is not None, "the cutover never met the autovacuum"
     assert worker["pid"] in detail["detail"]["autovacuum"]["cancelled"]
+    db.close()
+
+
+def test_the_drain_inside_the_lock_looks_keys_up_whatever_the_logs_statistics(
+    cogito_dsn: str,
+) -> None:
+    """The log's statistics lie: autovacuum analyzed it full, and entries leave by deletion.
+    Planned from them, the last drain (inside the cutover lock) scanned the whole table
+    (557 ms at 1M rows in docs/benchmarks.md); it must look each logged key up instead."""
+    from orchestrator import capture
+    from orchestrator.engine import session
+    from orchestrator.plan import load_plan
+
+    ok(orchestrator(cogito_dsn, "apply", PLAN, "--table", "turns", "--until", "copy"))
+    with session(cogito_dsn, load_plan(COGITO_PLAN)) as eng:
+        d = capture.forward(eng.context().moves["turns"])
+    db = psycopg.connect(cogito_dsn, autocommit=True, row_factory=dict_row)
+    # A large fill, analyzed, then deleted down to a short tail: the statistics of a big log.
+    db.execute("UPDATE public.turns SET content = content")
+    db.execute(sql.SQL("ANALYZE {}").format(d.log))
+    db.execute(sql.SQL("DELETE FROM {} WHERE ctid IN (SELECT ctid FROM {} OFFSET 20)").format(
+        d.log, d.log))
+    with db.transaction():
+        plans = []
+        for stmt in capture.replay_all_sql(d):
+            text = stmt.as_string(db)
+            if text.startswith("SELECT set_config"):
+                db.execute(stmt)
+                continue
+            rows = db.execute(sql.SQL("EXPLAIN {}").format(stmt)).fetchall()
+            plans.append("\n".join(r["QUERY PLAN"] for r in rows))
+    assert all("Seq Scan on log_turns" in plan for plan in plans)  # what the plans read
+    for plan in plans[:2]:  # the delete from the copy and the insert from the live table
+        assert "Seq Scan on turns" not in plan, plan
     db.close()
