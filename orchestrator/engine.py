@@ -648,6 +648,14 @@ class Engine:
                     undone.append(f"{m.label}:rename")
             self._drop_empty_schemas()
             return undone
+        # A rollback of cutover killed after its swap committed left the keys it re-added to
+        # the old tables NOT VALID (they are validated after the lock): finish them first.
+        swapped_back = [
+            m for m in moves
+            if m.strategy == "copy" and self.status(m.label, "cutover") == "rolled_back"
+        ]
+        if swapped_back:
+            self._validate_fks(swapped_back, reverse=True)
         order = [*BEFORE_CUTOVER, "cutover"]
         stop = order.index(to) if to else -1
         for stage in reversed(order[stop + 1 :]):

@@ -383,3 +383,77 @@ def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
     rerun(cogito_dsn, "cutover", PLAN, "--table", "turns", "--yes")
     assert all(foreign_keys_of_new_table(db).values()), foreign_keys_of_new_table(db)
     assert_same_end_state(db, uninterrupted, written_meanwhile=False)
+
+
+def foreign_keys_of_old_table(conn: Conn) -> dict[str, bool]:
+    """The foreign keys to and from public.turns, and whether each is validated."""
+    rows = conn.execute(
+        "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f' AND "
+        "(conrelid = 'public.turns'::regclass OR confrelid = 'public.turns'::regclass)"
+    ).fetchall()
+    return {r["conname"]: r["convalidated"] for r in rows}
+
+
+def test_killed_after_the_rollback_swap_before_its_foreign_keys_are_validated(
+    cogito_dsn: str, cogito_conn: Conn
+) -> None:
+    """Found by `make stress` (seed 1795610319): a rollback of cutover killed after its swap
+    committed left the keys it re-added to public.turns NOT VALID, and the rerun, seeing the
+    cutover already rolled back, went on without validating them."""
+    db = cogito_conn
+    user = ["public", "conversation"]  # _orchestrator_retired stays, empty, as it always does
+    before = snapshot(db, user)
+    r = orchestrator(cogito_dsn, *MOVE)
+    if r.returncode != 0:
+        raise RuntimeError(r.stdout + r.stderr)
+
+    # As in the forward case: a writer of participants holds the swap back (it re-adds a key
+    # referencing participants), a maintenance session queues for block_turns and holds it
+    # right after the swap commits, and the validation of block_turns' key waits for it.
+    writer = psycopg.connect(cogito_dsn, application_name="app-writer")
+    maintenance = psycopg.connect(cogito_dsn, application_name="app-maintenance")
+    queued = threading.Thread(
+        target=lambda: maintenance.execute("LOCK TABLE public.block_turns IN SHARE MODE")
+    )
+    try:
+        writer.execute(
+            "UPDATE public.participants SET name = name "
+            "WHERE id = (SELECT min(id) FROM public.participants)"
+        )
+        proc = start_orchestrator(
+            cogito_dsn, "rollback", PLAN, "--table", "turns", "--to", "verify", "--yes",
+            "--lock-timeout", "10000",
+        )
+        try:
+            wait_for(
+                "the swap back to wait for the writer",
+                lambda: waits_for_lock(db, "orchestrator", "public.participants"),
+            )
+            queued.start()
+            wait_for(
+                "the maintenance session to queue",
+                lambda: waits_for_lock(db, "app-maintenance", "public.block_turns"),
+            )
+            writer.commit()
+            queued.join(timeout=10)
+            wait_for(
+                "the validation to wait",
+                lambda: (
+                    stage(db, "turns", "cutover")["status"] == "rolled_back"
+                    and waits_for_lock(db, "orchestrator", "public.block_turns")
+                ),
+            )
+        finally:
+            sigkill(proc)
+    finally:
+        writer.close()
+        maintenance.commit()
+        maintenance.close()
+
+    if all(foreign_keys_of_old_table(db).values()):
+        raise RuntimeError("the kill did not land between the swap back and the validation")
+
+    # The operator reruns, now all the way back: the keys are validated, the catalog exact.
+    rerun(cogito_dsn, "rollback", PLAN, "--table", "turns", "--yes")
+    assert all(foreign_keys_of_old_table(db).values()), foreign_keys_of_old_table(db)
+    assert snapshot(db, user) == before
