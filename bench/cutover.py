@@ -272,6 +272,8 @@ def one_round(
             "succeeded_under_load": last_end >= e1,
             "longest_sampled_lock_ms": max((w["upper_ms"] for w in wins), default=None),
             "hold_ms_event": float(ev_["duration_ms"] or 0),
+            # The locked transaction's three slowest statements (ms, text), from the event.
+            "slowest_ms": (ev_["detail"] or {}).get("slowest_ms"),
             "hold_ms_sampled": win["observed_ms"] if win else None,
             "hold_ms_sampled_upper": win["upper_ms"] if win else None,
             "sampled_windows": len(wins),

@@ -112,13 +112,16 @@ class Engine:
         def work(conn: Conn) -> None:
             t0 = time.monotonic()
             texts = []
+            timings: list[tuple[float, str]] = []  # where a long hold went, for the event
             policy = ctx.policy(m)
             for step in steps:
                 texts.append(render(conn, step.sql))
                 try:
                     if step.bounded:
                         _set_local(conn, "statement_timeout", f"{policy.lock_timeout_ms}ms")
+                    s0 = time.monotonic()
                     conn.execute(step.sql)
+                    timings.append(((time.monotonic() - s0) * 1000, texts[-1]))
                     if step.bounded:
                         _set_local(conn, "statement_timeout", f"{policy.statement_timeout_ms}ms")
                 except psycopg.errors.LockNotAvailable:
@@ -133,6 +136,7 @@ class Engine:
                 extra(conn)
             for name in names:
                 control.set_status(conn, self.s, self.plan.name, name, stage, status)
+            slowest = sorted(timings, key=lambda t: -t[0])[:3]
             control.log_event(
                 conn,
                 self.s,
@@ -143,6 +147,7 @@ class Engine:
                 stage=stage,
                 statement=";\n".join(texts) + ";",
                 duration_ms=(time.monotonic() - t0) * 1000,
+                detail={"slowest_ms": [[round(ms, 1), text[:160]] for ms, text in slowest]},
             )
 
         def on_retry(attempt: int, who: list[dict[str, Any]]) -> None:
