@@ -13,7 +13,8 @@ end time is on record, while we:
 4. wait for pgbench to end.
 
 Lock hold is read two ways: the event log's `cutover ok` (and `rollback_cutover ok`) duration,
-which spans the locked transaction from its LOCK TABLE to just before COMMIT; and a sampler
+which spans the locked transaction from its LOCK TABLE to just before COMMIT, less the LOCK
+statement's own time (the wait for the grant, recorded in the event); and a sampler
 session polling pg_locks (every ~2 ms) for the orchestrator's ACCESS EXCLUSIVE lock on the
 table, which gives the window as the application sees it. The worst application latency is
 the longest pgbench statement that overlapped that window, next to the baseline's p99 and max.
@@ -271,7 +272,12 @@ def one_round(
             ),
             "succeeded_under_load": last_end >= e1,
             "longest_sampled_lock_ms": max((w["upper_ms"] for w in wins), default=None),
-            "hold_ms_event": float(ev_["duration_ms"] or 0),
+            # From the LOCK's grant to just before COMMIT: the event's duration less the
+            # LOCK statement's own time, which is the wait (reported apart, as the wait is
+            # what lock_timeout bounds).
+            "hold_ms_event": float(ev_["duration_ms"] or 0)
+            - float((ev_["detail"] or {}).get("lock_wait_ms") or 0),
+            "lock_wait_ms_event": (ev_["detail"] or {}).get("lock_wait_ms"),
             # The locked transaction's three slowest statements (ms, text), from the event.
             "slowest_ms": (ev_["detail"] or {}).get("slowest_ms"),
             "hold_ms_sampled": win["observed_ms"] if win else None,

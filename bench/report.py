@@ -266,7 +266,9 @@ def _cutover(r: dict[str, Any]) -> list[str]:
         "record. Per round: 3 s of baseline, `cutover` (which verifies the table again under "
         "the load, drains the log outside the lock, then runs the one locked transaction), 2 s, "
         "then `rollback --to verify` (the swap backwards). Hold: the `cutover ok` event's "
-        "duration (LOCK TABLE to just before COMMIT) and a pg_locks sampler (~2 ms period; "
+        "duration from the LOCK's grant to just before COMMIT (the LOCK statement's wait, "
+        "bounded by lock_timeout, is left out; runs before 2026-11-25 13:35 UTC counted it) "
+        "and a pg_locks sampler (~2 ms period; "
         "the upper bound is the gap between the samples around the lock). Worst application "
         "statement: the longest pgbench statement that overlapped the lock. "
         f"{r['rounds']} rounds per size; medians, with the worst round in brackets.",

@@ -113,6 +113,7 @@ class Engine:
             t0 = time.monotonic()
             texts = []
             timings: list[tuple[float, str]] = []  # where a long hold went, for the event
+            lock_wait_ms = 0.0
             policy = ctx.policy(m)
             for step in steps:
                 texts.append(render(conn, step.sql))
@@ -122,6 +123,10 @@ class Engine:
                     s0 = time.monotonic()
                     conn.execute(step.sql)
                     timings.append(((time.monotonic() - s0) * 1000, texts[-1]))
+                    if step.bounded:
+                        # The LOCK statement: its time is the wait before the grant; the hold
+                        # is the event's duration minus this.
+                        lock_wait_ms = timings[-1][0]
                     if step.bounded:
                         _set_local(conn, "statement_timeout", f"{policy.statement_timeout_ms}ms")
                 except psycopg.errors.LockNotAvailable:
@@ -147,7 +152,10 @@ class Engine:
                 stage=stage,
                 statement=";\n".join(texts) + ";",
                 duration_ms=(time.monotonic() - t0) * 1000,
-                detail={"slowest_ms": [[round(ms, 1), text[:160]] for ms, text in slowest]},
+                detail={
+                    "lock_wait_ms": round(lock_wait_ms, 1),
+                    "slowest_ms": [[round(ms, 1), text[:160]] for ms, text in slowest],
+                },
             )
 
         def on_retry(attempt: int, who: list[dict[str, Any]]) -> None:
