@@ -141,14 +141,22 @@ def _cutover(r: dict[str, Any]) -> list[str]:
                 size: [round(x["cutover"]["hold_ms_event"] or 0) for x in s["rounds"]]
                 for size, s in r["sizes"].items()
             }
+            worst = max(
+                (x["cutover"] for s in r["sizes"].values() for x in s["rounds"]),
+                key=lambda c: c["hold_ms_event"] or 0,
+            )
+            slow = worst.get("slowest_ms")
             out.append(
-                "- **What is left of the hold is not explained by this run.** Holds per round "
-                "(ms, event): " + "; ".join(f"{k} rows {v}" for k, v in rounds.items())
-                + ". The drain inside the lock is a few ms (above); the event records only "
-                "the locked transaction's total, so which statement took the rest of an "
-                "outlying round (the commit's WAL flush on this shared disk, the reverse "
-                "capture's DDL, or CPU taken by the 4 pgbench clients on 2 cores) is not "
-                "known. Next step: per-statement timings in the cutover event."
+                "- **Where the hold went.** Holds per round (ms, event, from the grant): "
+                + "; ".join(f"{k} rows {v}" for k, v in rounds.items())
+                + ". "
+                + (
+                    "The worst round's slowest statements inside the lock: "
+                    + "; ".join(f"{ms} ms `{text[:60]}…`" for ms, text in slow)
+                    + "."
+                    if slow
+                    else "This run's events do not name the slowest statements (older engine)."
+                )
             )
     elif dc and (t["hold_under_100ms"]["met"] is False or t["hold_flat"]["met"] is False):
         stale, fresh = dc["stale_log_statistics"], dc["after_analyze_of_the_log"]
@@ -187,22 +195,8 @@ def _cutover(r: dict[str, Any]) -> list[str]:
             f"invariant 3 applies): up to {worst_retries} lock_timeout retries, a committed "
             f"hold of up to {worst_hold:.0f} ms, application statements stalled up to "
             f"{worst_app:.0f} ms; it committed while the load still ran in {sum(under)} of "
-            f"{len(under)} rounds.** Engine bug: the reverse swap's LOCK TABLE names the new "
-            "table before the compatibility view (`cutover.lock_targets(reverse=True)`), while "
-            "every application statement through the view locks the view first and the table "
-            "second. So our LOCK holds ACCESS EXCLUSIVE on the table and waits for the view, "
-            "and the statements holding the view wait for the table: a deadlock that our "
-            "500 ms bound breaks first, on every try, stalling the application each time. "
-            "Second, the retries back off (up to 5 s) without draining the reverse log outside "
-            "the lock again, so the try that finally commits drains everything written "
-            "meanwhile inside the lock (the long committed hold). Diagnostic experiment, not "
-            "part of `make bench`: with the view locked before the table (lock_targets patched "
-            "in memory), at 50,000 rows under the same load the rollback committed on its "
-            "first try in two of two rounds, hold 38 ms (event), worst application statement "
-            "43-48 ms. Fix: in the reverse direction lock views before the tables they read "
-            "(the order the application takes them; the forward direction has the same hazard "
-            "for tables with dependent views), and drain outside the lock before every retry "
-            "(a hook in `ddl.run_locked`), in both directions."
+            f"{len(under)} rounds.** "
+            + _rollback_retries(r)
         )
     if t["no_application_errors"]["met"] is False:
         out.append(
@@ -210,6 +204,32 @@ def _cutover(r: dict[str, Any]) -> list[str]:
             f"{t['no_application_errors']['value']}** (see the cutover section)."
         )
     return out
+
+
+def _rollback_retries(r: dict[str, Any]) -> str:
+    """What held up each rollback that retried: who each failed try found holding its
+    relations, and any autovacuum the orchestrator cancelled (from the events)."""
+    parts = []
+    for size, s in r["sizes"].items():
+        for i, x in enumerate(s["rounds"], 1):
+            b = x["rollback"]
+            if not b["lock_timeout_retries"]:
+                continue
+            who = "; ".join(", ".join(t) or "nobody left" for t in b.get("lock_timeout_blockers")
+                            or [])
+            parts.append(
+                f"{int(size):,} rows round {i}: {b['lock_timeout_retries']} retries "
+                f"(blockers per try: {who or 'not recorded'}), "
+                f"{b.get('autovacuum_cancelled') or 0} autovacuum cancelled"
+            )
+    return (
+        "Each failed try gives way after lock_timeout and the application resumes; the "
+        "application statement stalled longest is the one queued behind a waiting try. "
+        + ("; ".join(parts) + "." if parts else "")
+        + " (Earlier runs found the reverse swap locking the table before its view, a "
+        "deadlock with every statement through the view, and no drain between retries: both "
+        "fixed before these runs.)"
+    )
 
 
 def _planning(r: dict[str, Any]) -> list[str]:
