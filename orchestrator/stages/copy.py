@@ -42,9 +42,7 @@ def _typed_key(m: TableMove, param: str) -> sql.Composed:
     )
 
 
-# The copy-start facts that tell a row written since then (see the module docstring).
-NO_XID = None  # the xmin test is off (the cluster is past 2^32 transaction ids)
-NO_BLOCK = 4294967295  # the block test is off (beyond any block number)
+NO_BLOCK = 4294967295  # the block test is off: no tuple lies at or beyond this block
 
 
 def fresh_bound_sql() -> sql.SQL:
@@ -63,9 +61,9 @@ def fresh_params(fresh: dict[str, Any] | None) -> dict[str, Any]:
     f = fresh or {}
     xid = f.get("xid")
     return {
-        # age() is relative to the batch's own transaction: rows whose xmin is at most
-        # age(start) old were written after the start. 0 and age 0 when off: xmin is never the
-        # batch's own transaction id, so nothing is skipped.
+        # age() counts back from the batch's own transaction: a row whose xmin is no older
+        # than the copy's starting transaction was written after the start. '0' (invalid)
+        # turns the test off; batch_sql checks for it explicitly.
         "fresh_xid": str(xid % 2**32) if xid is not None else "0",
         "fresh_tid": f"({f.get('block', NO_BLOCK)},0)",
         "fresh_oid": f.get("oid", 0),
@@ -79,8 +77,8 @@ def batch_sql(m: TableMove, first: bool) -> sql.Composed:
     keys = idents(m.key_source, "s")
     cond = [
         sql.SQL("({}) <= {}").format(keys, _typed_key(m, "hi")),
-        # age(xid 0) is the largest age there is, so a disabled test must not match: the
-        # xid param is then '0', and age('0') is INT_MAX; guard with the explicit <> test.
+        # Rows written since the copy started (their xmin is no older than its start). Off
+        # when the param is '0': age() of an invalid xid is INT_MAX, so test for it first.
         sql.SQL(
             "NOT (%(fresh_xid)s::xid <> '0'::xid AND age(s.xmin) >= 0 "
             "AND age(s.xmin) <= age(%(fresh_xid)s::xid))"
