@@ -19,6 +19,7 @@ from psycopg import sql
 from orchestrator.catalog import Catalog, ForeignKey, Relation, read_catalog
 from orchestrator.db import Conn
 from orchestrator.errors import OrchestratorError
+from orchestrator.sqlutil import render
 
 ACTIONS = {
     "a": "NO ACTION",
@@ -420,12 +421,13 @@ def _domains(
 
 
 def _fk_suggestion(schema: str, table: str, column: str, parent: str, key: str) -> str:
-    t = qualified(schema, table)
-    return (
-        f"ALTER TABLE {t} ADD FOREIGN KEY ({quote(column)}) "
-        f"REFERENCES {qualified(schema, parent)} ({quote(key)}) NOT VALID; "
-        f"-- then, once no orphans are left: ALTER TABLE {t} VALIDATE CONSTRAINT ..."
-    )
+    """SQL for the operator to review and run, composed like any statement we run."""
+    t = sql.Identifier(schema, table)
+    return render(None, sql.SQL(
+        "ALTER TABLE {t} ADD FOREIGN KEY ({c}) REFERENCES {p} ({k}) NOT VALID; "
+        "-- then, once no orphans are left: ALTER TABLE {t} VALIDATE CONSTRAINT ..."
+    ).format(t=t, c=sql.Identifier(column), p=sql.Identifier(schema, parent),
+             k=sql.Identifier(key)))
 
 
 def run_audit(

@@ -11,7 +11,8 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,34 @@ def dsn_for(base: str, dbname: str) -> str:
     params = conninfo_to_dict(base)
     params["dbname"] = dbname
     return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+@contextmanager
+def own_cogito_server(
+    prefix: str, setup: Callable[[Path, str], str] | None = None
+) -> Iterator[tuple[Path, str]]:
+    """An embedded server of a test's own, for what must not touch the shared one (a restart,
+    a server setting, a reset xid epoch), with the Cogito sample in database `cogito`.
+    `setup(directory, dsn)` runs first and returns the server's DSN (it may restart it)."""
+    from orchestrator.db import start_embedded, stop_embedded
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        base = start_embedded(tmp)
+        if setup is not None:
+            base = setup(tmp, base)
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute("CREATE DATABASE cogito")
+        dsn = dsn_for(base, "cogito")
+        with psycopg.connect(dsn) as conn:
+            sample.load_schema(conn)
+            sample.generate_data(conn, turns=COGITO_TEST_TURNS, seed=1)
+            conn.execute("ANALYZE")
+            conn.commit()
+        yield tmp, dsn
+    finally:
+        stop_embedded(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _admin(base: str) -> psycopg.Connection[Any]:

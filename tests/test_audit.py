@@ -88,7 +88,8 @@ def test_shop_audit(empty_dsn: str) -> None:
     assert (orders.orphan_rows, orders.orphan_values) == (3, 2)
     assert orders.examples == ("99", "100")
     assert orders.suggestion.startswith(
-        "ALTER TABLE public.orders ADD FOREIGN KEY (customer_id) REFERENCES public.customers (id)"
+        'ALTER TABLE "public"."orders" ADD FOREIGN KEY ("customer_id") '
+        'REFERENCES "public"."customers" ("id") NOT VALID;'
     )
     ship = missing[("shipments", "carrier_id")]
     assert (ship.orphan_rows, ship.orphan_values, ship.examples) == (0, 0, ())

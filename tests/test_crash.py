@@ -325,20 +325,15 @@ def test_killed_between_cutover_retries_leaves_nothing_half_done(
     assert_same_end_state(db, uninterrupted)
 
 
-def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
-    cogito_dsn: str, cogito_conn: Conn, uninterrupted: dict[str, Any]
-) -> None:
-    db = cogito_conn
-    r = orchestrator(cogito_dsn, "apply", PLAN, "--table", "turns")
-    if r.returncode != 0:
-        raise RuntimeError(r.stdout + r.stderr)
-
-    # An application transaction that wrote a participant holds the swap (which adds a foreign
-    # key referencing participants) for a moment; meanwhile a maintenance session queues for
-    # block_turns, so it holds that table right after the swap commits, and the validation of
-    # block_turns' re-pointed foreign key waits for it. That is where the orchestrator dies.
-    writer = psycopg.connect(cogito_dsn, application_name="app-writer")
-    maintenance = psycopg.connect(cogito_dsn, application_name="app-maintenance")
+def kill_while_validation_waits(dsn: str, db: Conn, args: tuple[str, ...], swapped: str) -> None:
+    """SIGKILL the orchestrator between a swap's commit and the validation of the foreign keys
+    it re-added NOT VALID. An application transaction that wrote a participant holds the swap
+    (which adds a key referencing participants) for a moment; meanwhile a maintenance session
+    queues for block_turns, so it holds that table right after the swap commits, and the
+    validation of block_turns' re-pointed key waits for it. That is where the orchestrator
+    dies. `swapped` is the cutover status the swap commits."""
+    writer = psycopg.connect(dsn, application_name="app-writer")
+    maintenance = psycopg.connect(dsn, application_name="app-maintenance")
     queued = threading.Thread(
         target=lambda: maintenance.execute("LOCK TABLE public.block_turns IN SHARE MODE")
     )
@@ -347,9 +342,7 @@ def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
             "UPDATE public.participants SET name = name "
             "WHERE id = (SELECT min(id) FROM public.participants)"
         )
-        proc = start_orchestrator(
-            cogito_dsn, "cutover", PLAN, "--table", "turns", "--yes", "--lock-timeout", "10000"
-        )
+        proc = start_orchestrator(dsn, *args, "--yes", "--lock-timeout", "10000")
         try:
             wait_for(
                 "the swap to wait for the writer",
@@ -365,7 +358,7 @@ def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
             wait_for(
                 "the validation to wait",
                 lambda: (
-                    stage(db, "turns", "cutover")["status"] == "done"
+                    stage(db, "turns", "cutover")["status"] == swapped
                     and waits_for_lock(db, "orchestrator", "public.block_turns")
                 ),
             )
@@ -375,6 +368,19 @@ def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
         writer.close()
         maintenance.commit()
         maintenance.close()
+
+
+def test_killed_after_the_swap_before_its_foreign_keys_are_validated(
+    cogito_dsn: str, cogito_conn: Conn, uninterrupted: dict[str, Any]
+) -> None:
+    db = cogito_conn
+    r = orchestrator(cogito_dsn, "apply", PLAN, "--table", "turns")
+    if r.returncode != 0:
+        raise RuntimeError(r.stdout + r.stderr)
+
+    kill_while_validation_waits(
+        cogito_dsn, db, ("cutover", PLAN, "--table", "turns"), swapped="done"
+    )
 
     # Dead after the swap: the new table is live, some of its foreign keys not yet validated.
     if not events(db, "cutover", "ok") or all(foreign_keys_of_new_table(db).values()):
@@ -407,48 +413,10 @@ def test_killed_after_the_rollback_swap_before_its_foreign_keys_are_validated(
     if r.returncode != 0:
         raise RuntimeError(r.stdout + r.stderr)
 
-    # As in the forward case: a writer of participants holds the swap back (it re-adds a key
-    # referencing participants), a maintenance session queues for block_turns and holds it
-    # right after the swap commits, and the validation of block_turns' key waits for it.
-    writer = psycopg.connect(cogito_dsn, application_name="app-writer")
-    maintenance = psycopg.connect(cogito_dsn, application_name="app-maintenance")
-    queued = threading.Thread(
-        target=lambda: maintenance.execute("LOCK TABLE public.block_turns IN SHARE MODE")
+    kill_while_validation_waits(
+        cogito_dsn, db, ("rollback", PLAN, "--table", "turns", "--to", "verify"),
+        swapped="rolled_back",
     )
-    try:
-        writer.execute(
-            "UPDATE public.participants SET name = name "
-            "WHERE id = (SELECT min(id) FROM public.participants)"
-        )
-        proc = start_orchestrator(
-            cogito_dsn, "rollback", PLAN, "--table", "turns", "--to", "verify", "--yes",
-            "--lock-timeout", "10000",
-        )
-        try:
-            wait_for(
-                "the swap back to wait for the writer",
-                lambda: waits_for_lock(db, "orchestrator", "public.participants"),
-            )
-            queued.start()
-            wait_for(
-                "the maintenance session to queue",
-                lambda: waits_for_lock(db, "app-maintenance", "public.block_turns"),
-            )
-            writer.commit()
-            queued.join(timeout=10)
-            wait_for(
-                "the validation to wait",
-                lambda: (
-                    stage(db, "turns", "cutover")["status"] == "rolled_back"
-                    and waits_for_lock(db, "orchestrator", "public.block_turns")
-                ),
-            )
-        finally:
-            sigkill(proc)
-    finally:
-        writer.close()
-        maintenance.commit()
-        maintenance.close()
 
     if all(foreign_keys_of_old_table(db).values()):
         raise RuntimeError("the kill did not land between the swap back and the validation")

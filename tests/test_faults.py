@@ -32,7 +32,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import COGITO_PLAN, dsn_for
+from conftest import COGITO_PLAN, own_cogito_server
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from stress import (
@@ -58,7 +58,6 @@ from stress import (
 )
 from test_crash import application_writes
 
-from orchestrator import sample
 from orchestrator.db import embedded_pid, start_embedded, stop_embedded
 
 Conn = psycopg.Connection[Any]
@@ -344,21 +343,8 @@ def test_a_plan_statement_timeout_is_named_as_such(cogito_dsn: str, slow_ddl_pla
 @pytest.fixture
 def own_server() -> Iterator[tuple[Path, str]]:
     """An embedded server of this test's own (never restart the shared one)."""
-    tmp = Path(tempfile.mkdtemp(prefix="orch-faults-pg-", dir="/tmp"))
-    try:
-        base = start_embedded(tmp)
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute("CREATE DATABASE cogito_restart")
-        dsn = dsn_for(base, "cogito_restart")
-        with psycopg.connect(dsn) as conn:
-            sample.load_schema(conn)
-            sample.generate_data(conn, turns=2000, seed=1)
-            conn.execute("ANALYZE")
-            conn.commit()
-        yield tmp, dsn
-    finally:
-        stop_embedded(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with own_cogito_server("orch-faults-pg-") as server:
+        yield server
 
 
 def restart(directory: Path) -> None:

@@ -585,30 +585,16 @@ def test_only_sessions_of_this_database_are_named_as_blockers(
 def slow_autovacuum_server() -> Iterator[str]:
     """A server of this test's own (its autovacuum settings would disturb the others'), with
     autovacuum looking every second, and the Cogito sample."""
-    import shutil
-    import tempfile
+    from conftest import own_cogito_server
 
-    from conftest import COGITO_TEST_TURNS, dsn_for
-
-    from orchestrator import sample
-    from orchestrator.db import start_embedded, stop_embedded
-
-    tmp = Path(tempfile.mkdtemp(prefix="orch-locks-av-", dir="/tmp"))
-    try:
-        base = start_embedded(tmp)
+    def naptime(_: Path, base: str) -> str:
         with psycopg.connect(base, autocommit=True) as admin:
             admin.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
             admin.execute("SELECT pg_reload_conf()")
-            admin.execute("CREATE DATABASE cogito_av")
-        dsn = dsn_for(base, "cogito_av")
-        with psycopg.connect(dsn) as conn:
-            sample.load_schema(conn)
-            sample.generate_data(conn, turns=COGITO_TEST_TURNS, seed=1)
-            conn.commit()
+        return base
+
+    with own_cogito_server("orch-locks-av-", naptime) as (_, dsn):
         yield dsn
-    finally:
-        stop_embedded(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_cutover_cancels_an_autovacuum_in_its_way_as_postgres_would(

