@@ -229,8 +229,8 @@ def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dic
     srv.configure(max_wal_size="8GB", checkpoint_timeout="30min", autovacuum="off")
     db = "copybench"
     dsn = srv.create_db(db)
-    from orchestrator.engine import session
     from orchestrator.plan import parse_plan
+    from orchestrator.run.engine import session
 
     out: dict[str, Any] = {"server": srv.describe(), "rows": rows, "rounds": rounds}
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn, workdir(

@@ -325,7 +325,7 @@ def drain_check(conn: psycopg.Connection[Any], eng: Any) -> dict[str, Any]:
     an earlier, larger fill (as autovacuum leaves them during a busy verify) and after a fresh
     ANALYZE of the log. Runs the engine's own drain statements (capture.replay_all_sql) under
     EXPLAIN ANALYZE in transactions that are rolled back; the engine is not changed."""
-    from orchestrator import capture
+    from orchestrator.sql import capture
 
     m = eng.context().moves["ct"]
     d = capture.forward(m)
@@ -374,8 +374,8 @@ def drain_check(conn: psycopg.Connection[Any], eng: Any) -> dict[str, Any]:
 def run_size(
     srv: Server, rows: int, rounds: int, tmp: Path, check_drain: bool = False
 ) -> dict[str, Any]:
-    from orchestrator.engine import session
     from orchestrator.plan import parse_plan
+    from orchestrator.run.engine import session
 
     label = f"{rows // 1000}k" if rows < 1_000_000 else f"{rows // 1_000_000}M"
     db = f"cut_{label.lower()}"

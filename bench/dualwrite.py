@@ -157,7 +157,7 @@ class States:
 
 def _backlog(eng: Any) -> int:
     """Entries waiting in the table's capture log (read through the engine's own names)."""
-    from orchestrator import capture
+    from orchestrator.sql import capture
 
     m = eng.context().moves["dw"]
     return capture.backlog(eng.conn, capture.forward(m))
@@ -230,8 +230,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "rows": rows,
         "scripts": {"single": SINGLE, "multi": MULTI},
     }
-    from orchestrator.engine import session
     from orchestrator.plan import parse_plan
+    from orchestrator.run.engine import session
 
     with embedded_server() as srv, workdir("dualwrite") as tmp:
         srv.configure(synchronous_commit="off", max_wal_size="4GB")

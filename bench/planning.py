@@ -184,10 +184,12 @@ def server_log_count(log: Path, start: int) -> dict[str, int]:
 def phases(dsn: str, loaded: Any) -> list[tuple[str, Callable[[], Any]]]:
     from rich.console import Console
 
-    from orchestrator import dryrun, graph, tui
     from orchestrator.cli import TEXT_SQL_MAX_TABLES
     from orchestrator.db import connect
-    from orchestrator.validate import inspect
+    from orchestrator.model import graph
+    from orchestrator.model.validate import inspect
+    from orchestrator.run import dryrun
+    from orchestrator.tui import render as tui
 
     def validate() -> Any:
         with connect(dsn, autocommit=True) as conn:

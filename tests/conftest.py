@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator import sample
+from orchestrator.demo import sample
 
 EMPTY_TEMPLATE = "orch_tpl_empty"
 COGITO_TEMPLATE = "orch_tpl_cogito"

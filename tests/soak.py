@@ -4,7 +4,7 @@
 
 On an embedded server of its own (a mktemp directory under /tmp, stopped and deleted at the
 end) unless --dsn names a server (a database of its own is created there and dropped). The
-application is orchestrator.workload.Workload (inserts, updates and deletes of turns, updates
+application is orchestrator.demo.workload.Workload (inserts, updates and deletes of turns, updates
 of users, reads), several threads of it, measuring its own latency. Every operator step is the
 CLI in its own process, as an operator types it. Cycles run until the time is up:
 
@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stress
 
-from orchestrator import sample, workload
 from orchestrator.db import start_embedded, stop_embedded
-from orchestrator.workload import Workload
+from orchestrator.demo import sample, workload
+from orchestrator.demo.workload import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = str(ROOT / "plans" / "cogito.yaml")

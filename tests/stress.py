@@ -330,7 +330,7 @@ def connect(dsn: str, application: str = "stress-observer") -> Conn:
 
 
 def catalog(conn: Conn, schemas: list[str]) -> dict[str, Any]:
-    from orchestrator.catalog import snapshot
+    from orchestrator.model.catalog import snapshot
 
     return snapshot(conn, schemas)
 
@@ -456,8 +456,8 @@ def leftovers(conn: Conn) -> list[str]:
 
 def throttle(dsn: str, table: str, batch_size: int, sleep_ms: int) -> None:
     """What `orchestrator set PLAN batch_size|sleep_ms N --table T` records (in-process)."""
-    from orchestrator import control
     from orchestrator.db import connect as orch_connect
+    from orchestrator.state import store as control
 
     with orch_connect(dsn, autocommit=True, application="stress-operator") as conn:
         control.ensure_schema(conn, "_orchestrator")

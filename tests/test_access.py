@@ -22,11 +22,11 @@ from psycopg.rows import dict_row
 from shop_schema import load_shop
 from typer.testing import CliRunner
 
-from orchestrator.access import AccessReport, verify_access
 from orchestrator.cli import app
-from orchestrator.engine import build_context, session
 from orchestrator.plan import load_plan
+from orchestrator.run.engine import build_context, session
 from orchestrator.stages import rename
+from orchestrator.tools.access import AccessReport, verify_access
 
 
 class Roles:

@@ -14,10 +14,10 @@ from psycopg.rows import dict_row
 from shop_schema import SHOP_TABLES, load_shop
 from typer.testing import CliRunner
 
-from orchestrator import catalog
-from orchestrator.audit import Audit, run_audit
 from orchestrator.cli import app
-from orchestrator.sample import TABLES as COGITO_TABLES
+from orchestrator.demo.sample import TABLES as COGITO_TABLES
+from orchestrator.model import catalog
+from orchestrator.tools.audit import Audit, run_audit
 
 
 def _audit(dsn: str, schema: str = "public", **kw: Any) -> Audit:

@@ -15,9 +15,9 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from orchestrator import catalog
-from orchestrator.catalog import Catalog, read_catalog, snapshot
-from orchestrator.sample import TABLES
+from orchestrator.demo.sample import TABLES
+from orchestrator.model import catalog
+from orchestrator.model.catalog import Catalog, read_catalog, snapshot
 
 Conn = psycopg.Connection[Any]
 

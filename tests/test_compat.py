@@ -23,8 +23,8 @@ from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.engine import session
 from orchestrator.plan import load_plan
+from orchestrator.run.engine import session
 
 Conn = psycopg.Connection[Any]
 RETIRED = "_orchestrator_retired"

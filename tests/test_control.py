@@ -15,9 +15,12 @@ import pytest
 from conftest import COGITO_PLAN
 from psycopg import sql
 
-from orchestrator import control
-from orchestrator.catalog import snapshot
-from orchestrator.control import (
+from orchestrator.db import APP_NAME, connect
+from orchestrator.errors import LockHeld, StageError
+from orchestrator.model.catalog import snapshot
+from orchestrator.plan import LoadedPlan, Strategy, load_plan, parse_plan
+from orchestrator.state import store as control
+from orchestrator.state.store import (
     RENAME_STAGES,
     SCHEMA_VERSION,
     STAGES,
@@ -27,9 +30,6 @@ from orchestrator.control import (
     set_status,
     stage_rows,
 )
-from orchestrator.db import APP_NAME, connect
-from orchestrator.errors import LockHeld, StageError
-from orchestrator.plan import LoadedPlan, Strategy, load_plan, parse_plan
 
 Conn = psycopg.Connection[Any]
 CTL = "_orchestrator"

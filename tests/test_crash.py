@@ -34,7 +34,7 @@ from conftest import COGITO_PLAN, COGITO_TEMPLATE, COGITO_TEST_TURNS, _fresh_db
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from orchestrator.catalog import snapshot
+from orchestrator.model.catalog import snapshot
 
 Conn = psycopg.Connection[Any]
 PLAN = str(COGITO_PLAN)

@@ -9,9 +9,9 @@ import psycopg
 from conftest import COGITO_PLAN
 from typer.testing import CliRunner
 
-from orchestrator.catalog import snapshot
 from orchestrator.cli import app
 from orchestrator.db import connect
+from orchestrator.model.catalog import snapshot
 
 SCHEMAS = ["public", "client_mgmt", "conversation", "_orchestrator", "_orchestrator_retired"]
 
@@ -76,9 +76,9 @@ def test_the_dry_run_names_a_session_holding_a_lock(cogito_dsn: str) -> None:
 def test_the_fast_rendering_is_exactly_psycopgs(cogito_dsn: str) -> None:
     """sqlutil.render skips psycopg's per-node work; every statement of the plan, both ways,
     must come out byte for byte as psycopg renders it."""
-    from orchestrator import dryrun
     from orchestrator.plan import load_plan
-    from orchestrator.sqlutil import render
+    from orchestrator.run import dryrun
+    from orchestrator.sql.compose import render
 
     captured: list[tuple[str, str]] = []
     with connect(cogito_dsn, autocommit=True) as conn:

@@ -17,10 +17,10 @@ import yaml
 from conftest import COGITO_PLAN
 from psycopg import sql
 
-from orchestrator.catalog import read_catalog
-from orchestrator.graph import DependencyGraph, build_graph, to_dot, to_json, to_mermaid
+from orchestrator.model.catalog import read_catalog
+from orchestrator.model.graph import DependencyGraph, build_graph, to_dot, to_json, to_mermaid
+from orchestrator.model.validate import plan_schemas
 from orchestrator.plan import Plan, load_plan, parse_plan
-from orchestrator.validate import plan_schemas
 
 Conn = psycopg.Connection[Any]
 

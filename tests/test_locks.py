@@ -36,7 +36,7 @@ from conftest import COGITO_PLAN, COGITO_TEMPLATE, _fresh_db
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from orchestrator.catalog import snapshot
+from orchestrator.model.catalog import snapshot
 
 Conn = psycopg.Connection[Any]
 PLAN = str(COGITO_PLAN)
@@ -641,9 +641,9 @@ def test_the_drain_inside_the_lock_looks_keys_up_whatever_the_logs_statistics(
     """The log's statistics lie: autovacuum analyzed it full, and entries leave by deletion.
     Planned from them, the last drain (inside the cutover lock) scanned the whole table
     (557 ms at 1M rows in docs/benchmarks.md); it must look each logged key up instead."""
-    from orchestrator import capture
-    from orchestrator.engine import session
     from orchestrator.plan import load_plan
+    from orchestrator.run.engine import session
+    from orchestrator.sql import capture
 
     ok(orchestrator(cogito_dsn, "apply", PLAN, "--table", "turns", "--until", "copy"))
     with session(cogito_dsn, load_plan(COGITO_PLAN)) as eng:

@@ -8,9 +8,9 @@ from pathlib import Path
 import psycopg
 from typer.testing import CliRunner
 
-from orchestrator.catalog import snapshot
 from orchestrator.cli import app
 from orchestrator.db import connect
+from orchestrator.model.catalog import snapshot
 
 PLAN = """version: 1
 name: refusals

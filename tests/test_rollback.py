@@ -24,11 +24,11 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
-from orchestrator.catalog import snapshot
 from orchestrator.cli import app
 from orchestrator.db import connect
-from orchestrator.engine import session
+from orchestrator.model.catalog import snapshot
 from orchestrator.plan import load_plan
+from orchestrator.run.engine import session
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.plan import load_plan
-from orchestrator.scaffold import build_plan
+from orchestrator.tools.scaffold import build_plan
 
 CLIENT_MGMT = ["clients", "users", "client_users", "projects", "llm_configs", "prompts"]
 CONVERSATION = [

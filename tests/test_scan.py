@@ -16,9 +16,9 @@ from shop_schema import load_shop
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.engine import session
 from orchestrator.plan import load_plan
-from orchestrator.scan import compat_usage, scan_code, statements_using
+from orchestrator.run.engine import session
+from orchestrator.tools.scan import compat_usage, scan_code, statements_using
 
 QUERIES_SQL = """\
 -- Reports the application runs (psql script).
@@ -293,7 +293,7 @@ def test_compat_usage_sample_sees_a_concurrent_reader(empty_dsn: str, tmp_path: 
 
 
 def test_placeholders_keep_offsets() -> None:
-    from orchestrator.scan import _placeholders
+    from orchestrator.tools.scan import _placeholders
 
     text = "a = %s AND b = %(name)s AND c = :c_1 AND d::int AND e LIKE 'x%%'"
     out = _placeholders(text)

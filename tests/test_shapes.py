@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from orchestrator.catalog import snapshot
 from orchestrator.db import connect
-from orchestrator.engine import session
+from orchestrator.model.catalog import snapshot
 from orchestrator.plan import parse_plan
+from orchestrator.run.engine import session
 
 TABLE_NAMES = ["plain", "Mixed Case", "naïve ünïcode", 'quo"te', "semi;colon", "x" * 63]
 SCHEMA_NAMES = ["dest", "Dest Schema", "ziel_ß"]

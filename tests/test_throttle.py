@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from conftest import COGITO_PLAN
 
-from orchestrator import control
 from orchestrator.db import connect
-from orchestrator.engine import session
 from orchestrator.plan import parse_plan
+from orchestrator.run.engine import session
+from orchestrator.state import store as control
 
 
 def _plan(tmp_path: Path, throttle: dict[str, Any]) -> Any:

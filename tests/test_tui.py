@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 from conftest import COGITO_PLAN
 from rich.console import Console
 
-from orchestrator import dryrun, tui
-from orchestrator.control import StageRow
 from orchestrator.db import connect
 from orchestrator.plan import load_plan
+from orchestrator.run import dryrun
+from orchestrator.state.store import StageRow
+from orchestrator.tui import render as tui
 
 
 def _row(table: str, stage: str, status: str, **kw: object) -> StageRow:

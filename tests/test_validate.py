@@ -16,10 +16,10 @@ from conftest import COGITO_PLAN
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from orchestrator.catalog import snapshot
-from orchestrator.graph import Problem
+from orchestrator.model.catalog import snapshot
+from orchestrator.model.graph import Problem
+from orchestrator.model.validate import Report, inspect, plan_schemas
 from orchestrator.plan import LoadedPlan, load_plan, parse_plan
-from orchestrator.validate import Report, inspect, plan_schemas
 
 Conn = psycopg.Connection[Any]
 

@@ -19,9 +19,9 @@ from conftest import COGITO_PLAN
 from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
-from orchestrator.catalog import snapshot
 from orchestrator.cli import app
 from orchestrator.db import connect
+from orchestrator.model.catalog import snapshot
 from orchestrator.stages import verify as verify_stage
 
 Conn = psycopg.Connection[Any]

@@ -1,5 +1,5 @@
 """The stages of a table's move. One module per stage; each offers forward, rollback and the
-SQL of both for dry-runs. The engine (orchestrator.engine) sequences them and records status.
+SQL of both for dry-runs. The engine (orchestrator.run.engine) sequences them and records status.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 
 from psycopg import sql
 
-from orchestrator.catalog import Catalog
 from orchestrator.db import Conn
-from orchestrator.ddl import LockPolicy
-from orchestrator.graph import DependencyGraph
-from orchestrator.move import TableMove
+from orchestrator.model.catalog import Catalog
+from orchestrator.model.graph import DependencyGraph
+from orchestrator.model.move import TableMove
 from orchestrator.plan import LoadedPlan, Plan
+from orchestrator.run.runner import LockPolicy
 
 Progress = Callable[[dict[str, Any]], None]
 

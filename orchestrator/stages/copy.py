@@ -24,13 +24,14 @@ from typing import Any
 
 from psycopg import sql
 
-from orchestrator import capture, control
-from orchestrator.catalog import Constraint, Index, Relation
 from orchestrator.db import Conn, snapshot_txn
-from orchestrator.move import TableMove
-from orchestrator.sqlutil import catalog_sql, idents, rewrite_definition
+from orchestrator.model.catalog import Constraint, Index, Relation
+from orchestrator.model.move import TableMove
+from orchestrator.sql import capture
+from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
 from orchestrator.stages import Ctx, Step
 from orchestrator.stages.prepare import key_index
+from orchestrator.state import store as control
 
 
 def _typed_key(m: TableMove, param: str) -> sql.Composed:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator import capture
-from orchestrator.acl import grant_statements, revoke_defaults
-from orchestrator.catalog import Catalog, ForeignKey, Relation
 from orchestrator.errors import StageError
-from orchestrator.move import TableMove
-from orchestrator.sqlutil import idents, rewrite_definition
+from orchestrator.model.catalog import Catalog, ForeignKey, Relation
+from orchestrator.model.move import TableMove
+from orchestrator.sql import capture
+from orchestrator.sql.acl import grant_statements, revoke_defaults
+from orchestrator.sql.compose import idents, rewrite_definition
 from orchestrator.stages import Step, regclass
 
 _ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator import capture
-from orchestrator.move import TableMove
+from orchestrator.model.move import TableMove
+from orchestrator.sql import capture
 from orchestrator.stages import Step
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.acl import grant_statements, revoke_defaults
-from orchestrator.catalog import Relation
-from orchestrator.move import TableMove
+from orchestrator.model.catalog import Relation
+from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
-from orchestrator.sqlutil import catalog_sql, idents, rename_in_expression, rewrite_definition
+from orchestrator.sql.acl import grant_statements, revoke_defaults
+from orchestrator.sql.compose import catalog_sql, idents, rename_in_expression, rewrite_definition
 from orchestrator.stages import Step
 
 
@@ -158,7 +158,7 @@ _CMDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
 
 
 def policy_sql(p: object, target: sql.Composable, renames: dict[str, str]) -> sql.Composed:
-    from orchestrator.catalog import Policy
+    from orchestrator.model.catalog import Policy
 
     assert isinstance(p, Policy)
     roles = sql.SQL(", ").join(

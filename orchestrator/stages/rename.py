@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from orchestrator.acl import grant_statements, parse_aclitem, revoke_defaults
-from orchestrator.catalog import Relation
-from orchestrator.move import TableMove
+from orchestrator.model.catalog import Relation
+from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
+from orchestrator.sql.acl import grant_statements, parse_aclitem, revoke_defaults
 from orchestrator.stages import Step
 from orchestrator.stages.prepare import owner_usage
 

@@ -14,12 +14,13 @@ from typing import Any
 
 from psycopg import errors, sql
 
-from orchestrator import capture, control
 from orchestrator.db import snapshot_txn
 from orchestrator.errors import StageError
-from orchestrator.move import TableMove
-from orchestrator.sqlutil import catalog_sql, idents
+from orchestrator.model.move import TableMove
+from orchestrator.sql import capture
+from orchestrator.sql.compose import catalog_sql, idents
 from orchestrator.stages import Ctx, Step
+from orchestrator.state import store as control
 
 CHUNK = 50_000
 RECHECKS = 3

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.control import RENAME_STAGES, STAGES, StageRow
-from orchestrator.graph import DependencyGraph
+from orchestrator.model.graph import DependencyGraph
+from orchestrator.model.validate import Report
 from orchestrator.plan import Plan, Strategy
-from orchestrator.validate import Report
+from orchestrator.state.store import RENAME_STAGES, STAGES, StageRow
 
 STATUS_STYLE = {
     "pending": "dim",

@@ -18,11 +18,11 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator import sample
 from orchestrator.db import connect, start_embedded
-from orchestrator.engine import session
+from orchestrator.demo import sample
+from orchestrator.demo.workload import Workload
 from orchestrator.plan import LoadedPlan, load_plan
-from orchestrator.workload import Workload
+from orchestrator.run.engine import session
 
 DEMO_DB = "cogito_demo"
 Say = Callable[[str], None]
@@ -64,7 +64,7 @@ def fresh_database(server: str, name: str = DEMO_DB) -> str:
 
 def compare(dsn: str, loaded: LoadedPlan) -> dict[str, dict[str, int]]:
     """Rows of each moved copy-strategy table, and rows differing from its retired source."""
-    from orchestrator.engine import build_context
+    from orchestrator.run.engine import build_context
 
     out: dict[str, dict[str, int]] = {}
     conn = connect(dsn, autocommit=True)

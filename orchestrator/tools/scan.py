@@ -27,10 +27,10 @@ from pglast import ast, parse_plpgsql, parse_sql
 from pglast.parser import ParseError, split
 from pglast.visitors import Visitor
 
-from orchestrator.audit import qualified, quote
 from orchestrator.db import Conn
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import LoadedPlan, Plan
+from orchestrator.tools.audit import qualified, quote
 
 # Directories never worth scanning (virtualenvs, VCS, caches, vendored packages).
 SKIP_DIRS = {

@@ -16,19 +16,20 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import capture, control
 from orchestrator.db import Conn, connect
-from orchestrator.ddl import LockPolicy, LockWaitExceeded, run_locked
 from orchestrator.errors import LockTimeoutExhausted, StageError, ValidationFailed
-from orchestrator.graph import Unit
-from orchestrator.move import TableMove, build_move
+from orchestrator.model.graph import Unit
+from orchestrator.model.move import TableMove, build_move
+from orchestrator.model.validate import inspect
 from orchestrator.plan import LoadedPlan, Strategy, TableSpec
-from orchestrator.sqlutil import render
+from orchestrator.run.runner import LockPolicy, LockWaitExceeded, run_locked
+from orchestrator.sql import capture
+from orchestrator.sql.compose import render
 from orchestrator.stages import Ctx, Progress, Step, dual_write, finalize, prepare, rename
 from orchestrator.stages import copy as copy_stage
 from orchestrator.stages import cutover as cutover_stage
 from orchestrator.stages import verify as verify_stage
-from orchestrator.validate import inspect
+from orchestrator.state import store as control
 
 COPY_STAGES = control.STAGES
 BEFORE_CUTOVER = ("prepare", "dual_write", "copy", "verify")

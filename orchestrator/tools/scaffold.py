@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import networkx as nx
 import yaml
 
-from orchestrator.audit import Audit, quote, run_audit
-from orchestrator.catalog import Catalog, Relation, read_catalog
 from orchestrator.db import Conn
 from orchestrator.errors import OrchestratorError
+from orchestrator.model.catalog import Catalog, Relation, read_catalog
 from orchestrator.plan import MAX_IDENT_BYTES, Plan, parse_plan
+from orchestrator.tools.audit import Audit, quote, run_audit
 
 GROUP_BY = ("community", "prefix")
 OTHER = "other"

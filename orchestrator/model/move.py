@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from orchestrator.catalog import Relation
 from orchestrator.errors import StageError
+from orchestrator.model.catalog import Relation
+from orchestrator.model.validate import key_columns
 from orchestrator.plan import Options, Plan, TableSpec
-from orchestrator.sqlutil import catalog_sql, expression
-from orchestrator.validate import key_columns
+from orchestrator.sql.compose import catalog_sql, expression
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors, sql
 
-from orchestrator import control
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted
+from orchestrator.state import store as control
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from orchestrator.catalog import Catalog
+from orchestrator.model.catalog import Catalog
 from orchestrator.plan import Plan
 
 

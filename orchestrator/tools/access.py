@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.catalog import Relation, read_catalog
 from orchestrator.db import Conn
+from orchestrator.model.catalog import Relation, read_catalog
+from orchestrator.model.validate import plan_schemas
 from orchestrator.plan import LoadedPlan, Plan
-from orchestrator.validate import plan_schemas
 
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 COLUMN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "REFERENCES")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from psycopg import errors, sql
 
 from orchestrator.db import Conn, snapshot_txn
-from orchestrator.move import TableMove
-from orchestrator.sqlutil import catalog_sql, ident, idents, render, row
+from orchestrator.model.move import TableMove
+from orchestrator.sql.compose import catalog_sql, ident, idents, render, row
 
 TRIGGER = "_orch_capture"
 TRUNCATE_TRIGGER = "_orch_capture_truncate"

@@ -16,10 +16,10 @@ from networkx.algorithms.community import greedy_modularity_communities
 from pglast.keywords import UNRESERVED_KEYWORDS
 from psycopg import sql
 
-from orchestrator.catalog import Catalog, ForeignKey, Relation, read_catalog
 from orchestrator.db import Conn
 from orchestrator.errors import OrchestratorError
-from orchestrator.sqlutil import render
+from orchestrator.model.catalog import Catalog, ForeignKey, Relation, read_catalog
+from orchestrator.sql.compose import render
 
 ACTIONS = {
     "a": "NO ACTION",

@@ -16,18 +16,18 @@ from typing import Any
 
 from psycopg import sql
 
-from orchestrator import control
-from orchestrator.catalog import Catalog, Relation
 from orchestrator.db import Conn, snapshot_txn
-from orchestrator.ddl import blockers
 from orchestrator.errors import StageError
-from orchestrator.move import TableMove
+from orchestrator.model.catalog import Catalog, Relation
+from orchestrator.model.move import TableMove
 from orchestrator.plan import LoadedPlan, Strategy
-from orchestrator.sqlutil import render
+from orchestrator.run.runner import blockers
+from orchestrator.sql.compose import render
 from orchestrator.stages import Ctx, Step, dual_write, finalize, prepare, regclass, rename
 from orchestrator.stages import copy as copy_stage
 from orchestrator.stages import cutover as cutover_stage
 from orchestrator.stages import verify as verify_stage
+from orchestrator.state import store as control
 
 SAMPLE_ROWS = 20_000
 LARGE_BYTES = 1 << 30
@@ -267,7 +267,7 @@ def _reason(m: TableMove, spec_columns: int) -> str:
 
 def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRun:
     """Plan every stage of every unit (or of the units holding `tables`), changing nothing."""
-    from orchestrator.engine import build_context
+    from orchestrator.run.engine import build_context
 
     unknown = [t for t in tables if t not in loaded.plan.table_names]
     if unknown:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator import control
-from orchestrator.catalog import Catalog, Relation, read_catalog
 from orchestrator.db import Conn
-from orchestrator.graph import DependencyGraph, Problem, build_graph
+from orchestrator.model.catalog import Catalog, Relation, read_catalog
+from orchestrator.model.graph import DependencyGraph, Problem, build_graph
 from orchestrator.plan import LoadedPlan, Plan, Strategy, TableSpec
+from orchestrator.state import store as control
 
 
 @dataclass

@@ -18,9 +18,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from orchestrator.access import AccessReport
-    from orchestrator.audit import Audit
-    from orchestrator.scan import CompatUsage, ScanReport
+    from orchestrator.tools.access import AccessReport
+    from orchestrator.tools.audit import Audit
+    from orchestrator.tools.scan import CompatUsage, ScanReport
 
 
 class GroupBy(StrEnum):
@@ -63,8 +63,8 @@ def register(app: typer.Typer) -> None:
         fmt: FmtOpt = Fmt.text,
     ) -> None:
         """Foreign keys, references without a constraint (with orphans), keys, cycles, domains."""
-        from orchestrator.audit import run_audit
         from orchestrator.cli import _connect, _emit_json, _guard, out
+        from orchestrator.tools.audit import run_audit
 
         with _guard(fmt), _connect() as conn:
             a = run_audit(conn, schema, count_orphans=orphans, domains=domains)
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         """Write a starting plan from the audit; `validate` accepts it as written."""
         from orchestrator.cli import _connect, _guard, err
         from orchestrator.errors import OrchestratorError
-        from orchestrator.scaffold import build_plan, parse_overrides
+        from orchestrator.tools.scaffold import build_plan, parse_overrides
 
         with _guard():
             if output is not None and output.exists() and not force:
@@ -160,9 +160,9 @@ def register(app: typer.Typer) -> None:
         fmt: FmtOpt = Fmt.text,
     ) -> None:
         """Each role of the plan: effective privileges on moved tables and views vs the plan."""
-        from orchestrator.access import verify_access
         from orchestrator.cli import _connect, _emit_json, _guard, out
         from orchestrator.plan import load_plan
+        from orchestrator.tools.access import verify_access
 
         with _guard(fmt):
             loaded = load_plan(plan)
@@ -185,7 +185,7 @@ def register(app: typer.Typer) -> None:
         Exit 1 when something is found (like a linter)."""
         from orchestrator.cli import _emit_json, _guard, out
         from orchestrator.plan import load_plan
-        from orchestrator.scan import scan_code
+        from orchestrator.tools.scan import scan_code
 
         with _guard(fmt):
             loaded = load_plan(plan)
@@ -215,7 +215,7 @@ def register(app: typer.Typer) -> None:
         3: no use seen, but without pg_stat_statements that proves little."""
         from orchestrator.cli import _connect, _emit_json, _guard, out
         from orchestrator.plan import load_plan
-        from orchestrator.scan import compat_usage
+        from orchestrator.tools.scan import compat_usage
 
         with _guard(fmt):
             loaded = load_plan(plan)

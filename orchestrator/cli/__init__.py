@@ -15,11 +15,14 @@ import psycopg
 import typer
 from rich.console import Console
 
-from orchestrator import control, graph, log, tui
+from orchestrator import log
 from orchestrator.db import Conn, connect, resolve_dsn, stop_embedded
 from orchestrator.errors import OrchestratorError
+from orchestrator.model import graph
+from orchestrator.model.validate import inspect
 from orchestrator.plan import LoadedPlan, load_plan, plan_json_schema
-from orchestrator.validate import inspect
+from orchestrator.state import store as control
+from orchestrator.tui import render as tui
 
 app = typer.Typer(
     name="orchestrator",
@@ -259,7 +262,7 @@ def demo(
     """Run the Cogito move on the embedded server under a simulated application."""
     from rich.table import Table
 
-    from orchestrator import demo as demo_mod
+    from orchestrator.demo import demo as demo_mod
 
     def say(text: str) -> None:
         out.print(f"[bold cyan]»[/] {text}", highlight=False)
@@ -344,7 +347,7 @@ def _confirm(question: str, yes: bool) -> None:
 def _engine(
     plan: Path, tables: list[str] | None, lock_timeout: int | None, fmt: str = "text"
 ) -> Iterator[Any]:
-    from orchestrator.engine import session
+    from orchestrator.run.engine import session
 
     loaded = load_plan(plan)
     dsn = resolve_dsn(state.dsn, state.embedded)
@@ -365,7 +368,7 @@ TEXT_SQL_MAX_TABLES = 20
 
 
 def _dry_run(plan: Path, fmt: str, tables: list[str] | None = None) -> None:
-    from orchestrator import dryrun
+    from orchestrator.run import dryrun
 
     with _guard("json" if fmt == "json" else "text"):
         loaded = load_plan(plan)
@@ -592,7 +595,7 @@ def main() -> None:
 
 
 def _register_tools() -> None:
-    from orchestrator import cli_tools
+    from orchestrator.cli import tools as cli_tools
 
     cli_tools.register(app)
 

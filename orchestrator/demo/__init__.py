@@ -1,0 +1,1 @@
+"""The Cogito demo: sample schema, simulated application, the scripted move."""

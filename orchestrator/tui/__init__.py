@@ -1,0 +1,1 @@
+"""The terminal renderers: tables, reports and the live progress view."""
