@@ -230,7 +230,7 @@ def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dic
     db = "copybench"
     dsn = srv.create_db(db)
     from orchestrator.plan import parse_plan
-    from orchestrator.run.engine import session
+    from orchestrator.run.session import session
 
     out: dict[str, Any] = {"server": srv.describe(), "rows": rows, "rounds": rounds}
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn, workdir(

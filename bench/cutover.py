@@ -375,7 +375,7 @@ def run_size(
     srv: Server, rows: int, rounds: int, tmp: Path, check_drain: bool = False
 ) -> dict[str, Any]:
     from orchestrator.plan import parse_plan
-    from orchestrator.run.engine import session
+    from orchestrator.run.session import session
 
     label = f"{rows // 1000}k" if rows < 1_000_000 else f"{rows // 1_000_000}M"
     db = f"cut_{label.lower()}"

@@ -231,7 +231,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "scripts": {"single": SINGLE, "multi": MULTI},
     }
     from orchestrator.plan import parse_plan
-    from orchestrator.run.engine import session
+    from orchestrator.run.session import session
 
     with embedded_server() as srv, workdir("dualwrite") as tmp:
         srv.configure(synchronous_commit="off", max_wal_size="4GB")

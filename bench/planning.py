@@ -184,7 +184,7 @@ def server_log_count(log: Path, start: int) -> dict[str, int]:
 def phases(dsn: str, loaded: Any) -> list[tuple[str, Callable[[], Any]]]:
     from rich.console import Console
 
-    from orchestrator.cli import TEXT_SQL_MAX_TABLES
+    from orchestrator.cli.move import TEXT_SQL_MAX_TABLES
     from orchestrator.db import connect
     from orchestrator.model import graph
     from orchestrator.model.validate import inspect
@@ -205,7 +205,7 @@ def phases(dsn: str, loaded: Any) -> list[tuple[str, Callable[[], Any]]]:
 
     def dry() -> Any:
         # As `orchestrator dry-run PLAN` does: build, then the text report (its SQL shown
-        # only up to cli.TEXT_SQL_MAX_TABLES tables; a larger plan gets one entry per table).
+        # only up to cli.move.TEXT_SQL_MAX_TABLES tables; a larger plan gets one entry per table).
         with connect(dsn, autocommit=True) as conn:
             conn.execute("SET search_path = ''")
             d = dryrun.build(conn, loaded)

@@ -45,3 +45,8 @@ class StageError(OrchestratorError):
 
 class LockTimeoutExhausted(OrchestratorError):
     """A DDL could not get its lock within lock_timeout after every retry."""
+
+
+class IllegalTransition(OrchestratorError):
+    """A stage's status change that the state diagram does not allow from its current state
+    (another session changed it, or a bug): refused, nothing is overwritten."""

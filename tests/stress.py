@@ -457,13 +457,15 @@ def leftovers(conn: Conn) -> list[str]:
 def throttle(dsn: str, table: str, batch_size: int, sleep_ms: int) -> None:
     """What `orchestrator set PLAN batch_size|sleep_ms N --table T` records (in-process)."""
     from orchestrator.db import connect as orch_connect
-    from orchestrator.state import store as control
+    from orchestrator.state.migrations import ensure_schema
+    from orchestrator.state.store import Store
 
     with orch_connect(dsn, autocommit=True, application="stress-operator") as conn:
-        control.ensure_schema(conn, "_orchestrator")
+        ensure_schema(conn, "_orchestrator")
         with conn.transaction():
-            control.put_setting(conn, "_orchestrator", PLAN_NAME, "batch_size", batch_size, table)
-            control.put_setting(conn, "_orchestrator", PLAN_NAME, "sleep_ms", sleep_ms, table)
+            store = Store(conn, "_orchestrator", PLAN_NAME)
+            store.put_setting("batch_size", batch_size, table)
+            store.put_setting("sleep_ms", sleep_ms, table)
 
 
 def wait_until(

@@ -23,8 +23,9 @@ from shop_schema import load_shop
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.model.context import build_context
 from orchestrator.plan import load_plan
-from orchestrator.run.engine import build_context, session
+from orchestrator.run.session import session
 from orchestrator.stages import rename
 from orchestrator.tools.access import AccessReport, verify_access
 

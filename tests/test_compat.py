@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.plan import load_plan
-from orchestrator.run.engine import session
+from orchestrator.run.session import session
 
 Conn = psycopg.Connection[Any]
 RETIRED = "_orchestrator_retired"

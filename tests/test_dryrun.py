@@ -117,9 +117,9 @@ def test_one_table_of_a_plan_and_a_table_the_plan_does_not_have(cogito_dsn: str)
 def test_a_large_plan_reads_as_one_entry_per_table_and_says_where_the_sql_is(
     cogito_dsn: str, monkeypatch: Any
 ) -> None:
-    from orchestrator import cli
+    from orchestrator.cli import move
 
-    monkeypatch.setattr(cli, "TEXT_SQL_MAX_TABLES", 2)
+    monkeypatch.setattr(move, "TEXT_SQL_MAX_TABLES", 2)
     runner = CliRunner()
     big = runner.invoke(app, ["--dsn", cogito_dsn, "dry-run", str(COGITO_PLAN)])
     assert big.exit_code == 0, big.output

@@ -642,7 +642,7 @@ def test_the_drain_inside_the_lock_looks_keys_up_whatever_the_logs_statistics(
     Planned from them, the last drain (inside the cutover lock) scanned the whole table
     (557 ms at 1M rows in docs/benchmarks.md); it must look each logged key up instead."""
     from orchestrator.plan import load_plan
-    from orchestrator.run.engine import session
+    from orchestrator.run.session import session
     from orchestrator.sql import capture
 
     ok(orchestrator(cogito_dsn, "apply", PLAN, "--table", "turns", "--until", "copy"))

@@ -28,7 +28,8 @@ from orchestrator.cli import app
 from orchestrator.db import connect
 from orchestrator.model.catalog import snapshot
 from orchestrator.plan import load_plan
-from orchestrator.run.engine import session
+from orchestrator.run.events import Event, Rows
+from orchestrator.run.session import session
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
@@ -395,8 +396,8 @@ def test_an_interrupted_copy_rolls_back_exactly(
     before = catalog(cogito_dsn)
     operator.ok("set", str(COGITO_PLAN), "batch_size", "300", "--table", "turns")
 
-    def interrupt_after_two_batches(event: dict[str, Any]) -> None:
-        if event.get("stage") == "copy" and event.get("rows_done", 0) >= 600:
+    def interrupt_after_two_batches(event: Event) -> None:
+        if isinstance(event, Rows) and event.stage == "copy" and event.rows_done >= 600:
             raise KeyboardInterrupt
 
     with (

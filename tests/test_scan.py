@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.plan import load_plan
-from orchestrator.run.engine import session
+from orchestrator.run.session import session
 from orchestrator.tools.scan import compat_usage, scan_code, statements_using
 
 QUERIES_SQL = """\

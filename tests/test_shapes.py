@@ -26,7 +26,7 @@ from psycopg import sql
 from orchestrator.db import connect
 from orchestrator.model.catalog import snapshot
 from orchestrator.plan import parse_plan
-from orchestrator.run.engine import session
+from orchestrator.run.session import session
 
 TABLE_NAMES = ["plain", "Mixed Case", "naïve ünïcode", 'quo"te', "semi;colon", "x" * 63]
 SCHEMA_NAMES = ["dest", "Dest Schema", "ziel_ß"]

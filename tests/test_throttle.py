@@ -13,8 +13,9 @@ from conftest import COGITO_PLAN
 
 from orchestrator.db import connect
 from orchestrator.plan import parse_plan
-from orchestrator.run.engine import session
-from orchestrator.state import store as control
+from orchestrator.run.events import Event, Paused
+from orchestrator.run.session import session
+from orchestrator.state.store import Store
 
 
 def _plan(tmp_path: Path, throttle: dict[str, Any]) -> Any:
@@ -30,15 +31,15 @@ def _raise_later(dsn: str, key: str, value: float, after_s: float) -> threading.
     def work() -> None:
         time.sleep(after_s)
         with connect(dsn, autocommit=True) as conn, conn.transaction():
-            control.put_setting(conn, "_orchestrator", "cogito", key, value)
+            Store(conn, "_orchestrator", "cogito").put_setting(key, value)
 
     t = threading.Thread(target=work)
     t.start()
     return t
 
 
-def _copy_with_events(dsn: str, loaded: Any) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
+def _copy_with_events(dsn: str, loaded: Any) -> list[Event]:
+    events: list[Event] = []
     with session(dsn, loaded, events.append) as eng:
         eng.apply(["turns"], "copy")
         assert eng.done("turns", "copy")
@@ -53,8 +54,8 @@ def test_a_load_probe_over_its_limit_pauses_the_copy_until_raised(
     started = time.monotonic()
     events = _copy_with_events(cogito_dsn, loaded)
     releaser.join()
-    paused = [e for e in events if "paused" in e]
-    assert paused and "load probe 5.0 > 1" in paused[0]["paused"]
+    paused = [e for e in events if isinstance(e, Paused)]
+    assert paused and "load probe 5.0 > 1" in paused[0].reason
     assert time.monotonic() - started >= 1.0
 
 
@@ -66,4 +67,4 @@ def test_a_wal_rate_over_its_limit_pauses_the_copy_until_raised(
     releaser = _raise_later(cogito_dsn, "max_wal_bytes_per_s", 10**12, after_s=1.0)
     events = _copy_with_events(cogito_dsn, loaded)
     releaser.join()
-    assert any("WAL rate" in e.get("paused", "") for e in events)
+    assert any(isinstance(e, Paused) and "WAL rate" in e.reason for e in events)

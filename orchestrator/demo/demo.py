@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -21,8 +20,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from orchestrator.db import connect, start_embedded
 from orchestrator.demo import sample
 from orchestrator.demo.workload import Workload
+from orchestrator.model.context import build_context
 from orchestrator.plan import LoadedPlan, load_plan
-from orchestrator.run.engine import session
+from orchestrator.run.events import Progress
+from orchestrator.run.session import session
+from orchestrator.stages.registry import COPY_STRATEGY, ROLLBACK_TO
 
 DEMO_DB = "cogito_demo"
 Say = Callable[[str], None]
@@ -64,15 +66,14 @@ def fresh_database(server: str, name: str = DEMO_DB) -> str:
 
 def compare(dsn: str, loaded: LoadedPlan) -> dict[str, dict[str, int]]:
     """Rows of each moved copy-strategy table, and rows differing from its retired source."""
-    from orchestrator.run.engine import build_context
-
     out: dict[str, dict[str, int]] = {}
     conn = connect(dsn, autocommit=True)
     conn.execute("SET search_path = ''")
     try:
         ctx = build_context(conn, loaded)
         for m in ctx.moves.values():
-            if m.strategy != "copy" or ctx.catalog.table(m.retired_schema, m.source_name) is None:
+            retired = ctx.catalog.table(m.retired_schema, m.source_name)
+            if m.strategy != COPY_STRATEGY.name or retired is None:
                 continue
             tgt = sql.SQL(", ").join(sql.Identifier(c.target) for c in m.copied)
             src = sql.SQL(", ").join(sql.Identifier(c.source) for c in m.copied)
@@ -88,7 +89,7 @@ def compare(dsn: str, loaded: LoadedPlan) -> dict[str, dict[str, int]]:
     return out
 
 
-def run(say: Say, progress: Callable[[dict[str, Any]], None], *, rows: int = 200_000,
+def run(say: Say, progress: Progress, *, rows: int = 200_000,
         directory: Path | None = None, dsn: str | None = None,
         plan_path: Path | None = None, threads: int = 2) -> Summary:
     """The whole demo; returns the figures for the closing summary."""
@@ -114,7 +115,7 @@ def run(say: Say, progress: Callable[[dict[str, Any]], None], *, rows: int = 200
         say(f"the application is writing ({threads} sessions: inserts, updates, deletes, "
             "reads on public.turns, public.users, ...)")
         with session(db, loaded, progress) as eng:
-            for stage in ("prepare", "dual_write", "copy", "verify"):
+            for stage in ROLLBACK_TO:  # every stage apply runs before cutover
                 say(f"apply --until {stage}")
 
                 def step(until: str = stage) -> None:

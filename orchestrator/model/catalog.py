@@ -421,12 +421,203 @@ GROUP BY 1
 """
 
 
+_Row = dict[str, Any]
+# Per-table parts of the catalog, by table OID: "columns", "constraints", "indexes", ...
+_Parts = dict[int, dict[str, list[Any]]]
+
+
 def _fetch(conn: Conn, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one catalog query, counted in QUERY_COUNT; return its rows."""
     global QUERY_COUNT
     QUERY_COUNT += 1
     # These are fixed module constants; parameters carry every value.
     cur = conn.execute(query, params)
     return list(cur.fetchall())
+
+
+def _column(r: _Row) -> Column:
+    """A column record from a _COLUMNS row."""
+    return Column(
+        name=r["name"],
+        attnum=r["attnum"],
+        type=r["type"],
+        type_schema=r["type_schema"],
+        type_kind=r["type_kind"],
+        not_null=r["not_null"],
+        default=r["default"],
+        identity=r["identity"],
+        generated=r["generated"],
+        collation=r["collation"],
+        comment=r["comment"],
+        acl=tuple(r["acl"]),
+    )
+
+
+def _constraint(r: _Row) -> Constraint:
+    """A constraint record (as its table sees it) from a _CONSTRAINTS row."""
+    return Constraint(
+        name=r["name"],
+        kind=r["kind"],
+        definition=r["definition"],
+        columns=tuple(r["columns"]),
+        validated=r["validated"],
+        deferrable=r["deferrable"],
+        deferred=r["deferred"],
+        index=r["index"],
+        ref_schema=r["ref_schema"],
+        ref_table=r["ref_table"],
+        ref_columns=tuple(r["ref_columns"]),
+        on_update=r["on_update"],
+        on_delete=r["on_delete"],
+        comment=r["comment"],
+    )
+
+
+def _foreign_key(r: _Row) -> ForeignKey:
+    """A foreign key with both ends named, from a _CONSTRAINTS row of kind 'f'."""
+    return ForeignKey(
+        name=r["name"],
+        schema=r["schema"],
+        table=r["table_name"],
+        columns=tuple(r["columns"]),
+        ref_schema=r["ref_schema"],
+        ref_table=r["ref_table"],
+        ref_columns=tuple(r["ref_columns"]),
+        definition=r["definition"],
+        validated=r["validated"],
+        columns_indexed=r["columns_indexed"],
+        on_update=r["on_update"],
+        on_delete=r["on_delete"],
+        match=r["match"],
+        deferrable=r["deferrable"],
+        deferred=r["deferred"],
+    )
+
+
+def _index(r: _Row) -> Index:
+    """An index record from an _INDEXES row."""
+    return Index(
+        name=r["name"],
+        definition=r["definition"],
+        unique=r["unique"],
+        primary=r["primary"],
+        valid=r["valid"],
+        constraint=r["constraint"],
+        columns=tuple(r["columns"]),
+        expressions=r["expressions"],
+        partial=r["partial"],
+    )
+
+
+def _trigger(r: _Row) -> Trigger:
+    """A trigger record from a _TRIGGERS row."""
+    return Trigger(
+        name=r["name"],
+        definition=r["definition"],
+        enabled=r["enabled"],
+        function=r["function"],
+    )
+
+
+def _policy(r: _Row) -> Policy:
+    """A row-level security policy record from a _POLICIES row."""
+    return Policy(
+        name=r["name"],
+        command=r["command"],
+        permissive=r["permissive"],
+        roles=tuple(r["roles"]),
+        using=r["using"],
+        check=r["check"],
+    )
+
+
+def _relation(r: _Row, parts: dict[str, list[Any]]) -> Relation:
+    """A relation record from a _RELATIONS row, with its columns, constraints and so on."""
+    return Relation(
+        oid=r["oid"],
+        schema=r["schema"],
+        name=r["name"],
+        kind=r["kind"],
+        owner=r["owner"],
+        persistence=r["persistence"],
+        options=tuple(r["options"]),
+        acl=tuple(r["acl"]),
+        comment=r["comment"],
+        rls_enabled=r["rls_enabled"],
+        rls_forced=r["rls_forced"],
+        is_partition=r["is_partition"],
+        inherits=tuple(r["inherits"]),
+        has_children=r["has_children"],
+        row_estimate=r["row_estimate"],
+        total_bytes=r["total_bytes"],
+        replica_identity=r["replica_identity"],
+        view_definition=r["view_definition"],
+        columns=tuple(parts.get("columns", ())),
+        constraints=tuple(parts.get("constraints", ())),
+        indexes=tuple(parts.get("indexes", ())),
+        triggers=tuple(parts.get("triggers", ())),
+        policies=tuple(parts.get("policies", ())),
+    )
+
+
+def _sequence(r: _Row) -> Sequence:
+    """A sequence record from a _SEQUENCES row."""
+    return Sequence(
+        schema=r["schema"],
+        name=r["name"],
+        data_type=r["data_type"],
+        start=r["start"],
+        increment=r["increment"],
+        min_value=r["min_value"],
+        max_value=r["max_value"],
+        cache=r["cache"],
+        cycle=r["cycle"],
+        owner_schema=r["owner_schema"],
+        owner_table=r["owner_table"],
+        owner_column=r["owner_column"],
+        identity=r["identity"],
+        acl=tuple(r["acl"]),
+        owner=r["owner"],
+    )
+
+
+def _dependent(r: _Row) -> Dependent:
+    """A view, materialized view or rule record from a _DEPENDENTS row."""
+    return Dependent(
+        schema=r["schema"],
+        name=r["name"],
+        kind=r["kind"],
+        on_schema=r["on_schema"],
+        on_table=r["on_table"],
+        definition=r["definition"],
+        options=tuple(r["options"]),
+    )
+
+
+def _constraint_parts(
+    by_oid: _Parts, cons: list[_Row], schemas: tuple[str, ...]
+) -> list[ForeignKey]:
+    """File constraints of tables in `schemas` under their table; return every foreign key.
+
+    _CONSTRAINTS reads both ends, so a foreign key from another schema into these is a
+    ForeignKey but no table's constraint here.
+    """
+    fks: list[ForeignKey] = []
+    for r in cons:
+        c = _constraint(r)
+        if r["schema"] in schemas:
+            by_oid[r["oid"]]["constraints"].append(c)
+        if r["kind"] == "f":
+            fks.append(_foreign_key(r))
+    return fks
+
+
+def _relations(rels: list[_Row], by_oid: _Parts) -> dict[tuple[str, str], Relation]:
+    """Each relation by (schema, name), carrying the parts filed under its OID."""
+    relations: dict[tuple[str, str], Relation] = {}
+    for r in rels:
+        relations[(r["schema"], r["name"])] = _relation(r, by_oid.get(r["oid"], {}))
+    return relations
 
 
 def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
@@ -445,166 +636,23 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
     deps = _fetch(conn, _DEPENDENTS, params)
     defaults = _fetch(conn, _DEFAULT_ACL, {})
 
-    by_oid: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    by_oid: _Parts = defaultdict(lambda: defaultdict(list))
     for r in cols:
-        by_oid[r["oid"]]["columns"].append(
-            Column(
-                name=r["name"],
-                attnum=r["attnum"],
-                type=r["type"],
-                type_schema=r["type_schema"],
-                type_kind=r["type_kind"],
-                not_null=r["not_null"],
-                default=r["default"],
-                identity=r["identity"],
-                generated=r["generated"],
-                collation=r["collation"],
-                comment=r["comment"],
-                acl=tuple(r["acl"]),
-            )
-        )
-    fks: list[ForeignKey] = []
-    for r in cons:
-        c = Constraint(
-            name=r["name"],
-            kind=r["kind"],
-            definition=r["definition"],
-            columns=tuple(r["columns"]),
-            validated=r["validated"],
-            deferrable=r["deferrable"],
-            deferred=r["deferred"],
-            index=r["index"],
-            ref_schema=r["ref_schema"],
-            ref_table=r["ref_table"],
-            ref_columns=tuple(r["ref_columns"]),
-            on_update=r["on_update"],
-            on_delete=r["on_delete"],
-            comment=r["comment"],
-        )
-        if r["schema"] in schemas:
-            by_oid[r["oid"]]["constraints"].append(c)
-        if r["kind"] == "f":
-            fks.append(
-                ForeignKey(
-                    name=r["name"],
-                    schema=r["schema"],
-                    table=r["table_name"],
-                    columns=tuple(r["columns"]),
-                    ref_schema=r["ref_schema"],
-                    ref_table=r["ref_table"],
-                    ref_columns=tuple(r["ref_columns"]),
-                    definition=r["definition"],
-                    validated=r["validated"],
-                    columns_indexed=r["columns_indexed"],
-                    on_update=r["on_update"],
-                    on_delete=r["on_delete"],
-                    match=r["match"],
-                    deferrable=r["deferrable"],
-                    deferred=r["deferred"],
-                )
-            )
+        by_oid[r["oid"]]["columns"].append(_column(r))
+    fks = _constraint_parts(by_oid, cons, schemas)
     for r in idxs:
-        by_oid[r["oid"]]["indexes"].append(
-            Index(
-                name=r["name"],
-                definition=r["definition"],
-                unique=r["unique"],
-                primary=r["primary"],
-                valid=r["valid"],
-                constraint=r["constraint"],
-                columns=tuple(r["columns"]),
-                expressions=r["expressions"],
-                partial=r["partial"],
-            )
-        )
+        by_oid[r["oid"]]["indexes"].append(_index(r))
     for r in trgs:
-        by_oid[r["oid"]]["triggers"].append(
-            Trigger(
-                name=r["name"],
-                definition=r["definition"],
-                enabled=r["enabled"],
-                function=r["function"],
-            )
-        )
+        by_oid[r["oid"]]["triggers"].append(_trigger(r))
     for r in pols:
-        by_oid[r["oid"]]["policies"].append(
-            Policy(
-                name=r["name"],
-                command=r["command"],
-                permissive=r["permissive"],
-                roles=tuple(r["roles"]),
-                using=r["using"],
-                check=r["check"],
-            )
-        )
-
-    relations: dict[tuple[str, str], Relation] = {}
-    for r in rels:
-        parts = by_oid.get(r["oid"], {})
-        relations[(r["schema"], r["name"])] = Relation(
-            oid=r["oid"],
-            schema=r["schema"],
-            name=r["name"],
-            kind=r["kind"],
-            owner=r["owner"],
-            persistence=r["persistence"],
-            options=tuple(r["options"]),
-            acl=tuple(r["acl"]),
-            comment=r["comment"],
-            rls_enabled=r["rls_enabled"],
-            rls_forced=r["rls_forced"],
-            is_partition=r["is_partition"],
-            inherits=tuple(r["inherits"]),
-            has_children=r["has_children"],
-            row_estimate=r["row_estimate"],
-            total_bytes=r["total_bytes"],
-            replica_identity=r["replica_identity"],
-            view_definition=r["view_definition"],
-            columns=tuple(parts.get("columns", ())),
-            constraints=tuple(parts.get("constraints", ())),
-            indexes=tuple(parts.get("indexes", ())),
-            triggers=tuple(parts.get("triggers", ())),
-            policies=tuple(parts.get("policies", ())),
-        )
-    sequences = {
-        (r["schema"], r["name"]): Sequence(
-            schema=r["schema"],
-            name=r["name"],
-            data_type=r["data_type"],
-            start=r["start"],
-            increment=r["increment"],
-            min_value=r["min_value"],
-            max_value=r["max_value"],
-            cache=r["cache"],
-            cycle=r["cycle"],
-            owner_schema=r["owner_schema"],
-            owner_table=r["owner_table"],
-            owner_column=r["owner_column"],
-            identity=r["identity"],
-            acl=tuple(r["acl"]),
-            owner=r["owner"],
-        )
-        for r in seqs
-    }
-    dependents = tuple(
-        Dependent(
-            schema=r["schema"],
-            name=r["name"],
-            kind=r["kind"],
-            on_schema=r["on_schema"],
-            on_table=r["on_table"],
-            definition=r["definition"],
-            options=tuple(r["options"]),
-        )
-        for r in deps
-    )
+        by_oid[r["oid"]]["policies"].append(_policy(r))
     return Catalog(
         schemas=schemas,
         existing_schemas=frozenset(existing),
-        relations=relations,
+        relations=_relations(rels, by_oid),
         foreign_keys=tuple(fks),
-        sequences=sequences,
-        dependents=dependents,
+        sequences={(r["schema"], r["name"]): _sequence(r) for r in seqs},
+        dependents=tuple(_dependent(r) for r in deps),
         default_grantees={r["schema"]: tuple(r["grantees"]) for r in defaults},
         server_version=int(conn.info.server_version),
         queries=QUERY_COUNT - before,
@@ -614,7 +662,7 @@ def read_catalog(conn: Conn, schemas: list[str] | tuple[str, ...]) -> Catalog:
 def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A comparable picture of the schemas, by name and never by OID (invariant 4).
 
-    Row estimates and sizes are left out: they describe data, not the schema.
+    _Row estimates and sizes are left out: they describe data, not the schema.
     """
     cat = read_catalog(conn, schemas)
     out: dict[str, Any] = {"relations": {}, "sequences": {}, "dependents": []}

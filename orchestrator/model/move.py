@@ -10,7 +10,6 @@ from psycopg import sql
 
 from orchestrator.errors import StageError
 from orchestrator.model.catalog import Relation
-from orchestrator.model.validate import key_columns
 from orchestrator.plan import Options, Plan, TableSpec
 from orchestrator.sql.compose import catalog_sql, expression
 
@@ -99,6 +98,27 @@ class TableMove:
     @property
     def label(self) -> str:
         return self.source_name
+
+
+def key_columns(rel: Relation, spec: TableSpec) -> tuple[str, ...] | None:
+    """The primary key, or the plan's declared key when it is unique and NOT NULL."""
+    pk = rel.primary_key
+    if pk is not None:
+        return pk.columns
+    if spec.key:
+        cols = tuple(spec.key)
+        unique = any(
+            i.unique
+            and i.valid
+            and not i.expressions
+            and not i.partial
+            and set(i.columns) == set(cols)
+            for i in rel.indexes
+        )
+        not_null = all(c.not_null for c in rel.columns if c.name in cols)
+        if unique and not_null and len(cols) == len({c.name for c in rel.columns} & set(cols)):
+            return cols
+    return None
 
 
 def retired_schema(control: str) -> str:

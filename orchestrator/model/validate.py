@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from orchestrator.db import Conn
 from orchestrator.model.catalog import Catalog, Relation, read_catalog
 from orchestrator.model.graph import DependencyGraph, Problem, build_graph
-from orchestrator.plan import LoadedPlan, Plan, Strategy, TableSpec
-from orchestrator.state import store as control
+from orchestrator.model.move import key_columns
+from orchestrator.plan import LoadedPlan, Options, Plan, Strategy, TableSpec
+from orchestrator.state import store
 
 
 @dataclass
@@ -66,40 +67,16 @@ def inspect(conn: Conn, loaded: LoadedPlan) -> Report:
 
 def _started_tables(conn: Conn, plan: Plan) -> set[str]:
     """Tables this plan has already begun to move (their targets are ours)."""
-    rows = control.stage_rows(conn, plan.control_schema, plan.name)
+    rows = store.stage_rows(conn, plan.control_schema, plan.name)
     return {r.table_name for r in rows if r.status in ("running", "done", "failed")}
 
 
-def key_columns(rel: Relation, spec: TableSpec) -> tuple[str, ...] | None:
-    """The primary key, or the plan's declared key when it is unique and NOT NULL."""
-    pk = rel.primary_key
-    if pk is not None:
-        return pk.columns
-    if spec.key:
-        cols = tuple(spec.key)
-        unique = any(
-            i.unique
-            and i.valid
-            and not i.expressions
-            and not i.partial
-            and set(i.columns) == set(cols)
-            for i in rel.indexes
-        )
-        not_null = all(c.not_null for c in rel.columns if c.name in cols)
-        if unique and not_null and len(cols) == len({c.name for c in rel.columns} & set(cols)):
-            return cols
-    return None
-
-
 def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
-    plan, cat = report.plan, report.catalog
-    src = cat.table(plan.source_schema, spec.name)
-    target = cat.table(spec.schema_, spec.target_name)
-    problems = report.problems
+    """Run every live check of one plan table, adding problems and warnings in a fixed order."""
+    plan = report.plan
     name = f"{plan.source_schema}.{spec.name}"
-    opts = plan.options_for(spec)
     if spec.schema_ == plan.source_schema:
-        problems.append(
+        report.problems.append(
             Problem(
                 name,
                 "the target schema is the source schema",
@@ -108,25 +85,48 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
         )
     if spec.name in started:
         return  # already being moved by this plan: the control schema is the truth now
+    src = _movable_source(report, spec, name)
     if src is None:
-        problems.append(
+        return
+    opts = plan.options_for(spec)
+    _check_shape(report, spec, src, name)
+    _check_columns(report, spec, src, name)
+    _check_strategy(report, spec, opts, src, name)
+    _check_depends_on(report, spec, name)
+    _check_dependents(report, spec, opts, name)
+    _warn_table(report, spec, opts, src, name)
+
+
+def _movable_source(report: Report, spec: TableSpec, name: str) -> Relation | None:
+    """The source table, or None (with a problem) when it is missing or not a table."""
+    plan = report.plan
+    src = report.catalog.table(plan.source_schema, spec.name)
+    if src is None:
+        report.problems.append(
             Problem(
                 name,
                 "no such table",
                 f"check the name (tables are case-sensitive), or remove it from {plan.name}'s plan",
             )
         )
-        return
+        return None
     if src.kind != "r" and src.kind != "p":
-        problems.append(
+        report.problems.append(
             Problem(
                 name,
                 f"is not a table (relkind {src.kind})",
                 "only ordinary tables can be moved; remove it from the plan",
             )
         )
-        return
-    if target is not None and spec.name not in started and target.oid != src.oid:
+        return None
+    return src
+
+
+def _check_shape(report: Report, spec: TableSpec, src: Relation, name: str) -> None:
+    """The target name must be free; the table plain (no partitions nor inheritance) and keyed."""
+    problems = report.problems
+    target = report.catalog.table(spec.schema_, spec.target_name)
+    if target is not None and target.oid != src.oid:
         problems.append(
             Problem(
                 f"{spec.schema_}.{spec.target_name}",
@@ -159,10 +159,14 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                 "add a primary key, or declare `key: [col, ...]` naming a unique NOT NULL key",
             )
         )
+
+
+def _check_columns(report: Report, spec: TableSpec, src: Relation, name: str) -> None:
+    """Mapped columns must exist, and a computed (read-only) column must be confirmed."""
     colnames = {c.name for c in src.columns}
     for col, mapping in spec.columns.items():
         if col not in colnames:
-            problems.append(
+            report.problems.append(
                 Problem(
                     f"{name}.{col}",
                     "no such column",
@@ -170,7 +174,7 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                 )
             )
         if mapping.up is not None and not spec.confirm_read_only_columns:
-            problems.append(
+            report.problems.append(
                 Problem(
                     f"{name}.{col}",
                     "a column computed by `down` is read-only through the compatibility view, so "
@@ -179,6 +183,13 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                     "no longer writes it",
                 )
             )
+
+
+def _check_strategy(
+    report: Report, spec: TableSpec, opts: Options, src: Relation, name: str
+) -> None:
+    """The table's strategy must be able to move it as the plan asks."""
+    problems = report.problems
     if opts.strategy == Strategy.rename and spec.columns:
         problems.append(
             Problem(
@@ -202,44 +213,60 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
                         "use `options: {strategy: rename}` for this table",
                     )
                 )
+
+
+def _check_depends_on(report: Report, spec: TableSpec, name: str) -> None:
+    """A table's depends_on may only name tables of the plan."""
     for dep in spec.depends_on:
-        if dep not in plan.table_names:
-            problems.append(
+        if dep not in report.plan.table_names:
+            report.problems.append(
                 Problem(
                     f"{name} depends_on {dep}",
                     "is not a table of this plan",
                     "list only tables of the plan in depends_on",
                 )
             )
-    for d in cat.dependents_of(plan.source_schema, spec.name):
+
+
+def _check_dependents(report: Report, spec: TableSpec, opts: Options, name: str) -> None:
+    """Materialized views and rules cannot be recreated over a copy's compatibility view."""
+    plan = report.plan
+    for d in report.catalog.dependents_of(plan.source_schema, spec.name):
         if d.kind in ("m", "rule") and opts.strategy == Strategy.copy:
             what = "materialized view" if d.kind == "m" else "rule"
-            problems.append(
+            report.problems.append(
                 Problem(
                     f"{d.schema}.{d.name}",
                     f"this {what} reads {name} and cannot be recreated over the compatibility view",
                     "drop it before the move and recreate it after, or use strategy: rename",
                 )
             )
+
+
+def _warn_table(
+    report: Report, spec: TableSpec, opts: Options, src: Relation, name: str
+) -> None:
+    """Warn of what the move changes without refusing it: grants, triggers, outside keys."""
+    plan, warnings = report.plan, report.warnings
     column_grants = sorted({c.name for c in src.columns if c.acl})
     if column_grants and opts.compat_view:
-        report.warnings.append(Problem(
+        warnings.append(Problem(
             name, f"has column-level grants ({', '.join(column_grants)}): a role holding only "
             "those cannot read through the security_invoker compatibility view, which selects "
             "every column of the new table",
             "grant those roles table-level SELECT, or point them at the new table, before the "
             "swap"))
     if src.user_triggers and opts.strategy == Strategy.copy:
-        report.warnings.append(
+        warnings.append(
             Problem(
                 name,
                 f"has user triggers ({', '.join(t.name for t in src.user_triggers)})",
                 "they follow the data to the new table at cutover",
             )
         )
-    for fk in cat.fks_to(plan.source_schema, spec.name):
+    for fk in report.catalog.fks_to(plan.source_schema, spec.name):
         if fk.schema != plan.source_schema or fk.table not in plan.table_names:
-            report.warnings.append(
+            warnings.append(
                 Problem(
                     f"{fk.schema}.{fk.table} ({fk.name})",
                     f"a foreign key from outside the plan references {name}",

@@ -19,15 +19,15 @@ from psycopg import sql
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.errors import StageError
 from orchestrator.model.catalog import Catalog, Relation
+from orchestrator.model.context import Ctx, build_context
 from orchestrator.model.move import TableMove
 from orchestrator.plan import LoadedPlan, Strategy
 from orchestrator.run.runner import blockers
 from orchestrator.sql.compose import render
-from orchestrator.stages import Ctx, Step, dual_write, finalize, prepare, regclass, rename
-from orchestrator.stages import copy as copy_stage
-from orchestrator.stages import cutover as cutover_stage
-from orchestrator.stages import verify as verify_stage
-from orchestrator.state import store as control
+from orchestrator.stages import registry
+from orchestrator.stages.base import Stage, Step, regclass
+from orchestrator.stages.copy import COPY
+from orchestrator.state import store
 
 SAMPLE_ROWS = 20_000
 LARGE_BYTES = 1 << 30
@@ -142,8 +142,8 @@ def _measure_rate(
 ) -> tuple[float | None, str]:
     """Rows per second of a copy: from earlier copies of this plan, else a rolled-back sample."""
     plan = loaded.plan
-    rows = control.stage_rows(conn, plan.control_schema, plan.name)
-    rates = [r.rows_per_s for r in rows if r.stage == "copy" and r.rows_per_s]
+    rows = store.stage_rows(conn, plan.control_schema, plan.name)
+    rates = [r.rows_per_s for r in rows if r.stage == COPY.name and r.rows_per_s]
     if rates:
         return max(rates), "measured by earlier copies of this plan"
     candidates = [
@@ -188,7 +188,7 @@ def _measure_rate(
 
 
 def _status(conn: Conn, loaded: LoadedPlan) -> dict[tuple[str, str], str]:
-    rows = control.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
+    rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
     return {(r.table_name, r.stage): r.status for r in rows}
 
 
@@ -267,8 +267,6 @@ def _reason(m: TableMove, spec_columns: int) -> str:
 
 def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRun:
     """Plan every stage of every unit (or of the units holding `tables`), changing nothing."""
-    from orchestrator.run.engine import build_context
-
     unknown = [t for t in tables if t not in loaded.plan.table_names]
     if unknown:
         raise StageError(
@@ -301,7 +299,7 @@ def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRu
             if rel is None or rel.kind != "r":
                 continue
             holders = {m.label: held.get(rel.oid, [])}
-            st = _stage_plans(ctx, m, rel, moves, status, holders)
+            st = _stage_plans(ctx, m, moves, status, holders)
             expected = rel.row_estimate / rate if rate and m.strategy == "copy" else None
             spec = plan.table(m.label)
             out.tables.append(
@@ -326,88 +324,28 @@ def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRu
 def _stage_plans(
     ctx: Ctx,
     m: TableMove,
-    rel: Relation,
     unit: list[TableMove],
     status: dict[tuple[str, str], str],
     holders: dict[str, list[int]],
 ) -> list[StagePlan]:
+    """Each stage of the table's strategy, its statements rendered when first read."""
     conn = ctx.conn
+    plans = []
+    for stage in registry.strategy_of(m).stages:
+        moves = [x for x in unit if x.strategy == m.strategy] if stage.per_unit else [m]
+        note = stage.note
+        if stage.per_unit and len(unit) > 1:
+            members = ", ".join(x.label for x in unit)
+            note = f"the whole unit swaps in one transaction: {members}; {note}"
 
-    def sp(
-        stage: str,
-        fwd: Callable[[], list[Step]],
-        back: Callable[[], list[Step]],
-        note: str = "",
-    ) -> StagePlan:
-        return StagePlan(
-            stage,
-            status.get((m.label, stage), "pending"),
-            note,
-            lambda: (_statements(conn, fwd(), holders), _statements(conn, back(), holders)),
+        def statements(stage: Stage = stage, moves: list[TableMove] = moves) -> Rendered:
+            forward, back = stage.review(ctx, moves)
+            return _statements(conn, forward, holders), _statements(conn, back, holders)
+
+        plans.append(
+            StagePlan(stage.name, status.get((m.label, stage.name), "pending"), note, statements)
         )
-
-    if m.strategy == "rename":
-        return [
-            sp(
-                "rename",
-                lambda: rename.forward_steps(
-                    m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema)
-                ),
-                lambda: rename.rollback_steps(m, rename.plan_grants(m, rel, ctx.plan)),
-            ),
-            sp(
-                "finalize",
-                list,
-                list,
-                "nothing to drop: the compatibility view stays until the "
-                "plan drops it; finalize only records that the move is final",
-            ),
-        ]
-    copy_moves = [x for x in unit if x.strategy == "copy"]
-    swap_note = (
-        "the whole unit swaps in one transaction: " + ", ".join(x.label for x in unit)
-        if len(unit) > 1
-        else ""
-    )
-    return [
-        sp(
-            "prepare",
-            lambda: prepare.forward_steps(
-                m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema)
-            ),
-            lambda: prepare.rollback_steps(m),
-        ),
-        sp("dual_write", lambda: dual_write.forward_steps(m),
-           lambda: dual_write.rollback_steps(m)),
-        sp(
-            "copy",
-            lambda: copy_stage.forward_steps(m, rel),
-            lambda: copy_stage.rollback_steps(m, rel),
-            "batches repeat from the checkpoint until the upper bound; the index builds run "
-            "with the final drain in one transaction",
-        ),
-        sp(
-            "verify",
-            lambda: verify_stage.forward_steps(m),
-            list,
-            "read-only: nothing to undo; chunks repeat over the key range",
-        ),
-        sp(
-            "cutover",
-            lambda: cutover_stage.forward_steps(copy_moves, ctx.catalog),
-            list,
-            (swap_note + "; " if swap_note else "") + "rollback is the same swap backwards "
-            "under the same lock discipline: drain the reverse log, move the retired table "
-            "back, re-point foreign keys and triggers, drop the compatibility view; its exact "
-            "SQL is computed from the catalog once the swap has happened",
-        ),
-        sp(
-            "finalize",
-            lambda: finalize.forward_steps(m),
-            list,
-            "CANNOT BE UNDONE: drops the retired table and its reverse capture",
-        ),
-    ]
+    return plans
 
 
 def to_sql(d: DryRun) -> str:

@@ -1,8 +1,12 @@
-"""Short locks: every DDL transaction runs under lock_timeout and is retried with backoff.
+"""The step runner: every locked transaction on a user's relations goes through `Runner.run`.
 
 A DDL waiting for ACCESS EXCLUSIVE blocks every later reader of the table while it waits, so
-the wait is bounded (lock_timeout) and, when it expires, we give way, record who held the
-conflicting lock, back off with jitter and try again.
+each transaction runs under `SET LOCAL lock_timeout`, the statement that takes the stage's
+locks (`Step.bounded`) has its whole wait bounded by one lock_timeout, and when the wait
+expires we give way: record who held the conflicting locks (from the relations the action
+declares), cancel an autovacuum in the way, back off with jitter and try again. Each
+statement's time is measured; the status change and the event commit in the same transaction
+as the statements (docs/design.md: state commits with its work).
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import errors, sql
 
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted
-from orchestrator.state import store as control
-
-T = TypeVar("T")
+from orchestrator.model.context import LockPolicy
+from orchestrator.run.events import LockWait, Progress
+from orchestrator.sql.compose import render
+from orchestrator.stages.base import Action
+from orchestrator.state.store import Store
 
 _BLOCKERS = """
 SELECT DISTINCT a.pid, a.usename AS role, a.application_name, a.state, a.backend_type,
@@ -38,14 +44,11 @@ ORDER BY a.pid
 
 def blockers(conn: Conn, relations: list[str]) -> list[dict[str, Any]]:
     """Sessions holding locks on the relations we wanted (who made us wait)."""
-    if not relations:
-        return []
     rels = [r for r in relations if r]
+    if not rels:
+        return []
     try:
-        rows = conn.execute(
-            sql.SQL(_BLOCKERS),
-            (rels,),
-        ).fetchall()
+        rows = conn.execute(sql.SQL(_BLOCKERS), (rels,)).fetchall()
     except psycopg.Error:
         return []
     return [dict(r) for r in rows]
@@ -83,91 +86,161 @@ class LockWaitExceeded(Exception):
     set only around it), as opposed to any other statement running too long."""
 
 
-@dataclass
-class LockPolicy:
-    lock_timeout_ms: int
-    statement_timeout_ms: int
-    retries: int
-    base_delay_s: float = 0.2
-    max_delay_s: float = 5.0
+class StepFailed(Exception):
+    """A statement of an action failed; its transaction was rolled back."""
+
+    def __init__(self, statement: str, error: psycopg.Error) -> None:
+        super().__init__(statement)
+        self.statement = statement
+        self.error = error
 
 
-def run_locked(
-    conn: Conn,
-    *,
-    plan: str,
-    control_schema: str,
-    table: str | None,
-    stage: str,
-    action: str,
-    policy: LockPolicy,
-    relations: list[str],
-    work: Callable[[Conn], T],
-    on_retry: Callable[[int, list[dict[str, Any]]], None] | None = None,
-) -> T:
-    """Run `work` in one transaction under lock_timeout, retrying on lock timeouts.
+@dataclass(frozen=True)
+class Runner:
+    """Runs actions on one autocommit connection, recording into one plan's control store."""
 
-    `relations` (regclass texts) name what the work locks, so a failed try can record who
-    held those locks. The work's own control-schema writes commit with it.
-    """
-    attempt = 0
-    while True:
-        attempt += 1
-        started = time.monotonic()
-        try:
-            with conn.transaction():
-                conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(
-                        sql.Literal(f"{policy.lock_timeout_ms}ms")
-                    )
-                )
-                if policy.statement_timeout_ms:
-                    conn.execute(
-                        sql.SQL("SET LOCAL statement_timeout = {}").format(
-                            sql.Literal(f"{policy.statement_timeout_ms}ms")
+    conn: Conn
+    store: Store
+    progress: Progress
+
+    def run(
+        self,
+        action: Action,
+        *,
+        tables: list[str],
+        stage: str,
+        policy: LockPolicy,
+        status: Callable[[Store, str], None] | None = None,
+        between_tries: Callable[[], None] | None = None,
+    ) -> None:
+        """Run the action's steps in one transaction under lock_timeout, then `status` for
+        each table, `action.record` and the event, all in that transaction; retry on a lock
+        timeout. A failed statement raises `StepFailed` (nothing of it committed)."""
+        label = ",".join(tables)
+
+        def work() -> None:
+            t0 = time.monotonic()
+            texts, timings, lock_wait_ms = self._execute(action, policy)
+            if status is not None:
+                for name in tables:
+                    status(self.store, name)
+            if action.record is not None:
+                action.record(self.store)
+            slowest = sorted(zip(timings, texts, strict=True), key=lambda t: -t[0])[:3]
+            self.store.log(
+                action.name,
+                "ok",
+                table=label or None,
+                stage=stage or None,
+                statement=";\n".join(texts) + ";" if texts else None,
+                duration_ms=(time.monotonic() - t0) * 1000,
+                detail={
+                    "lock_wait_ms": round(lock_wait_ms, 1),
+                    "slowest_ms": [[round(ms, 1), text[:160]] for ms, text in slowest],
+                },
+            )
+
+        self._with_retries(action, label, stage, policy, work, between_tries)
+
+    def _execute(self, action: Action, policy: LockPolicy) -> tuple[list[str], list[float], float]:
+        """The action's statements, each timed; the bounded LOCK's time is its wait."""
+        texts: list[str] = []
+        timings: list[float] = []
+        lock_wait_ms = 0.0
+        for step in action.steps:
+            texts.append(render(self.conn, step.sql))
+            try:
+                if step.bounded:
+                    _set_local(self.conn, "statement_timeout", f"{policy.lock_timeout_ms}ms")
+                s0 = time.monotonic()
+                self.conn.execute(step.sql)
+                timings.append((time.monotonic() - s0) * 1000)
+                if step.bounded:
+                    # The LOCK statement: its time is the wait before the grant; the hold is
+                    # the event's duration minus this.
+                    lock_wait_ms = timings[-1]
+                    _set_local(self.conn, "statement_timeout", f"{policy.statement_timeout_ms}ms")
+            except psycopg.errors.LockNotAvailable:
+                raise
+            except psycopg.errors.QueryCanceled as exc:
+                if step.bounded:
+                    raise LockWaitExceeded(str(exc)) from exc
+                raise StepFailed(texts[-1], exc) from exc
+            except psycopg.Error as exc:
+                raise StepFailed(texts[-1], exc) from exc
+        return texts, timings, lock_wait_ms
+
+    def _with_retries(
+        self,
+        action: Action,
+        label: str,
+        stage: str,
+        policy: LockPolicy,
+        work: Callable[[], None],
+        between_tries: Callable[[], None] | None,
+    ) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                with self.conn.transaction():
+                    _set_local(self.conn, "lock_timeout", f"{policy.lock_timeout_ms}ms")
+                    if policy.statement_timeout_ms:
+                        _set_local(
+                            self.conn, "statement_timeout", f"{policy.statement_timeout_ms}ms"
                         )
-                    )
-                return work(conn)
-        except (errors.LockNotAvailable, LockWaitExceeded) as exc:
-            waited = (time.monotonic() - started) * 1000
-            who = blockers(conn, relations)
-            detail: dict[str, Any] = {
-                "attempt": attempt, "error": str(exc).strip(), "blockers": who}
-            vacuums = autovacuums_to_cancel(who)
-            if vacuums:
-                detail["autovacuum"] = cancel_autovacuums(conn, vacuums)
-            with conn.transaction():
-                control.log_event(
-                    conn,
-                    control_schema,
-                    plan,
-                    action,
-                    "lock_timeout",
-                    table=table,
-                    stage=stage,
-                    duration_ms=waited,
-                    detail=detail,
-                )
-            if on_retry is not None:
-                on_retry(attempt, who)
-            if attempt > policy.retries:
-                names = (
-                    "; ".join(
-                        f"pid {b['pid']} ({b['role']}, {b['application_name'] or '-'}, "
-                        f"{b['state']}, holds {b['mode']} on {b['relation']}): "
-                        f"{b['query']}"
-                        for b in who
-                    )
-                    or "a session that has ended"
-                )
-                tries = "1 try" if attempt == 1 else f"{attempt} tries"
-                raise LockTimeoutExhausted(
-                    f"{table or plan}: {action} could not get its locks within "
-                    f"{policy.lock_timeout_ms} ms after {tries}; "
-                    f"nothing was changed. "
-                    f"Blocking: {names}",
-                    hint="wait for that transaction to end and rerun, raise the timeout with "
-                    "--lock-timeout, or end the blocker with SELECT pg_terminate_backend(pid)",
-                ) from exc
-            delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random()))
+                    work()
+                    return
+            except (errors.LockNotAvailable, LockWaitExceeded) as exc:
+                who = self._gave_way(action, label, stage, attempt, started, exc)
+                self.progress(LockWait(label, stage, attempt, who))
+                if attempt > policy.retries:
+                    who_ = label or self.store.plan
+                    raise _exhausted(action, who_, policy, attempt, who) from exc
+                if between_tries is not None:
+                    # Writes go on while we back off: drain them outside the lock again, so
+                    # the try that succeeds has only a short tail to drain inside it.
+                    between_tries()
+                delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
+                time.sleep(delay * (0.5 + random.random()))
+
+    def _gave_way(
+        self, action: Action, label: str, stage: str, attempt: int, started: float, exc: Exception
+    ) -> list[dict[str, Any]]:
+        """Record a try that timed out on its locks, with who held them."""
+        waited = (time.monotonic() - started) * 1000
+        who = blockers(self.conn, action.locks)
+        detail: dict[str, Any] = {"attempt": attempt, "error": str(exc).strip(), "blockers": who}
+        vacuums = autovacuums_to_cancel(who)
+        if vacuums:
+            detail["autovacuum"] = cancel_autovacuums(self.conn, vacuums)
+        with self.conn.transaction():
+            self.store.log(
+                action.name, "lock_timeout", table=label or None, stage=stage or None,
+                duration_ms=waited, detail=detail,
+            )
+        return who
+
+
+def _exhausted(
+    action: Action, label: str, policy: LockPolicy, attempt: int, who: list[dict[str, Any]]
+) -> LockTimeoutExhausted:
+    names = "; ".join(
+        f"pid {b['pid']} ({b['role']}, {b['application_name'] or '-'}, {b['state']}, "
+        f"holds {b['mode']} on {b['relation']}): {b['query']}"
+        for b in who
+    ) or "a session that has ended"
+    tries = "1 try" if attempt == 1 else f"{attempt} tries"
+    return LockTimeoutExhausted(
+        f"{label}: {action.name} could not get its locks within {policy.lock_timeout_ms} ms "
+        f"after {tries}; nothing was changed. Blocking: {names}",
+        hint="wait for that transaction to end and rerun, raise the timeout with "
+        "--lock-timeout, or end the blocker with SELECT pg_terminate_backend(pid)",
+    )
+
+
+def _set_local(conn: Conn, name: str, value: str) -> None:
+    conn.execute(
+        sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value))
+    )

@@ -312,3 +312,13 @@ def key_row(cols: tuple[str, ...]) -> sql.Composed:
 
 
 __all__ = ["Direction", "forward", "ident", "reverse"]
+
+
+def drain(conn: Conn, d: Direction, batch: int = 10_000) -> int:
+    """Replay committed batches until one comes back short; the entries replayed."""
+    total = 0
+    while (n := replay_batch(conn, d, batch)) > 0:
+        total += n
+        if n < batch:
+            break
+    return total

@@ -26,12 +26,13 @@ from psycopg import sql
 
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.model.catalog import Constraint, Index, Relation
+from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
+from orchestrator.run.events import Paused, Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
-from orchestrator.stages import Ctx, Step
+from orchestrator.stages.base import Action, Kind, Stage, Step
 from orchestrator.stages.prepare import key_index
-from orchestrator.state import store as control
 
 
 def _typed_key(m: TableMove, param: str) -> sql.Composed:
@@ -244,10 +245,6 @@ def _throttle(ctx: Ctx, m: TableMove, cfg: dict[str, Any]) -> Throttle:
     )
 
 
-def _settings(ctx: Ctx, m: TableMove) -> dict[str, Any]:
-    return control.settings(ctx.conn, ctx.control, ctx.plan.name, m.label)
-
-
 def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | None:
     """Why the copy should pause now, or None."""
     if t.max_wal_rate is not None and wal is not None:
@@ -270,114 +267,68 @@ def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | N
     return None
 
 
-def run(ctx: Ctx, m: TableMove, rel: Relation) -> None:
-    """Copy batches from the recorded checkpoint; crash-safe at every batch boundary."""
-    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
-    st = control.get_stage(conn, s, p, m.label, "copy")
-    cp: dict[str, Any] = dict(st.checkpoint or {})
-    rows_done = st.rows_done
-    if "hi" not in cp:
-        with conn.transaction():
-            r = conn.execute(upper_bound_sql(m)).fetchone()
-            est = max(rel.row_estimate, 0)
-            cp = {"hi": r["hi"] if r else None, "last": None, "fresh": fresh_bound(conn, rel)}
-            control.set_status(
-                conn,
-                s,
-                p,
-                m.label,
-                "copy",
-                "running",
-                rows_done=0,
-                rows_estimated=est,
-                checkpoint=cp,
-            )
-            control.log_event(
-                conn,
-                s,
-                p,
-                "copy",
-                "started",
-                table=m.label,
-                stage="copy",
-                detail={"upper_bound": cp["hi"], "estimate": est},
-            )
-        rows_done = 0
-    estimate = control.get_stage(conn, s, p, m.label, "copy").rows_estimated or 0
-    # Each batch commits without waiting for its WAL flush (set for the session once, not per
-    # transaction: a round trip per batch saved). A crash may lose the last batches, each
-    # with its checkpoint, since WAL keeps their order: the rerun copies them again.
-    conn.execute("SET synchronous_commit = off")
-    try:
-        copied = _batches(ctx, m, cp, rows_done, estimate)
-    finally:
-        if not (conn.broken or conn.closed):
-            conn.execute("RESET synchronous_commit")
-    if copied is not None:
-        finish(ctx, m, rel, copied)
+def _start(ctx: Ctx, m: TableMove, rel: Relation) -> dict[str, Any]:
+    """The copy's bounds, fixed when it starts and kept in its checkpoint: the upper key and
+    what tells a row written since."""
+    with ctx.conn.transaction():
+        r = ctx.conn.execute(upper_bound_sql(m)).fetchone()
+        est = max(rel.row_estimate, 0)
+        cp = {"hi": r["hi"] if r else None, "last": None, "fresh": fresh_bound(ctx.conn, rel)}
+        ctx.store.checkpoint(m.label, "copy", rows_done=0, checkpoint=cp, rows_estimated=est)
+        ctx.store.log(
+            "copy", "started", table=m.label, stage="copy",
+            detail={"upper_bound": cp["hi"], "estimate": est},
+        )
+    return cp
 
 
-def _batches(
-    ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int
-) -> int | None:
-    """Copy batches until the upper bound; the rows copied in all, or None if asked to stop.
-    Settings (batch size, throttle) are read again before every batch, in one query."""
-    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+def _batch_params(cp: dict[str, Any], limit: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit, **fresh_params(cp.get("fresh"))}
+    for i, v in enumerate(cp["hi"]):
+        params[f"hi{i}"] = v
+    for i, v in enumerate(cp["last"] or []):
+        params[f"lo{i}"] = v
+    return params
+
+
+def _wait_for_server(ctx: Ctx, m: TableMove, wal: WalMeter) -> tuple[dict[str, Any], Throttle]:
+    """The operator's current settings, once the server is not too busy for a batch."""
+    while True:
+        cfg = ctx.store.settings(m.label)
+        t = _throttle(ctx, m, cfg)
+        reason = server_busy(ctx.conn, t, wal)
+        if reason is None:
+            return cfg, t
+        ctx.progress(Paused(m.label, "copy", reason))
+        time.sleep(t.check_every_s)
+
+
+def _batches(ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int) -> int:
+    """Copy batches until the upper bound; the rows copied in all. Settings (batch size,
+    throttle) are read again before every batch, in one query."""
+    conn = ctx.conn
     started = time.monotonic()
     done_here = 0
     wal = WalMeter()
     while cp["hi"] is not None:
-        cfg = _settings(ctx, m)
-        t = _throttle(ctx, m, cfg)
-        reason = server_busy(conn, t, wal)
-        while reason is not None:
-            ctx.progress({"table": m.label, "stage": "copy", "paused": reason})
-            time.sleep(t.check_every_s)
-            cfg = _settings(ctx, m)
-            t = _throttle(ctx, m, cfg)
-            reason = server_busy(conn, t, wal)
+        cfg, t = _wait_for_server(ctx, m, wal)
         limit = int(cfg.get("batch_size", m.options.batch_size))
-        params: dict[str, Any] = {"limit": limit, **fresh_params(cp.get("fresh"))}
-        for i, v in enumerate(cp["hi"]):
-            params[f"hi{i}"] = v
-        first = cp["last"] is None
-        if not first:
-            for i, v in enumerate(cp["last"]):
-                params[f"lo{i}"] = v
         with conn.transaction():
-            r = conn.execute(batch_sql(m, first), params).fetchone()
+            r = conn.execute(batch_sql(m, cp["last"] is None), _batch_params(cp, limit)).fetchone()
             n = int(r["n"]) if r else 0
             if n == 0:
                 break
             cp = {**cp, "last": r["last"] if r else None}
             rows_done += n
             done_here += n
-            elapsed = max(time.monotonic() - started, 1e-6)
-            control.record_progress(
-                conn,
-                s,
-                p,
-                m.label,
-                "copy",
-                rows_done=rows_done,
-                checkpoint=cp,
-                rows_per_s=done_here / elapsed,
-            )
-        ctx.progress(
-            {
-                "table": m.label,
-                "stage": "copy",
-                "rows_done": rows_done,
-                "rows_estimated": max(estimate, rows_done),
-                "rate": done_here / elapsed,
-            }
-        )
+            rate = done_here / max(time.monotonic() - started, 1e-6)
+            ctx.store.checkpoint(m.label, "copy", rows_done=rows_done, checkpoint=cp,
+                                 rows_per_s=rate)
+        ctx.progress(Rows(m.label, "copy", rows_done, max(estimate, rows_done), rate))
         if n < limit:
             break
         if t.sleep_ms:
             time.sleep(t.sleep_ms / 1000)
-        if ctx.stop_requested():
-            return None
     return rows_done
 
 
@@ -386,27 +337,68 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
 
     REPEATABLE READ gives one snapshot: after the drain, every target row equals the source
     row at that snapshot, so unique indexes build without spurious violations. Plain CREATE
-    INDEX is right here: only the orchestrator writes the target (DESIGN.md's decision).
+    INDEX is right here: only the orchestrator writes the target (docs/design.md, invariant 9).
     """
-    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
+    conn = ctx.conn
     d = capture.forward(m)
     # Most of the backlog goes first in small committed batches, outside the index build.
     while capture.replay_batch(conn, d, 10_000) >= 10_000:
         pass
     t0 = time.monotonic()
+    steps = index_steps(m, rel)
     with snapshot_txn(conn):
         drained = capture.replay_all(conn, d)
-        for step in index_steps(m, rel):
+        for step in steps:
             conn.execute(step.sql)
-        control.set_status(conn, s, p, m.label, "copy", "done", rows_done=rows_done)
-        control.log_event(
-            conn,
-            s,
-            p,
-            "copy",
-            "ok",
-            table=m.label,
-            stage="copy",
-            duration_ms=(time.monotonic() - t0) * 1000,
-            detail={"rows": rows_done, "drained": drained, "indexes": len(index_steps(m, rel))},
+        ctx.store.finish(m.label, "copy", rows_done=rows_done)
+        ctx.store.log(
+            "copy", "ok", table=m.label, stage="copy", duration_ms=(time.monotonic() - t0) * 1000,
+            detail={"rows": rows_done, "drained": drained, "indexes": len(steps)},
         )
+
+
+class Copy(Stage):
+    """Batches from source to target, each with its checkpoint; then drain and index."""
+
+    name = "copy"
+    short = "copy"
+    kind = Kind.loop
+    note = (
+        "batches repeat from the checkpoint until the upper bound; the index builds run "
+        "with the final drain in one transaction"
+    )
+
+    def _rel(self, ctx: Ctx, m: TableMove) -> Relation:
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        assert rel is not None
+        return rel
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        return Action(self.name, forward_steps(moves[0], self._rel(ctx, moves[0])))
+
+    def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        return Action("rollback_copy", rollback_steps(moves[0], self._rel(ctx, moves[0])))
+
+    def run(self, ctx: Ctx, m: TableMove) -> None:
+        """Copy batches from the recorded checkpoint; crash-safe at every batch boundary."""
+        rel = self._rel(ctx, m)
+        st = ctx.store.row(m.label, self.name)
+        cp: dict[str, Any] = dict(st.checkpoint or {})
+        rows_done = st.rows_done
+        if "hi" not in cp:
+            cp, rows_done = _start(ctx, m, rel), 0
+        estimate = ctx.store.row(m.label, self.name).rows_estimated or 0
+        conn = ctx.conn
+        # Each batch commits without waiting for its WAL flush (set for the session once, not
+        # per transaction: a round trip per batch saved). A crash may lose the last batches,
+        # each with its checkpoint, since WAL keeps their order: the rerun copies them again.
+        conn.execute("SET synchronous_commit = off")
+        try:
+            copied = _batches(ctx, m, cp, rows_done, estimate)
+        finally:
+            if not (conn.broken or conn.closed):
+                conn.execute("RESET synchronous_commit")
+        finish(ctx, m, rel, copied)
+
+
+COPY = Copy()

@@ -16,11 +16,13 @@ from psycopg import sql
 
 from orchestrator.errors import StageError
 from orchestrator.model.catalog import Catalog, ForeignKey, Relation
+from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.sql import capture
 from orchestrator.sql.acl import grant_statements, revoke_defaults
 from orchestrator.sql.compose import idents, rewrite_definition
-from orchestrator.stages import Step, regclass
+from orchestrator.stages import verify
+from orchestrator.stages.base import Action, Phase, Stage, Step, regclass
 
 _ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 _MATCH = {"f": " MATCH FULL", "p": " MATCH PARTIAL", "s": ""}
@@ -423,3 +425,56 @@ def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
             for s in capture.create_triggers_sql(capture.forward(m))
         ]
     return steps
+
+
+class Cutover(Stage):
+    """The swap of a whole unit in one short transaction; backwards, the same swap reversed."""
+
+    name = "cutover"
+    short = "swap"
+    phase = Phase.swap
+    per_unit = True
+    follow_up = True
+    note = (
+        "rollback is the same swap backwards under the same lock discipline: drain the "
+        "reverse log, move the retired table back, re-point foreign keys and triggers, drop "
+        "the compatibility view; its exact SQL is computed from the catalog once the swap has "
+        "happened"
+    )
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        return Action(
+            self.name, forward_steps(moves, ctx.catalog), lock_relations(moves, ctx.catalog)
+        )
+
+    def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        return Action(
+            "rollback_cutover",
+            rollback_steps(moves, ctx.catalog),
+            lock_relations(moves, ctx.catalog, reverse=True),
+        )
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        return forward_steps(moves, ctx.catalog), []
+
+    def before(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
+        if reverse:
+            self.between_tries(ctx, moves, reverse=True)
+            return
+        # Verify again just before the swap, and leave only a short tail for inside the lock.
+        for m in moves:
+            verify.VERIFY.run(ctx, m)
+            verify.drain(ctx, m, until=1000)
+
+    def between_tries(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
+        for m in moves:
+            if reverse:
+                capture.drain(ctx.conn, capture.reverse(m))
+            else:
+                verify.drain(ctx, m, until=1000)
+
+    def after(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> list[Step]:
+        return validate_steps(moves, ctx.catalog, reverse)
+
+
+CUTOVER = Cutover()

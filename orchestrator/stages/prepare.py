@@ -9,11 +9,12 @@ from __future__ import annotations
 from psycopg import sql
 
 from orchestrator.model.catalog import Relation
+from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
 from orchestrator.sql.acl import grant_statements, revoke_defaults
 from orchestrator.sql.compose import catalog_sql, idents, rename_in_expression, rewrite_definition
-from orchestrator.stages import Step
+from orchestrator.stages.base import Action, Stage, Step, remember_schema
 
 
 def _column_def(m: TableMove, rel: Relation, name: str) -> sql.Composed:
@@ -187,3 +188,23 @@ def rollback_steps(m: TableMove) -> list[Step]:
             "ACCESS EXCLUSIVE on the new table only",
         )
     ]
+
+
+class Prepare(Stage):
+    """The empty target, built beside the source; nothing else is touched."""
+
+    name = "prepare"
+    short = "prep"
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        assert rel is not None
+        steps = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema))
+        return Action(self.name, steps, record=remember_schema(ctx, m))
+
+    def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        return Action("rollback_prepare", rollback_steps(moves[0]))
+
+
+PREPARE = Prepare()

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from psycopg import sql
 
 from orchestrator.model.catalog import Relation
+from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
 from orchestrator.sql.acl import grant_statements, parse_aclitem, revoke_defaults
-from orchestrator.stages import Step
+from orchestrator.stages.base import Action, Phase, Stage, Step, regclass, remember_schema
 from orchestrator.stages.prepare import owner_usage
+from orchestrator.state.store import Store
 
 Granted = Sequence[tuple[str, tuple[str, ...]]]
 
@@ -156,3 +158,47 @@ def rollback_steps(m: TableMove, granted: Granted = ()) -> list[Step]:
         )
     )
     return steps
+
+
+class Rename(Stage):
+    """The instant strategy's one stage: the table changes schema under one short lock."""
+
+    name = "rename"
+    short = "rename"
+    phase = Phase.swap
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        assert rel is not None
+        granted = plan_grants(m, rel, ctx.plan)
+        remember = remember_schema(ctx, m)
+
+        def record(store: Store) -> None:
+            if remember is not None:
+                remember(store)
+            # What the plan granted beyond the table's own ACL, for an exact rollback.
+            store.save(m.label, "rename_grants", [[role, list(privs)] for role, privs in granted])
+
+        steps = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema))
+        return Action(self.name, steps, [regclass(m.source_schema, m.source_name)], record)
+
+    def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        saved = ctx.store.load(m.label, "rename_grants") or []
+        granted = [(str(role), tuple(privs)) for role, privs in saved]
+        return Action(
+            "rollback_rename",
+            rollback_steps(m, granted),
+            [regclass(m.target_schema, m.target_name)],
+        )
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        m = moves[0]
+        rel = ctx.catalog.table(m.source_schema, m.source_name)
+        assert rel is not None
+        forward = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema))
+        return forward, rollback_steps(m, plan_grants(m, rel, ctx.plan))
+
+
+RENAME = Rename()

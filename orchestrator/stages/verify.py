@@ -16,11 +16,12 @@ from psycopg import errors, sql
 
 from orchestrator.db import snapshot_txn
 from orchestrator.errors import StageError
+from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
+from orchestrator.run.events import Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents
-from orchestrator.stages import Ctx, Step
-from orchestrator.state import store as control
+from orchestrator.stages.base import Kind, Stage, Step
 
 CHUNK = 50_000
 RECHECKS = 3
@@ -192,17 +193,12 @@ def drain(ctx: Ctx, m: TableMove, until: int = 0) -> int:
             return total
 
 
-def run(ctx: Ctx, m: TableMove) -> None:
-    """Verify the whole table; mark verify done, or failed naming the first bad key range."""
-    conn, s, p = ctx.conn, ctx.control, ctx.plan.name
-    with conn.transaction():
-        control.set_status(conn, s, p, m.label, "verify", "running", reset_checkpoint=True)
-    drain(ctx, m)
+def _scan(ctx: Ctx, m: TableMove, estimate: int) -> tuple[int, Mismatch | None]:
+    """Check every chunk in key order, each committed with its checkpoint; stop at the first
+    chunk that still differs after its re-checks, narrowed to a small key range."""
     t0 = time.monotonic()
     lo: list[str] | None = None
     checked = 0
-    estimate = control.get_stage(conn, s, p, m.label, "copy").rows_done
-    mismatch: Mismatch | None = None
     fast = fast_hash_works(ctx, m)
     while True:
         hi, res = _check_chunk(ctx, m, lo, fast)
@@ -212,83 +208,74 @@ def run(ctx: Ctx, m: TableMove) -> None:
             tries += 1
             drain(ctx, m)
             time.sleep(0.05 * tries)
-            with snapshot_txn(conn, read_only=True):
+            with snapshot_txn(ctx.conn, read_only=True):
                 res = _checksum(ctx, m, lo, hi, fast)
         if res["source"] != res["target"]:
-            mismatch = _narrow(
-                ctx, m, Mismatch(lo, hi, res["source"], res["target"]), int(res["rows"]), fast
-            )
-            break
+            bad = Mismatch(lo, hi, res["source"], res["target"])
+            return checked, _narrow(ctx, m, bad, int(res["rows"]), fast)
         checked += int(res["rows"])
-        elapsed = max(time.monotonic() - t0, 1e-6)
-        with conn.transaction():
-            control.record_progress(
-                conn,
-                s,
-                p,
-                m.label,
-                "verify",
-                rows_done=checked,
-                checkpoint={"last": hi},
-                rows_per_s=checked / elapsed,
+        rate = checked / max(time.monotonic() - t0, 1e-6)
+        with ctx.conn.transaction():
+            ctx.store.checkpoint(
+                m.label, "verify", rows_done=checked, checkpoint={"last": hi}, rows_per_s=rate
             )
-        ctx.progress(
-            {
-                "table": m.label,
-                "stage": "verify",
-                "rows_done": checked,
-                "rows_estimated": max(estimate, checked),
-                "rate": checked / elapsed,
-            }
-        )
+        ctx.progress(Rows(m.label, "verify", checked, max(estimate, checked), rate))
         if hi is None:
-            break
+            return checked, None
         lo = hi
-    duration = (time.monotonic() - t0) * 1000
-    with conn.transaction():
-        if mismatch is None:
-            control.set_status(conn, s, p, m.label, "verify", "done", rows_done=checked)
-            control.log_event(
-                conn,
-                s,
-                p,
-                "verify",
-                "ok",
-                table=m.label,
-                stage="verify",
-                duration_ms=duration,
-                detail={"rows": checked},
-            )
-        else:
-            def key(k: list[str] | None, none: str) -> str:
-                return none if k is None else "(" + ", ".join(k) + ")"
 
-            where = (
-                f"keys ({', '.join(m.key_source)}) after {key(mismatch.lo, '(start)')} "
-                f"up to {key(mismatch.hi, '(end)')}"
+
+def _describe(m: TableMove, mismatch: Mismatch) -> str:
+    def key(k: list[str] | None, none: str) -> str:
+        return none if k is None else "(" + ", ".join(k) + ")"
+
+    return (
+        f"source and target differ in keys ({', '.join(m.key_source)}) after "
+        f"{key(mismatch.lo, '(start)')} up to {key(mismatch.hi, '(end)')}"
+    )
+
+
+class Verify(Stage):
+    """Read-only proof that the target equals the source, chunk by chunk."""
+
+    name = "verify"
+    short = "verify"
+    kind = Kind.loop
+    note = "read-only: nothing to undo; chunks repeat over the key range"
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        return forward_steps(moves[0]), []
+
+    def run(self, ctx: Ctx, m: TableMove) -> None:
+        """Verify the whole table; mark verify done, or failed naming the first bad key range."""
+        with ctx.conn.transaction():
+            ctx.store.start(m.label, self.name, again=True, reset=True)
+        drain(ctx, m)
+        t0 = time.monotonic()
+        checked, mismatch = _scan(ctx, m, ctx.store.row(m.label, "copy").rows_done)
+        duration = (time.monotonic() - t0) * 1000
+        with ctx.conn.transaction():
+            if mismatch is None:
+                ctx.store.finish(m.label, self.name, rows_done=checked)
+                ctx.store.log(
+                    "verify", "ok", table=m.label, stage=self.name, duration_ms=duration,
+                    detail={"rows": checked},
+                )
+            else:
+                ctx.store.fail(m.label, self.name, _describe(m, mismatch))
+                ctx.store.log(
+                    "verify", "mismatch", table=m.label, stage=self.name, duration_ms=duration,
+                    detail={"lo": mismatch.lo, "hi": mismatch.hi, "source": mismatch.source,
+                            "target": mismatch.target},
+                )
+        if mismatch is not None:
+            path = ctx.loaded.path
+            raise StageError(
+                f"{m.label}: {_describe(m, mismatch)}",
+                hint=f"inspect that range; `orchestrator rollback {path} --table {m.label} --to "
+                f"dual_write` then `orchestrator apply {path} --table {m.label}` recopies the "
+                "table",
             )
-            msg = f"source and target differ in {where}"
-            control.set_status(conn, s, p, m.label, "verify", "failed", error=msg)
-            control.log_event(
-                conn,
-                s,
-                p,
-                "verify",
-                "mismatch",
-                table=m.label,
-                stage="verify",
-                duration_ms=duration,
-                detail={
-                    "lo": mismatch.lo,
-                    "hi": mismatch.hi,
-                    "source": mismatch.source,
-                    "target": mismatch.target,
-                },
-            )
-    if mismatch is not None:
-        raise StageError(
-            f"{m.label}: {msg}",
-            hint=f"inspect that range; `orchestrator rollback {ctx.loaded.path} --table "
-            f"{m.label} --to dual_write` then `orchestrator apply {ctx.loaded.path} --table "
-            f"{m.label}` recopies the table",
-        )
+
+
+VERIFY = Verify()

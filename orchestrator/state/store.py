@@ -1,81 +1,65 @@
-"""The control schema: plan registry, per-(table, stage) status, settings, saved state, events.
+"""The control store: the only writer of the control schema's tables.
 
-Every write here is made on the caller's connection, inside the caller's transaction, so a
-status change commits with the work it records. The schema is versioned: `MIGRATIONS[i]` takes
-version i to i+1, and `ensure_schema` applies what is missing.
+Every change is named (start, finish, fail, roll back, forget, checkpoint, save, log) and made
+on the caller's connection inside the caller's transaction, so a status change commits with
+the work it records. A status change is guarded: it is allowed only from the states that
+`TRANSITIONS` (drawn in docs/architecture.md) permits, checked by the UPDATE itself, and an
+illegal one raises `IllegalTransition` instead of overwriting what another session recorded.
 """
 
 from __future__ import annotations
 
-import json
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from orchestrator.db import Conn
-from orchestrator.errors import LockHeld, StageError
+from orchestrator.errors import IllegalTransition, StageError
 from orchestrator.plan import LoadedPlan
+from orchestrator.state.migrations import ensure_schema, q, schema_exists
 
-STAGES = ("prepare", "dual_write", "copy", "verify", "cutover", "finalize")
-RENAME_STAGES = ("rename", "finalize")
-STATUSES = ("pending", "running", "done", "failed", "rolled_back")
 
-# One fixed key serialises control-schema creation and upgrades across plans.
-_BOOTSTRAP_LOCK = 0x6F726368  # "orch"
+class Status(StrEnum):
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    rolled_back = "rolled_back"
 
-MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE {s}.meta (
-            id boolean PRIMARY KEY DEFAULT true CHECK (id), version int NOT NULL)""",
-        """CREATE TABLE {s}.plans (
-            name text PRIMARY KEY, checksum text NOT NULL, yaml text NOT NULL,
-            path text, registered_by text NOT NULL DEFAULT current_user,
-            registered_at timestamptz NOT NULL DEFAULT now(),
-            updated_at timestamptz NOT NULL DEFAULT now())""",
-        """CREATE TABLE {s}.stages (
-            plan text NOT NULL REFERENCES {s}.plans ON DELETE CASCADE,
-            table_name text NOT NULL, stage text NOT NULL,
-            status text NOT NULL DEFAULT 'pending'
-                CHECK (status IN ('pending','running','done','failed','rolled_back')),
-            started_at timestamptz, finished_at timestamptz,
-            attempts int NOT NULL DEFAULT 0,
-            rows_done bigint NOT NULL DEFAULT 0, rows_estimated bigint,
-            rows_per_s double precision,
-            checkpoint jsonb, last_error text,
-            updated_at timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (plan, table_name, stage))""",
-        """CREATE TABLE {s}.settings (
-            plan text NOT NULL, table_name text NOT NULL DEFAULT '*', key text NOT NULL,
-            value jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (plan, table_name, key))""",
-        """CREATE TABLE {s}.saved (
-            plan text NOT NULL, table_name text NOT NULL, key text NOT NULL,
-            value jsonb NOT NULL, PRIMARY KEY (plan, table_name, key))""",
-        """CREATE TABLE {s}.events (
-            id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),
-            plan text NOT NULL, table_name text, stage text, action text NOT NULL,
-            outcome text NOT NULL, sql text, duration_ms double precision,
-            detail jsonb, operator text NOT NULL DEFAULT current_user,
-            client_addr text DEFAULT inet_client_addr()::text,
-            backend_pid int DEFAULT pg_backend_pid())""",
-        "CREATE INDEX ON {s}.events (plan, table_name, id)",
-        # The event log is append-only: refuse updates and deletes outright.
-        """CREATE FUNCTION {s}.events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'the orchestrator event log is append-only'; END $$""",
-        """CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON {s}.events
-           FOR EACH ROW EXECUTE FUNCTION {s}.events_append_only()""",
-        # TRUNCATE fires no row trigger: refuse it with a statement trigger.
-        """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {s}.events
-           FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_append_only()""",
-    ],
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+
+STATUSES = tuple(s.value for s in Status)
+
+# change -> (the statuses it may leave, the status it sets). The state diagram in
+# docs/architecture.md draws exactly this table (tests/test_store.py compares them).
+TRANSITIONS: dict[str, tuple[frozenset[Status], Status]] = {
+    "start": (
+        frozenset({Status.pending, Status.failed, Status.rolled_back, Status.running}),
+        Status.running,
+    ),
+    # Verification proves the current state, so it may start again once done (cutover
+    # re-verifies just before its swap).
+    "start_again": (
+        frozenset({Status.pending, Status.failed, Status.rolled_back, Status.running, Status.done}),
+        Status.running,
+    ),
+    "finish": (frozenset({Status.running}), Status.done),
+    "fail": (frozenset({Status.running}), Status.failed),
+    "roll_back": (frozenset({Status.done, Status.failed, Status.running}), Status.rolled_back),
+    # An atomic stage that failed or was interrupted left nothing: record it as undone.
+    "forget": (frozenset({Status.failed, Status.running}), Status.rolled_back),
+}
+
+# What `orchestrator set` may change while a copy runs (read before every batch).
+ADJUSTABLE_SETTINGS = (
+    "batch_size",
+    "sleep_ms",
+    "probe_max",
+    "max_replication_lag_bytes",
+    "max_wal_bytes_per_s",
+)
 
 
 @dataclass(frozen=True)
@@ -95,82 +79,23 @@ class StageRow:
     updated_at: datetime
 
 
-def _q(schema: str, template: str) -> sql.Composed:
-    return sql.SQL(template).format(s=sql.Identifier(schema))
-
-
-def schema_exists(conn: Conn, schema: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(format('%%I.meta', %s::text)) IS NOT NULL AS ok", (schema,)
-    ).fetchone()
-    return bool(row and row["ok"])
-
-
-def ensure_schema(conn: Conn, schema: str) -> None:
-    """Create or upgrade the control schema, in its own committed transaction."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_BOOTSTRAP_LOCK,))
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        version = 0
-        if schema_exists(conn, schema):
-            row = conn.execute(_q(schema, "SELECT version FROM {s}.meta")).fetchone()
-            version = int(row["version"]) if row else 0
-        for step in MIGRATIONS[version:]:
-            for stmt in step:
-                conn.execute(_q(schema, stmt))
-        if version < SCHEMA_VERSION:
-            conn.execute(
-                _q(
-                    schema,
-                    "INSERT INTO {s}.meta (version) VALUES (%s) "
-                    "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                ),
-                (SCHEMA_VERSION,),
-            )
-
-
-def register_plan(conn: Conn, loaded: LoadedPlan, stages: dict[str, tuple[str, ...]]) -> None:
-    """Record the plan text and make sure every (table, stage) row exists (in the caller's txn)."""
-    p = loaded.plan
-    s = p.control_schema
-    conn.execute(
-        _q(
-            s,
-            """INSERT INTO {s}.plans (name, checksum, yaml, path) VALUES (%s, %s, %s, %s)
-                 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum,
-                   yaml = excluded.yaml, path = excluded.path, updated_at = now()
-                 WHERE {s}.plans.checksum IS DISTINCT FROM excluded.checksum""",
-        ),
-        (p.name, loaded.checksum, loaded.text, loaded.path),
-    )
-    rows = [(p.name, table, stage) for table, names in stages.items() for stage in names]
-    with conn.cursor() as cur:
-        cur.executemany(
-            _q(
-                s,
-                "INSERT INTO {s}.stages (plan, table_name, stage) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-            ),
-            rows,
-        )
+# --- reads (any module may read) -------------------------------------------------------------
 
 
 def stage_rows(conn: Conn, schema: str, plan: str) -> list[StageRow]:
     if not schema_exists(conn, schema):
         return []
     rows = conn.execute(
-        _q(schema, "SELECT * FROM {s}.stages WHERE plan = %s ORDER BY table_name, stage"), (plan,)
+        q(schema, "SELECT * FROM {s}.stages WHERE plan = %s ORDER BY table_name, stage"), (plan,)
     ).fetchall()
     return [StageRow(**r) for r in rows]
 
 
-def get_stage(
-    conn: Conn, schema: str, plan: str, table: str, stage: str, *, for_update: bool = False
-) -> StageRow:
-    q = "SELECT * FROM {s}.stages WHERE plan = %s AND table_name = %s AND stage = %s"
-    if for_update:
-        q += " FOR UPDATE"
-    row = conn.execute(_q(schema, q), (plan, table, stage)).fetchone()
+def get_stage(conn: Conn, schema: str, plan: str, table: str, stage: str) -> StageRow:
+    row = conn.execute(
+        q(schema, "SELECT * FROM {s}.stages WHERE plan = %s AND table_name = %s AND stage = %s"),
+        (plan, table, stage),
+    ).fetchone()
     if row is None:
         raise StageError(
             f"{table}: no {stage} stage recorded for plan {plan}",
@@ -179,130 +104,13 @@ def get_stage(
     return StageRow(**row)
 
 
-def set_status(
-    conn: Conn,
-    schema: str,
-    plan: str,
-    table: str,
-    stage: str,
-    status: str,
-    *,
-    error: str | None = None,
-    rows_done: int | None = None,
-    rows_estimated: int | None = None,
-    checkpoint: dict[str, Any] | None = None,
-    reset_checkpoint: bool = False,
-) -> None:
-    """Change a stage's status (in the caller's transaction, with the work it records)."""
-    assert status in STATUSES
-    conn.execute(
-        _q(
-            schema,
-            """UPDATE {s}.stages SET status = %(status)s, updated_at = now(),
-            started_at = CASE WHEN %(status)s = 'running' AND status <> 'running' THEN now()
-                              ELSE started_at END,
-            finished_at = CASE WHEN %(status)s IN ('done','failed','rolled_back') THEN now()
-                               WHEN %(status)s = 'running' THEN NULL ELSE finished_at END,
-            attempts = attempts + CASE WHEN %(status)s = 'running' AND status <> 'running'
-                                       THEN 1 ELSE 0 END,
-            last_error = %(error)s,
-            rows_done = coalesce(%(rows_done)s, CASE WHEN %(reset)s THEN 0 ELSE rows_done END),
-            rows_estimated = coalesce(%(rows_est)s, rows_estimated),
-            checkpoint = CASE WHEN %(reset)s THEN NULL
-                              ELSE coalesce(%(checkpoint)s, checkpoint) END
-            WHERE plan = %(plan)s AND table_name = %(table)s AND stage = %(stage)s""",
-        ),
-        {
-            "status": status,
-            "error": error,
-            "rows_done": rows_done,
-            "rows_est": rows_estimated,
-            "checkpoint": Jsonb(checkpoint) if checkpoint is not None else None,
-            "reset": reset_checkpoint,
-            "plan": plan,
-            "table": table,
-            "stage": stage,
-        },
-    )
-
-
-def set_error(conn: Conn, schema: str, plan: str, table: str, stage: str, error: str) -> None:
-    conn.execute(
-        _q(schema, "UPDATE {s}.stages SET last_error = %s, updated_at = now() "
-           "WHERE plan = %s AND table_name = %s AND stage = %s"),
-        (error, plan, table, stage),
-    )
-
-
-def record_progress(
-    conn: Conn,
-    schema: str,
-    plan: str,
-    table: str,
-    stage: str,
-    *,
-    rows_done: int,
-    checkpoint: dict[str, Any] | None,
-    rows_per_s: float | None,
-) -> None:
-    """Advance a running stage's checkpoint (in the same transaction as the batch)."""
-    conn.execute(
-        _q(
-            schema,
-            """UPDATE {s}.stages SET rows_done = %s, checkpoint = %s, rows_per_s = %s,
-                      updated_at = now()
-                      WHERE plan = %s AND table_name = %s AND stage = %s""",
-        ),
-        (
-            rows_done,
-            Jsonb(checkpoint) if checkpoint is not None else None,
-            rows_per_s,
-            plan,
-            table,
-            stage,
-        ),
-    )
-
-
-def log_event(
-    conn: Conn,
-    schema: str,
-    plan: str,
-    action: str,
-    outcome: str,
-    *,
-    table: str | None = None,
-    stage: str | None = None,
-    statement: str | None = None,
-    duration_ms: float | None = None,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    conn.execute(
-        _q(
-            schema,
-            """INSERT INTO {s}.events (plan, table_name, stage, action, outcome, sql,
-                      duration_ms, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
-        ),
-        (
-            plan,
-            table,
-            stage,
-            action,
-            outcome,
-            statement,
-            duration_ms,
-            Jsonb(detail) if detail is not None else None,
-        ),
-    )
-
-
 def events(
     conn: Conn, schema: str, plan: str, table: str | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
     if not schema_exists(conn, schema):
         return []
     rows = conn.execute(
-        _q(
+        q(
             schema,
             """SELECT * FROM (SELECT * FROM {s}.events WHERE plan = %s
                       AND (%s::text IS NULL OR %s = ANY(string_to_array(table_name, ',')))
@@ -314,45 +122,37 @@ def events(
     return list(rows)
 
 
-def save(conn: Conn, schema: str, plan: str, table: str, key: str, value: Any) -> None:
-    """Keep something a rollback will need (a dropped definition, an ACL), in the caller's txn."""
-    conn.execute(
-        _q(
-            schema,
-            """INSERT INTO {s}.saved VALUES (%s, %s, %s, %s)
-                      ON CONFLICT (plan, table_name, key) DO UPDATE SET value = excluded.value""",
-        ),
-        (plan, table, key, Jsonb(value)),
-    )
-
-
 def load_saved(conn: Conn, schema: str, plan: str, table: str, key: str) -> Any:
     row = conn.execute(
-        _q(schema, "SELECT value FROM {s}.saved WHERE plan = %s AND table_name = %s AND key = %s"),
+        q(schema, "SELECT value FROM {s}.saved WHERE plan = %s AND table_name = %s AND key = %s"),
         (plan, table, key),
     ).fetchone()
     return None if row is None else row["value"]
 
 
+def saved_like(conn: Conn, schema: str, plan: str, table: str, prefix: str) -> dict[str, Any]:
+    """Every saved value of a table whose key starts with `prefix`."""
+    rows = conn.execute(
+        q(
+            schema,
+            "SELECT key, value FROM {s}.saved WHERE plan = %s AND table_name = %s "
+            "AND starts_with(key, %s)",
+        ),
+        (plan, table, prefix),
+    ).fetchall()
+    return {str(r["key"]): r["value"] for r in rows}
+
+
 def setting(conn: Conn, schema: str, plan: str, table: str, key: str, default: Any) -> Any:
     """A value an operator may change while a stage runs (table-specific beats plan-wide)."""
-    row = conn.execute(
-        _q(
-            schema,
-            """SELECT value FROM {s}.settings WHERE plan = %s AND key = %s
-                      AND table_name IN (%s, '*')
-                      ORDER BY (table_name = '*') LIMIT 1""",
-        ),
-        (plan, key, table),
-    ).fetchone()
-    return default if row is None else row["value"]
+    return settings(conn, schema, plan, table).get(key, default)
 
 
 def settings(conn: Conn, schema: str, plan: str, table: str) -> dict[str, Any]:
     """Every value set for a table, in one query (table-specific beats plan-wide): the copy
     reads them before each batch, where a query per key cost a round trip each."""
     rows = conn.execute(
-        _q(
+        q(
             schema,
             """SELECT DISTINCT ON (key) key, value FROM {s}.settings
                       WHERE plan = %s AND table_name IN (%s, '*')
@@ -363,86 +163,262 @@ def settings(conn: Conn, schema: str, plan: str, table: str) -> dict[str, Any]:
     return {r["key"]: r["value"] for r in rows}
 
 
-def put_setting(conn: Conn, schema: str, plan: str, key: str, value: Any, table: str = "*") -> None:
-    conn.execute(
-        _q(
-            schema,
-            """INSERT INTO {s}.settings (plan, table_name, key, value)
+def change_setting(conn: Conn, loaded: LoadedPlan, key: str, value: Any, table: str = "*") -> None:
+    """`orchestrator set`: create the control schema if needed and commit one setting."""
+    if key not in ADJUSTABLE_SETTINGS:
+        raise StageError(
+            f"{key}: not an adjustable setting", hint=f"use one of {', '.join(ADJUSTABLE_SETTINGS)}"
+        )
+    ensure_schema(conn, loaded.plan.control_schema)
+    with conn.transaction():
+        Store(conn, loaded.plan.control_schema, loaded.plan.name).put_setting(key, value, table)
+
+
+# --- writes: the named changes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Store:
+    """The control schema of one plan, written on `conn` inside the caller's transaction."""
+
+    conn: Conn
+    schema: str
+    plan: str
+    # Stages whose `done` is final: nothing rolls them back (finalize dropped what it undoes).
+    terminal: frozenset[str] = frozenset()
+
+    def register(self, loaded: LoadedPlan, stages: dict[str, tuple[str, ...]]) -> None:
+        """Record the plan text and make sure every (table, stage) row exists."""
+        self.conn.execute(
+            q(
+                self.schema,
+                """INSERT INTO {s}.plans (name, checksum, yaml, path) VALUES (%s, %s, %s, %s)
+                 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum,
+                   yaml = excluded.yaml, path = excluded.path, updated_at = now()
+                 WHERE {s}.plans.checksum IS DISTINCT FROM excluded.checksum""",
+            ),
+            (self.plan, loaded.checksum, loaded.text, loaded.path),
+        )
+        rows = [(self.plan, table, stage) for table, names in stages.items() for stage in names]
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                q(
+                    self.schema,
+                    "INSERT INTO {s}.stages (plan, table_name, stage) VALUES (%s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                ),
+                rows,
+            )
+
+    def status(self, table: str, stage: str) -> str:
+        return get_stage(self.conn, self.schema, self.plan, table, stage).status
+
+    def row(self, table: str, stage: str) -> StageRow:
+        return get_stage(self.conn, self.schema, self.plan, table, stage)
+
+    # The guarded status changes.
+
+    def start(self, table: str, stage: str, *, again: bool = False, reset: bool = False) -> None:
+        self._change("start_again" if again else "start", table, stage, reset=reset)
+
+    def finish(self, table: str, stage: str, *, rows_done: int | None = None) -> None:
+        self._change("finish", table, stage, rows_done=rows_done)
+
+    def fail(self, table: str, stage: str, error: str) -> None:
+        self._change("fail", table, stage, error=error)
+
+    def roll_back(self, table: str, stage: str, *, reset: bool = False) -> None:
+        if stage in self.terminal and self.status(table, stage) == Status.done:
+            raise IllegalTransition(
+                f"{table}: {stage} is done and final; it cannot be rolled back",
+                hint="move the table back with a new plan if you must",
+            )
+        self._change("roll_back", table, stage, reset=reset)
+
+    def forget(self, table: str, stage: str) -> None:
+        self._change("forget", table, stage)
+
+    def _change(
+        self,
+        change: str,
+        table: str,
+        stage: str,
+        *,
+        error: str | None = None,
+        rows_done: int | None = None,
+        reset: bool = False,
+    ) -> None:
+        allowed, status = TRANSITIONS[change]
+        row = self.conn.execute(
+            q(
+                self.schema,
+                """UPDATE {s}.stages SET status = %(status)s, updated_at = now(),
+            started_at = CASE WHEN %(status)s = 'running' AND status <> 'running' THEN now()
+                              ELSE started_at END,
+            finished_at = CASE WHEN %(status)s IN ('done','failed','rolled_back') THEN now()
+                               WHEN %(status)s = 'running' THEN NULL ELSE finished_at END,
+            attempts = attempts + CASE WHEN %(status)s = 'running' AND status <> 'running'
+                                       THEN 1 ELSE 0 END,
+            last_error = %(error)s,
+            rows_done = coalesce(%(rows_done)s, CASE WHEN %(reset)s THEN 0 ELSE rows_done END),
+            checkpoint = CASE WHEN %(reset)s THEN NULL ELSE checkpoint END
+            WHERE plan = %(plan)s AND table_name = %(table)s AND stage = %(stage)s
+              AND status = ANY(%(allowed)s)
+            RETURNING status""",
+            ),
+            {
+                "status": status.value,
+                "error": error,
+                "rows_done": rows_done,
+                "reset": reset,
+                "plan": self.plan,
+                "table": table,
+                "stage": stage,
+                "allowed": sorted(s.value for s in allowed),
+            },
+        ).fetchone()
+        if row is None:
+            now = self.status(table, stage)
+            raise IllegalTransition(
+                f"{table}: {stage} cannot {change.replace('_', ' ')} from {now} "
+                f"(allowed from: {', '.join(sorted(allowed))})",
+                hint="another session may have changed it: `orchestrator status PLAN`",
+            )
+
+    # Changes that keep the status.
+
+    def checkpoint(
+        self,
+        table: str,
+        stage: str,
+        *,
+        rows_done: int,
+        checkpoint: dict[str, Any] | None,
+        rows_per_s: float | None = None,
+        rows_estimated: int | None = None,
+    ) -> None:
+        """Advance a running stage's checkpoint (in the same transaction as the batch)."""
+        row = self.conn.execute(
+            q(
+                self.schema,
+                """UPDATE {s}.stages SET rows_done = %s, checkpoint = %s,
+                      rows_per_s = coalesce(%s, rows_per_s),
+                      rows_estimated = coalesce(%s, rows_estimated), updated_at = now()
+                      WHERE plan = %s AND table_name = %s AND stage = %s AND status = 'running'
+                      RETURNING status""",
+            ),
+            (
+                rows_done,
+                Jsonb(checkpoint) if checkpoint is not None else None,
+                rows_per_s,
+                rows_estimated,
+                self.plan,
+                table,
+                stage,
+            ),
+        ).fetchone()
+        if row is None:
+            raise IllegalTransition(
+                f"{table}: {stage} is {self.status(table, stage)}, not running: no checkpoint",
+                hint="another session may have changed it: `orchestrator status PLAN`",
+            )
+
+    def note_error(self, table: str, stage: str, error: str) -> None:
+        """A failed rollback leaves the stage as it was: only the error is new."""
+        self.conn.execute(
+            q(
+                self.schema,
+                "UPDATE {s}.stages SET last_error = %s, updated_at = now() "
+                "WHERE plan = %s AND table_name = %s AND stage = %s",
+            ),
+            (error, self.plan, table, stage),
+        )
+
+    def save(self, table: str, key: str, value: Any) -> None:
+        """Keep something a rollback will need (a created schema, granted privileges)."""
+        self.conn.execute(
+            q(
+                self.schema,
+                """INSERT INTO {s}.saved VALUES (%s, %s, %s, %s)
+                      ON CONFLICT (plan, table_name, key) DO UPDATE SET value = excluded.value""",
+            ),
+            (self.plan, table, key, Jsonb(value)),
+        )
+
+    def unsave(self, table: str, key: str) -> None:
+        self.conn.execute(
+            q(
+                self.schema,
+                "DELETE FROM {s}.saved WHERE plan = %s AND table_name = %s AND key = %s",
+            ),
+            (self.plan, table, key),
+        )
+
+    def load(self, table: str, key: str) -> Any:
+        return load_saved(self.conn, self.schema, self.plan, table, key)
+
+    def saved_like(self, table: str, prefix: str) -> dict[str, Any]:
+        return saved_like(self.conn, self.schema, self.plan, table, prefix)
+
+    def put_setting(self, key: str, value: Any, table: str = "*") -> None:
+        self.conn.execute(
+            q(
+                self.schema,
+                """INSERT INTO {s}.settings (plan, table_name, key, value)
                       VALUES (%s, %s, %s, %s) ON CONFLICT (plan, table_name, key)
                       DO UPDATE SET value = excluded.value, updated_at = now()""",
-        ),
-        (plan, table, key, Jsonb(value)),
-    )
+            ),
+            (self.plan, table, key, Jsonb(value)),
+        )
+
+    def settings(self, table: str) -> dict[str, Any]:
+        return settings(self.conn, self.schema, self.plan, table)
+
+    def log(
+        self,
+        action: str,
+        outcome: str,
+        *,
+        table: str | None = None,
+        stage: str | None = None,
+        statement: str | None = None,
+        duration_ms: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the event log (append-only: triggers refuse UPDATE, DELETE, TRUNCATE)."""
+        self.conn.execute(
+            q(
+                self.schema,
+                """INSERT INTO {s}.events (plan, table_name, stage, action, outcome, sql,
+                      duration_ms, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+            ),
+            (
+                self.plan,
+                table,
+                stage,
+                action,
+                outcome,
+                statement,
+                duration_ms,
+                Jsonb(detail) if detail is not None else None,
+            ),
+        )
 
 
-# --- one operator at a time -------------------------------------------------------------------
-
-
-def lock_key(kind: str, name: str) -> int:
-    """A stable signed 64-bit advisory-lock key for a plan or a table."""
-    raw = f"orchestrator:{kind}:{name}".encode()
-    hi = zlib.crc32(raw)
-    lo = zlib.crc32(raw[::-1])
-    key = (hi << 32) | lo
-    return key - (1 << 64) if key >= (1 << 63) else key
-
-
-_HOLDER = """
-SELECT a.pid, a.usename AS role, a.application_name, a.client_addr::text AS client_addr,
-       a.state, a.backend_start, now() - a.xact_start AS xact_age, left(a.query, 200) AS query
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
-        SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = ((%(key)s::bigint >> 32) & 4294967295)::oid
-  AND l.objid = (%(key)s::bigint & 4294967295)::oid AND l.objsubid = 1
-  AND a.pid <> pg_backend_pid()
-"""
-
-
-def lock_holder(conn: Conn, key: int) -> dict[str, Any] | None:
-    row = conn.execute(_HOLDER, {"key": key}).fetchone()
-    return None if row is None else dict(row)
-
-
-def describe_holder(holder: dict[str, Any] | None) -> str:
-    if holder is None:
-        return "another session (it ended before we could name it)"
-    return (
-        f"pid {holder['pid']} (role {holder['role']}, application "
-        f"{holder['application_name'] or '-'}, client {holder['client_addr'] or 'local'}, "
-        f"{holder['state']}, connected since {holder['backend_start']:%Y-%m-%d %H:%M:%S})"
-    )
-
-
-@contextmanager
-def operator_lock(conn: Conn, plan: str, tables: list[str]) -> Iterator[None]:
-    """Hold the plan's and each table's session advisory lock, or refuse naming the holder.
-
-    `conn` must be autocommit: session locks outlive transactions, and this connection is kept
-    only for the locks. If the process is SIGKILLed, the server drops them when it notices the
-    dead client (client_connection_check_interval).
-    """
-    taken: list[int] = []
-    try:
-        for kind, name in [("plan", plan)] + [("table", t) for t in sorted(tables)]:
-            key = lock_key(kind, name)
-            row = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (key,)).fetchone()
-            if not (row and row["ok"]):
-                holder = lock_holder(conn, key)
-                what = f"plan {plan}" if kind == "plan" else f"table {name}"
-                raise LockHeld(
-                    f"{what} is being worked on by another orchestrator: {describe_holder(holder)}",
-                    hint="wait for it to finish (`orchestrator status PLAN`), or if that session "
-                    "is stale, end it with SELECT pg_terminate_backend(pid)",
-                )
-            taken.append(key)
-        yield
-    finally:
-        for key in reversed(taken):
-            # The connection may be gone; the server then frees the locks itself.
-            with suppress(Exception):
-                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-
-
-def to_json(value: Any) -> str:
-    return json.dumps(value, default=str)
+__all__ = [
+    "ADJUSTABLE_SETTINGS",
+    "STATUSES",
+    "TRANSITIONS",
+    "StageRow",
+    "Status",
+    "Store",
+    "change_setting",
+    "ensure_schema",
+    "events",
+    "get_stage",
+    "load_saved",
+    "schema_exists",
+    "setting",
+    "settings",
+    "stage_rows",
+]

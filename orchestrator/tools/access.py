@@ -21,10 +21,10 @@ policy can only narrow what is listed. Read-only; a fixed number of queries.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from orchestrator.db import Conn
-from orchestrator.model.catalog import Relation, read_catalog
+from orchestrator.model.catalog import Catalog, Relation, read_catalog
 from orchestrator.model.validate import plan_schemas
 from orchestrator.plan import LoadedPlan, Plan
 
@@ -123,18 +123,41 @@ def _invoker(rel: Relation) -> bool:
     )
 
 
+class _Check(NamedTuple):
+    """A relation to check: a moved table, its compatibility view or a plan view."""
+
+    kind: str  # "table", "compat view" or "plan view"
+    rel: Relation
+    name: str  # the plan table (or plan view) it belongs to
+    under: Relation | None  # the moved table under a compatibility view
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What the server says each live role holds: privileges by table OID, USAGE by schema."""
+
+    privileges: dict[tuple[str, int, str], tuple[bool, bool]]  # (has, on some columns)
+    usage: dict[tuple[str, str], bool]
+
+    def table(self, role: str, rel: Relation, priv: str) -> bool:
+        """Whether role holds priv on the whole relation."""
+        return self.privileges.get((role, rel.oid, priv), (False, False))[0]
+
+    def columns(self, role: str, rel: Relation, priv: str) -> bool:
+        """Whether role holds priv on some column of the relation."""
+        return self.privileges.get((role, rel.oid, priv), (False, False))[1]
+
+    def schema(self, role: str, schema: str) -> bool:
+        """Whether role holds USAGE on the schema."""
+        return self.usage.get((role, schema), False)
+
+
 def verify_access(
     conn: Conn, loaded: LoadedPlan, extra_roles: list[str] | None = None
 ) -> AccessReport:
     """Compare every declared (and asked-for) role's effective privileges with the plan."""
     plan = loaded.plan
-    declared = declared_roles(plan)
-    names = list(dict.fromkeys([*declared, *(extra_roles or [])]))
-    rows = conn.execute(
-        "SELECT rolname, rolsuper FROM pg_roles WHERE rolname = ANY(%s)", (names,)
-    ).fetchall()
-    found = {r["rolname"]: bool(r["rolsuper"]) for r in rows}
-    roles = tuple(RoleInfo(n, n in found, found.get(n, False), n in declared) for n in names)
+    roles = _roles(conn, plan, extra_roles)
     problems = [
         f"role {r.name} does not exist (named in the plan's schemas)"
         if r.declared
@@ -147,9 +170,55 @@ def verify_access(
     cat = read_catalog(conn, plan_schemas(plan))
     targets = list(dict.fromkeys([*plan.schemas, *(t.schema_ for t in plan.tables)]))
     schemas = [s for s in targets if s in cat.existing_schemas]
+    checks, pending, target_rel = _relations_to_check(plan, cat)
 
-    # The relations to check: moved tables, their compatibility views, the plan's views.
-    checks: list[tuple[str, Relation, str, Relation | None]] = []  # kind, rel, plan name, under
+    oids = sorted({c.rel.oid for c in checks})
+    every_schema = sorted(
+        {*schemas, plan.source_schema, *(v.schema_ for v in plan.views)} & cat.existing_schemas
+    )
+    held = _Held(_table_privileges(conn, live, oids), _schema_usage(conn, live, every_schema))
+    schema_access = tuple(
+        SchemaAccess(role, s, _usage_declared(plan, s, role), held.schema(role, s))
+        for role in live
+        for s in schemas
+    )
+    relations = [
+        _table_access(plan, held, role, check)
+        if check.kind == "table"
+        else _view_access(plan, held, role, check, target_rel)
+        for role in live
+        for check in checks
+    ]
+    return AccessReport(
+        plan=plan.name,
+        roles=roles,
+        schemas=schema_access,
+        relations=tuple(relations),
+        pending=tuple(pending),
+        problems=tuple(problems),
+    )
+
+
+def _roles(conn: Conn, plan: Plan, extra_roles: list[str] | None) -> tuple[RoleInfo, ...]:
+    """The plan's roles then the asked-for ones, each looked up once (one query)."""
+    declared = declared_roles(plan)
+    names = list(dict.fromkeys([*declared, *(extra_roles or [])]))
+    rows = conn.execute(
+        "SELECT rolname, rolsuper FROM pg_roles WHERE rolname = ANY(%s)", (names,)
+    ).fetchall()
+    found = {r["rolname"]: bool(r["rolsuper"]) for r in rows}
+    return tuple(RoleInfo(n, n in found, found.get(n, False), n in declared) for n in names)
+
+
+def _relations_to_check(
+    plan: Plan, cat: Catalog
+) -> tuple[list[_Check], list[str], dict[str, Relation]]:
+    """The moved tables, their compatibility views and the plan's views that exist.
+
+    Also returns the plan tables whose target does not exist yet, and each moved table's
+    target relation by plan table name.
+    """
+    checks: list[_Check] = []
     pending: list[str] = []
     target_rel: dict[str, Relation] = {}
     for t in plan.tables:
@@ -158,18 +227,22 @@ def verify_access(
             pending.append(t.name)
             continue
         target_rel[t.name] = rel
-        checks.append(("table", rel, t.name, None))
+        checks.append(_Check("table", rel, t.name, None))
         view = cat.table(plan.source_schema, t.name)
         if view is not None and view.kind == "v":
-            checks.append(("compat view", view, t.name, rel))
+            checks.append(_Check("compat view", view, t.name, rel))
     for v in plan.views:
         rel = cat.table(v.schema_, v.name)
         if rel is not None and rel.kind == "v":
-            checks.append(("plan view", rel, v.name, None))
+            checks.append(_Check("plan view", rel, v.name, None))
+    return checks, pending, target_rel
 
-    oids = sorted({c[1].oid for c in checks})
+
+def _table_privileges(
+    conn: Conn, live: list[str], oids: list[int]
+) -> dict[tuple[str, int, str], tuple[bool, bool]]:
+    """Each role's table privileges on each relation, whole and on some columns (one query)."""
     has: dict[tuple[str, int, str], tuple[bool, bool]] = {}
-    usage: dict[tuple[str, str], bool] = {}
     if live and oids:
         for r in conn.execute(
             "SELECT r.role, c.oid::bigint AS oid, p.priv, "
@@ -186,113 +259,99 @@ def verify_access(
             },
         ).fetchall():
             has[(r["role"], r["oid"], r["priv"])] = (bool(r["has"]), bool(r["any_col"]))
-    every_schema = sorted(
-        {*schemas, plan.source_schema, *(v.schema_ for v in plan.views)} & cat.existing_schemas
-    )
-    if live and every_schema:
+    return has
+
+
+def _schema_usage(
+    conn: Conn, live: list[str], schemas: list[str]
+) -> dict[tuple[str, str], bool]:
+    """Whether each role holds USAGE on each schema (one query)."""
+    usage: dict[tuple[str, str], bool] = {}
+    if live and schemas:
         for r in conn.execute(
             "SELECT r.role, n.nspname AS schema, has_schema_privilege(r.role, n.oid, 'USAGE') "
             "AS usage FROM unnest(%s::text[]) r(role) "
             "JOIN pg_namespace n ON n.nspname = ANY(%s)",
-            (live, every_schema),
+            (live, schemas),
         ).fetchall():
             usage[(r["role"], r["schema"])] = bool(r["usage"])
+    return usage
 
-    schema_access = tuple(
-        SchemaAccess(role, s, _usage_declared(plan, s, role), usage.get((role, s), False))
-        for role in live
-        for s in schemas
+
+def _table_access(plan: Plan, held: _Held, role: str, check: _Check) -> RelationAccess:
+    """A role's privileges on a moved table against those the plan declares for it."""
+    rel = check.rel
+    want = _declared(plan, rel.schema, role)
+    eff = {p for p in PRIVILEGES if held.table(role, rel, p)}
+    cols = {p for p in COLUMN_PRIVILEGES if p not in eff and held.columns(role, rel, p)}
+    note = ""
+    if eff - want and not held.schema(role, rel.schema):
+        note = (
+            f"no USAGE on schema {rel.schema}: not by this name, "
+            "but security_invoker views over it reach it"
+        )
+    if rel.rls_enabled:
+        note = "; ".join(filter(None, [note, "row-level security narrows rows"]))
+    return RelationAccess(
+        role,
+        rel.schema,
+        rel.name,
+        check.kind,
+        check.name,
+        declared=_order(want),
+        effective=_order(eff),
+        columns_only=_order(cols),
+        missing=_order(want - eff),
+        extra=_order((eff | cols) - want),
+        note=note,
     )
 
-    def held(role: str, rel: Relation, priv: str) -> bool:
-        return has.get((role, rel.oid, priv), (False, False))[0]
 
-    relations: list[RelationAccess] = []
-    for role in live:
-        for kind, rel, name, under in checks:
-            if kind == "table":
-                want = _declared(plan, rel.schema, role)
-                eff = {p for p in PRIVILEGES if held(role, rel, p)}
-                cols = {
-                    p
-                    for p in COLUMN_PRIVILEGES
-                    if p not in eff and has.get((role, rel.oid, p), (False, False))[1]
-                }
-                note = ""
-                if eff - want and not usage.get((role, rel.schema), False):
-                    note = (
-                        f"no USAGE on schema {rel.schema}: not by this name, "
-                        "but security_invoker views over it reach it"
-                    )
-                if rel.rls_enabled:
-                    note = "; ".join(filter(None, [note, "row-level security narrows rows"]))
-                relations.append(
-                    RelationAccess(
-                        role,
-                        rel.schema,
-                        rel.name,
-                        kind,
-                        name,
-                        declared=_order(want),
-                        effective=_order(eff),
-                        columns_only=_order(cols),
-                        missing=_order(want - eff),
-                        extra=_order((eff | cols) - want),
-                        note=note,
-                    )
-                )
-                continue
-            # Through a view: what reaches the data under it.
-            if kind == "compat view":
-                assert under is not None
-                unders = [under]
-            else:
-                spec = next(v for v in plan.views if v.name == name)
-                unders = [target_rel[d] for d in spec.depends_on if d in target_rel]
-            invoker = _invoker(rel)
-            via = set()
-            for p in VIEW_PRIVILEGES if kind == "compat view" else ("SELECT",):
-                ok = held(role, rel, p) and usage.get((role, rel.schema), False)
-                if invoker:
-                    ok = ok and all(held(role, u, p) for u in unders)
-                if ok:
-                    via.add(p)
-            want = set(VIEW_PRIVILEGES)
-            for u in unders:
-                want &= _declared(plan, u.schema, role)
-            if not unders:
-                want = set()
-            notes = []
-            if not invoker:
-                notes.append("not security_invoker: the view reads with its owner's rights")
-            gap = want - via
-            if gap:
-                notes.append(
-                    f"declared {', '.join(_order(gap))} on the table is not reachable through "
-                    "this view (grant it on the view if the application still uses it)"
-                )
-            relations.append(
-                RelationAccess(
-                    role,
-                    rel.schema,
-                    rel.name,
-                    kind,
-                    name,
-                    declared=_order(want),
-                    effective=_order(via),
-                    columns_only=(),
-                    missing=(),
-                    extra=_order(via - want),
-                    note="; ".join(notes),
-                )
-            )
-    return AccessReport(
-        plan=plan.name,
-        roles=roles,
-        schemas=schema_access,
-        relations=tuple(relations),
-        pending=tuple(pending),
-        problems=tuple(problems),
+def _view_access(
+    plan: Plan, held: _Held, role: str, check: _Check, target_rel: dict[str, Relation]
+) -> RelationAccess:
+    """What a role reaches through a view, against what the plan declares on the tables under it."""
+    kind, rel, name = check.kind, check.rel, check.name
+    if kind == "compat view":
+        assert check.under is not None
+        unders = [check.under]
+    else:
+        spec = next(v for v in plan.views if v.name == name)
+        unders = [target_rel[d] for d in spec.depends_on if d in target_rel]
+    invoker = _invoker(rel)
+    via = set()
+    for p in VIEW_PRIVILEGES if kind == "compat view" else ("SELECT",):
+        ok = held.table(role, rel, p) and held.schema(role, rel.schema)
+        if invoker:
+            ok = ok and all(held.table(role, u, p) for u in unders)
+        if ok:
+            via.add(p)
+    want = set(VIEW_PRIVILEGES)
+    for u in unders:
+        want &= _declared(plan, u.schema, role)
+    if not unders:
+        want = set()
+    notes = []
+    if not invoker:
+        notes.append("not security_invoker: the view reads with its owner's rights")
+    gap = want - via
+    if gap:
+        notes.append(
+            f"declared {', '.join(_order(gap))} on the table is not reachable through "
+            "this view (grant it on the view if the application still uses it)"
+        )
+    return RelationAccess(
+        role,
+        rel.schema,
+        rel.name,
+        kind,
+        name,
+        declared=_order(want),
+        effective=_order(via),
+        columns_only=(),
+        missing=(),
+        extra=_order(via - want),
+        note="; ".join(notes),
     )
 
 

@@ -168,100 +168,23 @@ def build_plan(
     control_schema: str = "_orchestrator",
 ) -> Scaffold:
     """Build a plan for every table of `schema` (read-only); check it parses as a plan."""
-    if group_by not in GROUP_BY:
-        raise OrchestratorError(
-            f"--group-by {group_by}: unknown", hint=f"use one of {', '.join(GROUP_BY)}"
-        )
-    if strategy not in ("copy", "rename"):
-        raise OrchestratorError(f"--strategy {strategy}: unknown", hint="use copy or rename")
+    _check_choices(group_by, strategy)
     overrides = overrides or {}
     audit = run_audit(conn, schema, count_orphans=False, domains=domains)
     cat = read_catalog(conn, [schema])
     plan_name = name or f"move_{schema}"
-    retired = Plan.model_construct(
-        version=1, name="x", tables=[], control_schema=control_schema
-    ).retired_schema
-    reserved = {schema, control_schema, retired, "pg_catalog", "information_schema"}
-    unknown = [t for ts in overrides.values() for t in ts if t not in audit.tables]
-    if unknown:
-        raise OrchestratorError(
-            f"--to names tables that are not in {schema}: {', '.join(sorted(unknown))}",
-            hint=f"tables of {schema}: {', '.join(audit.tables)}",
-        )
-    for target in overrides:
-        if target in reserved - {schema} or target.startswith("pg_"):
-            raise OrchestratorError(
-                f"--to {target}: cannot move tables into that schema",
-                hint="choose another schema name",
-            )
+    reserved = _reserved_schemas(schema, control_schema)
+    _check_overrides(overrides, audit, schema, reserved)
 
     tables = list(audit.tables)
-    groups = _prefix_groups(tables, audit) if group_by == "prefix" else _community_groups(audit)
-    # Generated names must not clash with the source, the control schema or an override.
-    rename_group: dict[str, str] = {}
-    taken = set(reserved) | set(overrides)
-    for g in dict.fromkeys(groups[t] for t in tables):
-        rename_group[g] = _schema_ok(g, taken)
-        taken.add(rename_group[g])
-    target_of = {t: rename_group[groups[t]] for t in tables}
-    for target, ts in overrides.items():
-        for t in ts:
-            target_of[t] = target
-
-    left_out: dict[str, str] = {}
-    keys: dict[str, tuple[str, ...]] = {}
-    keyless = {k.table: k.candidate_key for k in audit.keyless}
-    for t in tables:
-        rel = cat.table(schema, t)
-        assert rel is not None
-        if target_of[t] == schema:
-            left_out[t] = f"kept in {schema} by --to"
-        elif rel.kind == "p":
-            left_out[t] = "partitioned tables are not supported yet; move it by hand"
-        elif rel.inherits or rel.has_children:
-            left_out[t] = "table inheritance is not supported; move it by hand"
-        elif t in keyless:
-            key = keyless[t]
-            if key is None:
-                left_out[t] = (
-                    "no primary key and no unique NOT NULL key to declare; add a primary key, "
-                    "then add the table here"
-                )
-            else:
-                keys[t] = key
-
+    target_of = _targets(tables, audit, group_by, overrides, reserved)
+    left_out, keys = _sort_out(cat, audit, schema, tables, target_of)
     taken_targets = _existing(conn, sorted({target_of[t] for t in tables if t not in left_out}))
     for t in tables:
         if t not in left_out and (target_of[t], t) in taken_targets:
             left_out[t] = f"{target_of[t]}.{t} already exists; choose another schema with --to"
     moved = [t for t in tables if t not in left_out]
-
-    # The copy strategy refuses some tables; tables of one foreign-key cycle share a strategy.
-    rename: set[str] = set()
-    reasons: dict[str, str] = {}
-    if strategy == "copy":
-        for t in moved:
-            rel = cat.table(schema, t)
-            assert rel is not None
-            why = _copy_blockers(cat, schema, rel)
-            if why:
-                reasons[t] = why
-                rename.add(t)
-    fk_graph: nx.DiGraph = nx.DiGraph()
-    fk_graph.add_nodes_from(moved)
-    for fk in audit.foreign_keys:
-        if fk.schema == fk.ref_schema == schema and fk.table in moved and fk.ref_table in moved:
-            fk_graph.add_edge(fk.table, fk.ref_table)
-    unit_of: dict[str, tuple[str, ...]] = {}
-    for comp in nx.strongly_connected_components(fk_graph):
-        members = tuple(sorted(comp))
-        for t in members:
-            unit_of[t] = members
-        if rename & comp:
-            for t in members:
-                if t not in reasons:
-                    reasons[t] = "in a foreign-key cycle with " + ", ".join(sorted(rename & comp))
-            rename |= comp
+    rename, reasons, unit_of = _strategies(cat, audit, schema, moved, strategy)
 
     text = _render(
         audit=audit,
@@ -290,6 +213,128 @@ def build_plan(
         rename=tuple(sorted(rename)),
         audit=audit,
     )
+
+
+def _check_choices(group_by: str, strategy: str) -> None:
+    """Refuse an unknown --group-by or --strategy before reading anything."""
+    if group_by not in GROUP_BY:
+        raise OrchestratorError(
+            f"--group-by {group_by}: unknown", hint=f"use one of {', '.join(GROUP_BY)}"
+        )
+    if strategy not in ("copy", "rename"):
+        raise OrchestratorError(f"--strategy {strategy}: unknown", hint="use copy or rename")
+
+
+def _reserved_schemas(schema: str, control_schema: str) -> set[str]:
+    """Schemas no table may be moved into: the source, ours and the system's."""
+    retired = Plan.model_construct(
+        version=1, name="x", tables=[], control_schema=control_schema
+    ).retired_schema
+    return {schema, control_schema, retired, "pg_catalog", "information_schema"}
+
+
+def _check_overrides(
+    overrides: dict[str, list[str]], audit: Audit, schema: str, reserved: set[str]
+) -> None:
+    """Refuse --to naming a table not in the schema, or a schema tables cannot go to."""
+    unknown = [t for ts in overrides.values() for t in ts if t not in audit.tables]
+    if unknown:
+        raise OrchestratorError(
+            f"--to names tables that are not in {schema}: {', '.join(sorted(unknown))}",
+            hint=f"tables of {schema}: {', '.join(audit.tables)}",
+        )
+    for target in overrides:
+        if target in reserved - {schema} or target.startswith("pg_"):
+            raise OrchestratorError(
+                f"--to {target}: cannot move tables into that schema",
+                hint="choose another schema name",
+            )
+
+
+def _targets(
+    tables: list[str],
+    audit: Audit,
+    group_by: str,
+    overrides: dict[str, list[str]],
+    reserved: set[str],
+) -> dict[str, str]:
+    """Table -> target schema: its group's (made a valid, unique name), unless --to says."""
+    groups = _prefix_groups(tables, audit) if group_by == "prefix" else _community_groups(audit)
+    # Generated names must not clash with the source, the control schema or an override.
+    rename_group: dict[str, str] = {}
+    taken = set(reserved) | set(overrides)
+    for g in dict.fromkeys(groups[t] for t in tables):
+        rename_group[g] = _schema_ok(g, taken)
+        taken.add(rename_group[g])
+    target_of = {t: rename_group[groups[t]] for t in tables}
+    for target, ts in overrides.items():
+        for t in ts:
+            target_of[t] = target
+    return target_of
+
+
+def _sort_out(
+    cat: Catalog, audit: Audit, schema: str, tables: list[str], target_of: dict[str, str]
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """The tables the plan cannot move (table -> why), and the keys to declare for the keyless."""
+    left_out: dict[str, str] = {}
+    keys: dict[str, tuple[str, ...]] = {}
+    keyless = {k.table: k.candidate_key for k in audit.keyless}
+    for t in tables:
+        rel = cat.table(schema, t)
+        assert rel is not None
+        if target_of[t] == schema:
+            left_out[t] = f"kept in {schema} by --to"
+        elif rel.kind == "p":
+            left_out[t] = "partitioned tables are not supported yet; move it by hand"
+        elif rel.inherits or rel.has_children:
+            left_out[t] = "table inheritance is not supported; move it by hand"
+        elif t in keyless:
+            key = keyless[t]
+            if key is None:
+                left_out[t] = (
+                    "no primary key and no unique NOT NULL key to declare; add a primary key, "
+                    "then add the table here"
+                )
+            else:
+                keys[t] = key
+    return left_out, keys
+
+
+def _strategies(
+    cat: Catalog, audit: Audit, schema: str, moved: list[str], strategy: str
+) -> tuple[set[str], dict[str, str], dict[str, tuple[str, ...]]]:
+    """The tables the copy strategy cannot move, why, and each table's foreign-key cycle.
+
+    Tables of one foreign-key cycle share a strategy, so a cycle with one such table is
+    given the rename strategy whole.
+    """
+    rename: set[str] = set()
+    reasons: dict[str, str] = {}
+    if strategy == "copy":
+        for t in moved:
+            rel = cat.table(schema, t)
+            assert rel is not None
+            why = _copy_blockers(cat, schema, rel)
+            if why:
+                reasons[t] = why
+                rename.add(t)
+    fk_graph: nx.DiGraph = nx.DiGraph()
+    fk_graph.add_nodes_from(moved)
+    for fk in audit.foreign_keys:
+        if fk.schema == fk.ref_schema == schema and fk.table in moved and fk.ref_table in moved:
+            fk_graph.add_edge(fk.table, fk.ref_table)
+    unit_of: dict[str, tuple[str, ...]] = {}
+    for comp in nx.strongly_connected_components(fk_graph):
+        members = tuple(sorted(comp))
+        for t in members:
+            unit_of[t] = members
+        if rename & comp:
+            for t in members:
+                if t not in reasons:
+                    reasons[t] = "in a foreign-key cycle with " + ", ".join(sorted(rename & comp))
+            rename |= comp
+    return rename, reasons, unit_of
 
 
 def _existing(conn: Conn, schemas: list[str]) -> set[tuple[str, str]]:

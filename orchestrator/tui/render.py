@@ -13,8 +13,11 @@ from rich.text import Text
 
 from orchestrator.model.graph import DependencyGraph
 from orchestrator.model.validate import Report
-from orchestrator.plan import Plan, Strategy
-from orchestrator.state.store import RENAME_STAGES, STAGES, StageRow
+from orchestrator.plan import Plan
+from orchestrator.run.events import Event, LockWait, Rows, StageChanged
+from orchestrator.stages.base import Kind, Phase, Stage
+from orchestrator.stages.registry import COPY_STRATEGY, STRATEGIES, Strategy
+from orchestrator.state.store import StageRow
 
 STATUS_STYLE = {
     "pending": "dim",
@@ -77,19 +80,23 @@ def print_graph(console: Console, dg: DependencyGraph) -> None:
             console.print(Text.assemble("  ", (name, "magenta"), " (dependent view)"))
 
 
-def _stages_for(plan: Plan, table: str) -> tuple[str, ...]:
-    spec = plan.table(table)
-    return RENAME_STAGES if plan.options_for(spec).strategy == Strategy.rename else STAGES
+def _column_stage(strategy: Strategy, column: Stage) -> str | None:
+    """The table's stage shown in a column of the copy strategy's stages: the same stage, or
+    the stage of the same phase (the rename strategy's one stage is its swap)."""
+    if column.name in strategy.names:
+        return column.name
+    if column.phase != Phase.apply:
+        same = strategy.in_phase(column.phase)
+        return same[0].name if same else None
+    return None
 
 
-_SHORT = {"prepare": "prep", "dual_write": "dual", "copy": "copy", "verify": "verify",
-          "cutover": "swap", "finalize": "final"}
-
-
-def _progress_cells(stages: dict[str, StageRow]) -> tuple[str, str, str]:
-    """rows done/estimated, rate and ETA of the copy (or of verify while it runs)."""
-    row = stages.get("verify") if stages.get("verify") and stages["verify"].status == "running" \
-        else stages.get("copy")
+def _progress_cells(strategy: Strategy, stages: dict[str, StageRow]) -> tuple[str, str, str]:
+    """rows done/estimated, rate and ETA of the first loop stage (the copy), or of a later
+    one while it runs (verify)."""
+    loops = [stages[s.name] for s in strategy.stages if s.kind == Kind.loop and s.name in stages]
+    running = [r for r in loops if r.status == "running"]
+    row = running[-1] if running else (loops[0] if loops else None)
     if row is None or not row.rows_estimated:
         return "", "", ""
     done, est = row.rows_done, max(row.rows_estimated, row.rows_done)
@@ -107,28 +114,29 @@ def status_table(plan: Plan, rows: list[StageRow]) -> Table:
         by_table.setdefault(r.table_name, {})[r.stage] = r
     table = Table(title=f"plan {plan.name}", expand=False)
     table.add_column("table", style="bold", no_wrap=True)
-    for stage in STAGES:
-        table.add_column(_SHORT[stage], no_wrap=True)
+    columns = COPY_STRATEGY.stages
+    for column in columns:
+        table.add_column(column.short, no_wrap=True)
     for col in ("rows", "rate", "eta"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("last error", overflow="fold", max_width=40)
     for spec in plan.tables:
         stages = by_table.get(spec.name, {})
-        names = _stages_for(plan, spec.name)
+        strategy = STRATEGIES[plan.options_for(spec).strategy]
         cells: list[Text] = []
-        for stage in STAGES:
-            # The rename strategy's one stage is its swap: shown in the cutover column.
-            key = "rename" if stage == "cutover" and "rename" in names else stage
-            cell = stages.get(key)
-            if key not in names:
+        for column in columns:
+            key = _column_stage(strategy, column)
+            cell = stages.get(key) if key else None
+            if key is None:
                 cells.append(Text("·", style="dim"))
             elif cell is None:
                 cells.append(Text("pending", style="dim"))
             else:
                 cells.append(Text(cell.status, style=STATUS_STYLE.get(cell.status, "")))
         errors = [r.last_error for r in stages.values() if r.last_error]
-        label = spec.name + (" (rename)" if "rename" in names else "")
-        table.add_row(label, *cells, *_progress_cells(stages), errors[-1] if errors else "")
+        label = spec.name + ("" if strategy is COPY_STRATEGY else f" ({strategy.name})")
+        table.add_row(label, *cells, *_progress_cells(strategy, stages),
+                      errors[-1] if errors else "")
     return table
 
 
@@ -224,49 +232,37 @@ class Reporter:
         if self.live:
             self.progress.stop()
 
-    def event(self, e: dict[str, Any]) -> None:
+    def event(self, e: Event) -> None:
         import time
 
-        table, stage = str(e.get("table", "")), str(e.get("stage", ""))
-        if "rows_done" in e:
+        if isinstance(e, Rows):
             if self.live:
-                key = (table, stage)
-                rate = f"{e.get('rate', 0):,.0f} rows/s"
+                key = (e.table, e.stage)
+                rate = f"{e.rate:,.0f} rows/s"
                 if key not in self.tasks:
                     self.tasks[key] = self.progress.add_task(
-                        f"{stage} {table}", total=e["rows_estimated"], rate=rate
+                        f"{e.stage} {e.table}", total=e.rows_estimated, rate=rate
                     )
                 self.progress.update(
-                    self.tasks[key], completed=e["rows_done"], total=e["rows_estimated"], rate=rate
+                    self.tasks[key], completed=e.rows_done, total=e.rows_estimated, rate=rate
                 )
             elif time.monotonic() - self._last_log > 2.0:
                 self._last_log = time.monotonic()
-                self.log.info(
-                    "progress",
-                    table=table,
-                    stage=stage,
-                    rows=e["rows_done"],
-                    estimated=e["rows_estimated"],
-                    rate=round(e.get("rate", 0)),
-                )
-        elif "status" in e:
+                self.log.info("progress", table=e.table, stage=e.stage, rows=e.rows_done,
+                              estimated=e.rows_estimated, rate=round(e.rate))
+        elif isinstance(e, StageChanged):
             if self.live:
-                mark = "[green]✓[/]" if e["status"] == "done" else "[magenta]↺[/]"
+                mark = "[green]✓[/]" if e.status == "done" else "[magenta]↺[/]"
                 self.progress.console.print(
-                    f"{mark} {table}: {stage} {e['status']}", highlight=False
+                    f"{mark} {e.table}: {e.stage} {e.status}", highlight=False
                 )
             else:
-                self.log.info("stage", table=table, stage=stage, status=e["status"])
-        elif "lock_wait" in e:
-            self.log.warning(
-                "lock wait",
-                table=table,
-                stage=stage,
-                attempt=e["lock_wait"],
-                blockers=[b.get("pid") for b in e.get("blockers", [])],
-            )
-        elif "paused" in e:
-            self.log.info("throttled", table=table, stage=stage, reason=e["paused"])
+                self.log.info("stage", table=e.table, stage=e.stage, status=e.status)
+        elif isinstance(e, LockWait):
+            self.log.warning("lock wait", table=e.table, stage=e.stage, attempt=e.attempt,
+                             blockers=[b.get("pid") for b in e.blockers])
+        else:
+            self.log.info("throttled", table=e.table, stage=e.stage, reason=e.reason)
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,185 @@
+"""What every command module shares: the typer apps, the consoles, the global options, the
+option types, and the helpers that turn expected failures into a message and an exit code.
+
+Command modules import this module (and the core), never each other nor the package.
+"""
+
+# No `from __future__ import annotations`: typer reads the callback's annotations at runtime.
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import psycopg
+import typer
+from rich.console import Console
+
+from orchestrator import log
+from orchestrator.db import Conn, connect, resolve_dsn
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan import load_plan
+from orchestrator.tui import render as tui
+
+if TYPE_CHECKING:
+    from orchestrator.run.engine import Engine
+
+app = typer.Typer(
+    name="orchestrator",
+    help="Move PostgreSQL tables between schemas one at a time, online and reversibly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+server_app = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Fmt(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class State:
+    """The root options, set by the callback before any command runs."""
+
+    dsn: str | None = None
+    embedded: str | None = None
+    verbose: bool = False
+
+
+state = State()
+
+DsnOpt = Annotated[
+    str | None, typer.Option("--dsn", help="PostgreSQL connection string.", envvar=None)
+]
+FmtOpt = Annotated[Fmt, typer.Option("--format", help="text for people, json for scripts.")]
+PlanArg = Annotated[Path, typer.Argument(help="The plan YAML file.")]
+TablesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--table", "-t", help="Only this table (and its cycle unit); repeatable."),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+LockOpt = Annotated[
+    int | None,
+    typer.Option("--lock-timeout", help="lock_timeout in ms for this run (overrides the plan)."),
+]
+
+
+@app.callback()
+def _root(
+    dsn: DsnOpt = None,
+    embedded: Annotated[
+        str | None,
+        typer.Option(
+            "--embedded",
+            help="Start (or reuse) the embedded server; `--embedded DIR` picks its directory.",
+        ),
+    ] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="console | json")] = "console",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Tracebacks, debug logs.")
+    ] = False,
+) -> None:
+    state.dsn = dsn
+    state.embedded = embedded
+    state.verbose = verbose
+    log.configure(log_format, verbose)
+
+
+def fail(exc: OrchestratorError, fmt: str) -> NoReturn:
+    """Print an expected failure (as JSON on stdout in json format) and exit with its code."""
+    if fmt == "json":
+        out.print_json(json.dumps(exc.as_dict()))
+    else:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+        if exc.hint:
+            err.print(f"[yellow]next:[/] {exc.hint}", highlight=False)
+    if state.verbose:
+        err.print(traceback.format_exc())
+    raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def guard(fmt: str = "text") -> Iterator[None]:
+    """Turn expected failures into a message and an exit code, never a traceback."""
+    try:
+        yield
+    except OrchestratorError as exc:
+        fail(exc, fmt)
+    except psycopg.errors.QueryCanceled as exc:
+        # A statement ran past statement_timeout (the plan's, or the role's): the connection
+        # is fine, and nothing of the interrupted step was committed.
+        fail(OrchestratorError(
+            f"a statement was canceled: {str(exc).strip()}",
+            hint="raise the plan's statement_timeout_ms (or the role's statement_timeout), or "
+            "lower batch_size with `orchestrator set PLAN batch_size N`, then rerun the same "
+            "command"), fmt)
+    except psycopg.OperationalError as exc:
+        # The server went away or ended our session mid-step: every committed step and
+        # checkpoint is recorded, so the same command resumes.
+        fail(OrchestratorError(
+            f"lost the database connection: {str(exc).strip()}",
+            hint="check the server, then rerun the same command: it resumes from the last "
+            "committed step"), fmt)
+
+
+def connect_db(autocommit: bool = True) -> Conn:
+    """A connection to the database the root options name (--dsn, --embedded, DATABASE_URL)."""
+    return connect(resolve_dsn(state.dsn, state.embedded), autocommit=autocommit)
+
+
+def emit_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask before a change; --yes answers, and a script without a terminal must pass it."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise OrchestratorError(
+            f"{question} needs confirmation", hint="rerun with --yes in scripts"
+        )
+    if not typer.confirm(question):
+        raise typer.Exit(1)
+
+
+@contextmanager
+def engine(plan: Path, lock_timeout: int | None, fmt: str = "text") -> Iterator["Engine"]:
+    """A session of the engine on the plan, its progress shown by a Reporter (on stderr in
+    json format, so stdout stays one JSON document)."""
+    from orchestrator.run.session import session
+
+    loaded = load_plan(plan)
+    dsn = resolve_dsn(state.dsn, state.embedded)
+    reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
+    with reporter, session(dsn, loaded, reporter.event, lock_timeout) as eng:
+        yield eng
+
+
+def embedded_argv(argv: list[str]) -> list[str]:
+    """`--embedded [DIR]`: the directory is optional, which click cannot express, so a bare
+    `--embedded` becomes `--embedded=` (the default directory), and `--embedded DIR` keeps
+    DIR only when it is an existing directory (never a plan file or a command)."""
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--embedded":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-") and Path(nxt).is_dir():
+                args.append(f"--embedded={nxt}")
+                i += 2
+                continue
+            args.append("--embedded=")
+        else:
+            args.append(arg)
+        i += 1
+    return args

@@ -1,0 +1,225 @@
+"""Commands that move tables: dry-run, apply, cutover, finalize, rollback, and set (a running
+copy's batch size or throttle)."""
+
+# No `from __future__ import annotations`: typer reads the commands' annotations at runtime.
+import contextlib
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli.common import (
+    Fmt,
+    FmtOpt,
+    LockOpt,
+    PlanArg,
+    TablesOpt,
+    YesOpt,
+    app,
+    confirm,
+    connect_db,
+    emit_json,
+    engine,
+    guard,
+    out,
+)
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan import load_plan
+from orchestrator.stages.registry import APPLY_UNTIL, ROLLBACK_TO
+from orchestrator.state import store
+from orchestrator.tui import render as tui
+
+
+class DryFmt(StrEnum):
+    text = "text"
+    json = "json"
+    sql = "sql"
+
+
+# The text report shows every statement up to this many tables; a larger plan gets one panel per
+# table, and its SQL through --table, --format sql or --format json.
+TEXT_SQL_MAX_TABLES = 20
+
+
+def _dry_run(plan: Path, fmt: str, tables: list[str] | None = None) -> None:
+    from orchestrator.run import dryrun
+
+    with guard("json" if fmt == "json" else "text"):
+        loaded = load_plan(plan)
+        with connect_db() as conn:
+            conn.execute("SET search_path = ''")
+            d = dryrun.build(conn, loaded, tables or ())
+            # Statements render on first read, with this connection's encoding.
+            if fmt == "json":
+                emit_json(d.as_dict())
+            elif fmt == "sql":
+                sys.stdout.write(dryrun.to_sql(d) + "\n")
+            else:
+                show_sql = bool(tables) or len(d.tables) <= TEXT_SQL_MAX_TABLES
+                tui.print_dry_run(out, d, show_sql=show_sql)
+                if not show_sql:
+                    out.print(
+                        f"SQL not shown for {len(d.tables)} tables: `orchestrator dry-run {plan} "
+                        "--table NAME` shows one unit's, `--format sql` writes the whole script"
+                    )
+
+
+@app.command("dry-run")
+def dry_run(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    fmt: Annotated[DryFmt, typer.Option("--format", help="text, json or sql")] = DryFmt.text,
+) -> None:
+    """Show every stage's SQL (forward and back), locks, sizes, durations and risks."""
+    _dry_run(plan, fmt.value, table)
+
+
+@app.command()
+def apply(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    until: Annotated[
+        str,
+        typer.Option(
+            "--until",
+            help="Last stage to run: prepare, dual_write, copy, verify (default) or cutover.",
+        ),
+    ] = "verify",
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Then keep replaying captured changes until interrupted."),
+    ] = False,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    dry: Annotated[bool, typer.Option("--dry-run", help="Show what would run; change "
+                                      "nothing.")] = False,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
+    if dry:
+        _dry_run(plan, fmt.value, table)
+        return
+    with guard(fmt):
+        if until not in APPLY_UNTIL:
+            raise OrchestratorError(
+                f"--until {until}: not a stage", hint=f"use one of {', '.join(APPLY_UNTIL)}"
+            )
+        if until == "cutover":
+            confirm("apply through cutover (the application switches to the new tables)?", yes)
+        with engine(plan, lock_timeout, fmt) as eng:
+            eng.apply(table, until)
+            if follow:
+                out.print("following: replaying captured changes (Ctrl-C to stop)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    eng.follow()
+    if fmt == Fmt.json:
+        emit_json({"plan": str(plan), "until": until, "ok": True})
+
+
+@app.command()
+def cutover(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Swap the application to the new tables (one short locked transaction per unit)."""
+    with guard(fmt):
+        confirm("cut over (retire the source tables behind compatibility views)?", yes)
+        with engine(plan, lock_timeout, fmt) as eng:
+            eng.cutover(table)
+    if fmt == Fmt.json:
+        emit_json({"plan": str(plan), "cutover": True})
+
+
+@app.command()
+def finalize(
+    plan: PlanArg,
+    table: TablesOpt = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    drop_views: Annotated[bool, typer.Option(
+        "--drop-compat-views", help="Also drop the compatibility views in the source schema "
+        "(once the application uses the new names; see compat-usage).")] = False,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Drop the retired tables and reverse capture. Cannot be undone."""
+    dropped: list[str] = []
+    with guard(fmt):
+        what = "the retired tables" + (" and the compatibility views" if drop_views else "")
+        confirm(f"finalize? This drops {what} and CANNOT be undone", yes)
+        with engine(plan, lock_timeout, fmt) as eng:
+            eng.finalize(table)
+            if drop_views:
+                dropped = eng.drop_compat_views(table)
+    if fmt == Fmt.json:
+        emit_json({"plan": str(plan), "finalized": True, "dropped_views": dropped})
+    elif dropped:
+        out.print(f"dropped compatibility views: {', '.join(dropped)}", highlight=False)
+
+
+@app.command()
+def rollback(
+    plan: PlanArg,
+    table: Annotated[
+        str,
+        typer.Option(
+            "--table", "-t", help="The table to roll back (its whole unit when it is in a cycle)."
+        ),
+    ],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="Keep this stage and those before it (default: undo everything)."
+        ),
+    ] = None,
+    yes: YesOpt = False,
+    lock_timeout: LockOpt = None,
+    fmt: FmtOpt = Fmt.text,
+) -> None:
+    """Reverse a table's stages, latest first, keeping every row written meanwhile."""
+    with guard(fmt):
+        if to is not None and to not in ROLLBACK_TO:
+            raise OrchestratorError(
+                f"--to {to}: not a stage you can roll back to",
+                hint=f"use one of {', '.join(ROLLBACK_TO)}",
+            )
+        confirm(f"roll back {table}" + (f" to {to}" if to else " entirely") + "?", yes)
+        with engine(plan, lock_timeout, fmt) as eng:
+            undone = eng.rollback(table, to)
+    if fmt == Fmt.json:
+        emit_json({"plan": str(plan), "rolled_back": undone})
+    else:
+        out.print(f"rolled back: {', '.join(undone) or 'nothing to undo'}", highlight=False)
+
+
+@app.command("set")
+def set_cmd(
+    plan: PlanArg,
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="batch_size, sleep_ms, probe_max, max_replication_lag_bytes or "
+            "max_wal_bytes_per_s"
+        ),
+    ],
+    value: Annotated[float, typer.Argument()],
+    table: Annotated[str, typer.Option("--table", "-t")] = "*",
+) -> None:
+    """Change a running copy's batch size or throttle (read before every batch)."""
+    with guard():
+        # Checked before the plan is read: a mistyped key needs no plan and no database.
+        if key not in store.ADJUSTABLE_SETTINGS:
+            raise OrchestratorError(
+                f"{key}: not an adjustable setting",
+                hint=f"use one of {', '.join(store.ADJUSTABLE_SETTINGS)}",
+            )
+        loaded = load_plan(plan)
+        with connect_db() as conn:
+            store.change_setting(
+                conn, loaded, key, int(value) if key != "probe_max" else value, table
+            )
+    out.print(f"{key} = {value:g} for {table if table != '*' else 'every table'}")
