@@ -16,20 +16,15 @@ from conftest import COGITO_PLAN
 from psycopg import sql
 
 from orchestrator.db import APP_NAME, connect
-from orchestrator.errors import LockHeld, StageError
+from orchestrator.errors import IllegalTransition, LockHeld, StageError
 from orchestrator.model.catalog import snapshot
-from orchestrator.plan import LoadedPlan, Strategy, load_plan, parse_plan
+from orchestrator.plan import LoadedPlan, load_plan, parse_plan
+from orchestrator.stages.registry import TERMINAL, stage_names
+from orchestrator.state import locks
 from orchestrator.state import store as control
-from orchestrator.state.store import (
-    RENAME_STAGES,
-    SCHEMA_VERSION,
-    STAGES,
-    ensure_schema,
-    operator_lock,
-    register_plan,
-    set_status,
-    stage_rows,
-)
+from orchestrator.state.locks import operator_lock
+from orchestrator.state.migrations import SCHEMA_VERSION, ensure_schema
+from orchestrator.state.store import Store, stage_rows
 
 Conn = psycopg.Connection[Any]
 CTL = "_orchestrator"
@@ -37,10 +32,11 @@ CTL = "_orchestrator"
 
 def stages_for(loaded: LoadedPlan) -> dict[str, tuple[str, ...]]:
     plan = loaded.plan
-    return {
-        t.name: RENAME_STAGES if plan.options_for(t).strategy == Strategy.rename else STAGES
-        for t in plan.tables
-    }
+    return {t.name: stage_names(plan.options_for(t).strategy) for t in plan.tables}
+
+
+def store(conn: Conn) -> Store:
+    return Store(conn, CTL, "cogito", TERMINAL)
 
 
 @pytest.fixture
@@ -48,7 +44,7 @@ def registered(cogito_conn: Conn) -> LoadedPlan:
     loaded = load_plan(COGITO_PLAN)
     ensure_schema(cogito_conn, CTL)
     with cogito_conn.transaction():
-        register_plan(cogito_conn, loaded, stages_for(loaded))
+        store(cogito_conn).register(loaded, stages_for(loaded))
     return loaded
 
 
@@ -152,10 +148,11 @@ def test_registering_again_keeps_progress_and_follows_the_text(
     cogito_conn: Conn, registered: LoadedPlan
 ) -> None:
     with cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "done")
+        store(cogito_conn).start("turns", "prepare")
+        store(cogito_conn).finish("turns", "prepare")
     edited = parse_plan(registered.text + "# edited\n", registered.path)
     with cogito_conn.transaction():
-        register_plan(cogito_conn, edited, stages_for(edited))
+        store(cogito_conn).register(edited, stages_for(edited))
     assert status_of(cogito_conn, "turns", "prepare") == "done"
     assert len(stage_rows(cogito_conn, CTL, "cogito")) == sum(
         len(s) for s in stages_for(edited).values()
@@ -166,9 +163,9 @@ def test_registering_again_keeps_progress_and_follows_the_text(
 
 def test_a_status_change_commits_with_its_work(cogito_conn: Conn, registered: LoadedPlan) -> None:
     with cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "running")
+        store(cogito_conn).start("turns", "prepare")
         cogito_conn.execute("CREATE SCHEMA conversation")
-        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "done")
+        store(cogito_conn).finish("turns", "prepare")
     row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "prepare")
     assert row.status == "done"
     assert row.attempts == 1
@@ -186,9 +183,9 @@ def test_a_rolled_back_step_leaves_no_trace(cogito_conn: Conn, registered: Loade
         pass
 
     with pytest.raises(Crash), cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "prepare", "running")
-        control.log_event(cogito_conn, CTL, "cogito", "prepare", "ok", table="turns")
-        control.save(cogito_conn, CTL, "cogito", "turns", "acl", ["x"])
+        store(cogito_conn).start("turns", "prepare")
+        store(cogito_conn).log("prepare", "ok", table="turns")
+        store(cogito_conn).save("turns", "acl", ["x"])
         cogito_conn.execute("CREATE SCHEMA conversation")
         cogito_conn.execute("CREATE TABLE conversation.turns (id bigint PRIMARY KEY)")
         raise Crash
@@ -206,11 +203,9 @@ def test_a_failure_is_recorded_with_its_error_and_retried(
     cogito_conn: Conn, registered: LoadedPlan
 ) -> None:
     with cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running")
+        store(cogito_conn).start("turns", "copy")
     with cogito_conn.transaction():
-        set_status(
-            cogito_conn, CTL, "cogito", "turns", "copy", "failed", error="lock timeout on turns"
-        )
+        store(cogito_conn).fail("turns", "copy", "lock timeout on turns")
     failed = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
     assert (failed.status, failed.last_error, failed.attempts) == (
         "failed",
@@ -218,7 +213,7 @@ def test_a_failure_is_recorded_with_its_error_and_retried(
         1,
     )
     with cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running")
+        store(cogito_conn).start("turns", "copy")
     again = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
     assert (again.status, again.last_error, again.attempts) == ("running", None, 2)
     assert again.finished_at is None
@@ -226,16 +221,10 @@ def test_a_failure_is_recorded_with_its_error_and_retried(
 
 def test_progress_checkpoints_and_their_reset(cogito_conn: Conn, registered: LoadedPlan) -> None:
     with cogito_conn.transaction():
-        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "running", rows_estimated=2000)
-        control.record_progress(
-            cogito_conn,
-            CTL,
-            "cogito",
-            "turns",
-            "copy",
-            rows_done=500,
-            checkpoint={"last_key": [500]},
-            rows_per_s=1234.5,
+        store(cogito_conn).start("turns", "copy")
+        store(cogito_conn).checkpoint(
+            "turns", "copy", rows_done=500, checkpoint={"last_key": [500]}, rows_per_s=1234.5,
+            rows_estimated=2000,
         )
     row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
     assert (row.rows_done, row.rows_estimated, row.checkpoint, row.rows_per_s) == (
@@ -245,33 +234,89 @@ def test_progress_checkpoints_and_their_reset(cogito_conn: Conn, registered: Loa
         1234.5,
     )
     with cogito_conn.transaction():
-        set_status(
-            cogito_conn, CTL, "cogito", "turns", "copy", "rolled_back", reset_checkpoint=True
-        )
+        store(cogito_conn).roll_back("turns", "copy", reset=True)
     row = control.get_stage(cogito_conn, CTL, "cogito", "turns", "copy")
     assert (row.status, row.rows_done, row.checkpoint) == ("rolled_back", 0, None)
 
 
-def test_an_unknown_status_or_stage_is_refused(cogito_conn: Conn, registered: LoadedPlan) -> None:
-    with pytest.raises(AssertionError):
-        set_status(cogito_conn, CTL, "cogito", "turns", "copy", "finished")
+def test_an_unknown_stage_is_refused(cogito_conn: Conn, registered: LoadedPlan) -> None:
     with pytest.raises(StageError) as info:
         control.get_stage(cogito_conn, CTL, "cogito", "audit_log", "copy")
     assert "audit_log: no copy stage recorded for plan cogito" in info.value.message
+
+
+# --- guarded transitions: only what the state diagram allows ----------------------------------
+
+
+def test_a_stage_cannot_finish_or_fail_before_it_started(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    for change in (store(cogito_conn).finish, store(cogito_conn).forget):
+        with pytest.raises(IllegalTransition, match=r"turns: prepare cannot .* from pending"):
+            change("turns", "prepare")
+    with pytest.raises(IllegalTransition, match="from pending"):
+        store(cogito_conn).fail("turns", "prepare", "boom")
+    assert status_of(cogito_conn, "turns", "prepare") == "pending"
+
+
+def test_a_done_stage_does_not_start_again_unless_it_re_verifies(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    s = store(cogito_conn)
+    with cogito_conn.transaction():
+        s.start("turns", "copy")
+        s.finish("turns", "copy")
+    with pytest.raises(IllegalTransition, match="turns: copy cannot start from done"):
+        s.start("turns", "copy")
+    with cogito_conn.transaction():
+        s.start("turns", "verify")
+        s.finish("turns", "verify")
+        s.start("turns", "verify", again=True)
+    assert status_of(cogito_conn, "turns", "verify") == "running"
+
+
+def test_a_finalized_stage_cannot_be_rolled_back(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    s = store(cogito_conn)
+    with cogito_conn.transaction():
+        s.start("turns", "finalize")
+        s.finish("turns", "finalize")
+    with pytest.raises(IllegalTransition, match="finalize is done and final"):
+        s.roll_back("turns", "finalize")
+    assert status_of(cogito_conn, "turns", "finalize") == "done"
+
+
+def test_a_checkpoint_needs_a_running_stage(cogito_conn: Conn, registered: LoadedPlan) -> None:
+    with pytest.raises(IllegalTransition, match="turns: copy is pending, not running"):
+        store(cogito_conn).checkpoint("turns", "copy", rows_done=1, checkpoint={"last": [1]})
+
+
+def test_an_illegal_change_inside_a_step_undoes_the_step(
+    cogito_conn: Conn, registered: LoadedPlan
+) -> None:
+    """The guard raises inside the work's transaction, so the work goes with it."""
+    with pytest.raises(IllegalTransition), cogito_conn.transaction():
+        cogito_conn.execute("CREATE SCHEMA conversation")
+        store(cogito_conn).finish("turns", "prepare")
+    row = cogito_conn.execute(
+        "SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'conversation'"
+    ).fetchone()
+    assert row == {"n": 0}
 
 
 def test_settings_a_table_value_beats_the_plan_value(
     cogito_conn: Conn, registered: LoadedPlan
 ) -> None:
     assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 5000
-    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 2000)
-    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 100, table="turns")
+    store(cogito_conn).put_setting("batch_size", 2000)
+    store(cogito_conn).put_setting("batch_size", 100, table="turns")
     assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 100
     assert control.setting(cogito_conn, CTL, "cogito", "users", "batch_size", 5000) == 2000
-    control.put_setting(cogito_conn, CTL, "cogito", "batch_size", 50, table="turns")
+    store(cogito_conn).put_setting("batch_size", 50, table="turns")
     assert control.setting(cogito_conn, CTL, "cogito", "turns", "batch_size", 5000) == 50
     # The copy reads them all at once, with the same precedence.
-    control.put_setting(cogito_conn, CTL, "cogito", "sleep_ms", 20)
+    store(cogito_conn).put_setting("sleep_ms", 20)
     assert control.settings(cogito_conn, CTL, "cogito", "turns") == {
         "batch_size": 50, "sleep_ms": 20}
     assert control.settings(cogito_conn, CTL, "cogito", "users") == {
@@ -279,8 +324,8 @@ def test_settings_a_table_value_beats_the_plan_value(
 
 
 def test_saved_values_are_kept_for_a_rollback(cogito_conn: Conn, registered: LoadedPlan) -> None:
-    control.save(cogito_conn, CTL, "cogito", "turns", "acl", {"app": ["SELECT"]})
-    control.save(cogito_conn, CTL, "cogito", "turns", "acl", {"app": ["SELECT", "INSERT"]})
+    store(cogito_conn).save("turns", "acl", {"app": ["SELECT"]})
+    store(cogito_conn).save("turns", "acl", {"app": ["SELECT", "INSERT"]})
     saved = control.load_saved(cogito_conn, CTL, "cogito", "turns", "acl")
     assert saved == {"app": ["SELECT", "INSERT"]}
 
@@ -292,10 +337,7 @@ def test_events_are_recorded_in_order_with_who_did_what(
     cogito_conn: Conn, registered: LoadedPlan
 ) -> None:
     for i in range(5):
-        control.log_event(
-            cogito_conn,
-            CTL,
-            "cogito",
+        store(cogito_conn).log(
             "copy",
             "ok",
             table="turns",
@@ -304,7 +346,7 @@ def test_events_are_recorded_in_order_with_who_did_what(
             duration_ms=1.5,
             detail={"batch": i},
         )
-    control.log_event(cogito_conn, CTL, "cogito", "prepare", "ok", table="users")
+    store(cogito_conn).log("prepare", "ok", table="users")
     events = control.events(cogito_conn, CTL, "cogito", "turns")
     assert [e["detail"]["batch"] for e in events] == [0, 1, 2, 3, 4]
     assert events[0]["operator"] == "postgres"
@@ -329,7 +371,7 @@ def test_events_are_recorded_in_order_with_who_did_what(
 def test_the_event_log_is_append_only(
     cogito_conn: Conn, registered: LoadedPlan, tamper: str
 ) -> None:
-    control.log_event(cogito_conn, CTL, "cogito", "cutover", "lock_timeout", table="turns")
+    store(cogito_conn).log("cutover", "lock_timeout", table="turns")
     with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
         cogito_conn.execute(sql.SQL(tamper).format(sql.Identifier(CTL)))
     assert [e["outcome"] for e in control.events(cogito_conn, CTL, "cogito")] == ["lock_timeout"]
@@ -347,10 +389,10 @@ def advisory_locks(conn: Conn, pid: int) -> int:
 
 
 def test_lock_keys_are_stable_signed_64_bit() -> None:
-    a = control.lock_key("plan", "cogito")
-    assert a == control.lock_key("plan", "cogito")
-    assert a != control.lock_key("table", "cogito")
-    keys = {control.lock_key("table", f"t{i}") for i in range(1000)}
+    a = locks.lock_key("plan", "cogito")
+    assert a == locks.lock_key("plan", "cogito")
+    assert a != locks.lock_key("table", "cogito")
+    keys = {locks.lock_key("table", f"t{i}") for i in range(1000)}
     assert len(keys) == 1000
     assert all(-(2**63) <= k < 2**63 for k in keys)
 
@@ -438,12 +480,12 @@ def test_the_holder_is_described_for_the_operator(cogito_dsn: str) -> None:
         connect(cogito_dsn, autocommit=True) as second,
     ):
         with operator_lock(first, "cogito", []):
-            holder = control.lock_holder(second, control.lock_key("plan", "cogito"))
+            holder = locks.lock_holder(second, locks.lock_key("plan", "cogito"))
             assert holder is not None
             assert holder["pid"] == first.info.backend_pid
             assert holder["role"] == "postgres"
             assert holder["application_name"] == APP_NAME
-            text = control.describe_holder(holder)
+            text = locks.describe_holder(holder)
             assert text.startswith(f"pid {first.info.backend_pid} (role postgres")
-        assert control.lock_holder(second, control.lock_key("plan", "cogito")) is None
-    assert "ended before we could name it" in control.describe_holder(None)
+        assert locks.lock_holder(second, locks.lock_key("plan", "cogito")) is None
+    assert "ended before we could name it" in locks.describe_holder(None)
