@@ -310,7 +310,7 @@ def workdir(prefix: str) -> Iterator[Path]:
 
 
 def create_table(conn: Conn, name: str, rows: int, schema: str = "public") -> dict[str, Any]:
-    """A table like the one DESIGN.md measured: a bigint identity key, a unique email
+    """A table like the one docs/design.md measured: a bigint identity key, a unique email
     (a UNIQUE constraint), an indexed account_id, and ~340 bytes a row (1M rows, ~340 MB)."""
     t = sql.Identifier(schema, name)
     conn.execute(

@@ -273,7 +273,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "met": m["ratio_to_none"]["capture"] >= TARGET,
         },
         "single_row_capture_with_replay": {
-            "target": f">= {TARGET:.2f} of no-trigger TPS (informational: DESIGN.md measured "
+            "target": f">= {TARGET:.2f} of no-trigger TPS (informational: docs/design.md records "
             "0.77 for the log with a replayer beside the clients)",
             "value": s["ratio_to_none"]["capture_replay"],
             "met": s["ratio_to_none"]["capture_replay"] >= TARGET,

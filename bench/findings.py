@@ -97,15 +97,16 @@ def _dualwrite(r: dict[str, Any]) -> list[str]:
             "entries), while the statement itself is set-based and cheap per row: the "
             "per-row trigger cost is a larger share. What would change it: a statement-level "
             "AFTER trigger with transition tables (one INSERT ... SELECT into the log per "
-            "statement) for multi-row statements; DESIGN.md measured the statement-level "
+            "statement) for multi-row statements; docs/design.md records the statement-level "
             "variant at 0.73 on single-row writes, so it is a trade, not a free win."
         )
     if t["single_row_capture_with_replay"]["met"] is False:
         out.append(
             f"- **Dual-write with the replayer beside the clients: {rep:.2f}** (informational "
-            "target 0.80; DESIGN.md measured 0.77 for this design). Replaying re-reads every "
+            "target 0.80; docs/design.md records 0.77 for this design). Replaying re-reads every "
             "logged key from the source and rewrites the target row: on a busy server it "
-            "costs about what a synchronous mirror costs, as DESIGN.md found. The log design's "
+            "costs about what a synchronous mirror costs, as docs/design.md records. The log "
+            "design's "
             "answer is to defer: the capture alone is the cost while the copy runs, and the "
             "replay can wait for a quiet moment (`apply --follow` replays continuously; there "
             "is no throttle on the replayer today)."
@@ -178,8 +179,8 @@ def _cutover(r: dict[str, Any]) -> list[str]:
             "forward log in the copy's last transaction; `replay_batch_sql` has the same "
             "exposure on the replayer's path."
         )
-    # The rollback has no target of its own in the issue, but DESIGN.md holds it to the same
-    # lock discipline: state what the run shows.
+    # The rollback has no target of its own in the issue, but docs/design.md (invariant 3)
+    # holds it to the same lock discipline: state what the run shows.
     worst_retries = max(
         (s["rollback_max"]["lock_timeout_retries"] or 0) for s in r["sizes"].values()
     )
@@ -191,7 +192,7 @@ def _cutover(r: dict[str, Any]) -> list[str]:
              for x in s["rounds"]]
     if worst_retries or worst_hold >= 100:
         out.append(
-            f"- **Rollback of the cutover under load (no target in the issue; DESIGN.md's "
+            f"- **Rollback of the cutover under load (no target in the issue; docs/design.md's "
             f"invariant 3 applies): up to {worst_retries} lock_timeout retries, a committed "
             f"hold of up to {worst_hold:.0f} ms, application statements stalled up to "
             f"{worst_app:.0f} ms; it committed while the load still ran in {sum(under)} of "

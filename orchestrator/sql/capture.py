@@ -1,8 +1,8 @@
 """Change capture and replay: a trigger logs changed keys; the orchestrator replays them.
 
 The trigger on the live table appends only (key, operation) to a log table, the cheapest
-capture measured (DESIGN.md). Replay re-reads each logged key's current row from the live
-table and makes the copy match: rows gone from the live table are deleted, the others upserted.
+capture measured (docs/design.md, § Capture). Replay re-reads each logged key's current row
+from the live table and makes the copy match: rows gone from the live table are deleted, the others upserted.
 Because replay always copies the *current* row, the order of log entries does not matter and
 replaying a key twice is harmless.
 
@@ -97,7 +97,7 @@ def _eq(a: sql.Composable, b: sql.Composable) -> sql.Composed:
 def install_sql(d: Direction) -> list[sql.Composed]:
     """The log table, its capture functions and the triggers on the live table.
 
-    Measured on this machine (DESIGN.md, docs/benchmarks.md), every per-row cost counts: the
+    Measured on this machine (docs/design.md, docs/benchmarks.md), every per-row cost counts: the
     log has no index and no sequence (replay claims rows by ctid, in any order, because it
     re-reads each key's current row), and the row function has no SET clause (a per-call GUC
     save and restore). It stays SECURITY DEFINER, so writers need no privilege on our log;

@@ -221,6 +221,63 @@ def _lock_step(moves: list[TableMove], cat: Catalog, reverse: bool) -> Step:
     )
 
 
+def _inbound_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list[Step]]:
+    """Foreign keys into the source from outside the unit: dropped in the swap, added to the
+    target after it (the statements now, and those for later in the transaction)."""
+    now: list[Step] = []
+    after: list[Step] = []
+    for fk in cat.fks_to(m.source_schema, m.source_name):
+        if (fk.schema, fk.table) in u.by_source:
+            continue
+        now.append(
+            Step(
+                _drop_fk(fk.schema, fk.table, fk.name),
+                f"ACCESS EXCLUSIVE on {fk.schema}.{fk.table}",
+            )
+        )
+        after.append(
+            Step(
+                fk_sql(
+                    sql.Identifier(fk.schema, fk.table),
+                    fk,
+                    fk.columns,
+                    m.target,
+                    tuple(m.rename_map.get(c, c) for c in fk.ref_columns),
+                )
+            )
+        )
+    return now, after
+
+
+def _own_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list[Step]]:
+    """The source's own foreign keys go with it to the target; the retired copy keeps none,
+    so reverse replay never waits on a parent row."""
+    now: list[Step] = []
+    after: list[Step] = []
+    for fk in cat.fks_from(m.source_schema, m.source_name):
+        now.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+        parent = u.by_source.get((fk.ref_schema, fk.ref_table))
+        if parent is not None:
+            ref, refcols = (
+                parent.target,
+                tuple(parent.rename_map.get(c, c) for c in fk.ref_columns),
+            )
+        else:
+            ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
+        after.append(
+            Step(
+                fk_sql(
+                    m.target,
+                    fk,
+                    tuple(m.rename_map.get(c, c) for c in fk.columns),
+                    ref,
+                    refcols,
+                )
+            )
+        )
+    return now, after
+
+
 def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     u = _Unit(moves, cat)
     steps: list[Step] = [_lock_step(moves, cat, reverse=False)]
@@ -241,50 +298,12 @@ def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
         rel = cat.table(m.source_schema, m.source_name)
         assert rel is not None
         steps += [Step(s) for s in capture.drop_triggers_sql(capture.forward(m))]
-        # Foreign keys into the source from outside the unit move to the target.
-        for fk in cat.fks_to(m.source_schema, m.source_name):
-            if (fk.schema, fk.table) in u.by_source:
-                continue
-            steps.append(
-                Step(
-                    _drop_fk(fk.schema, fk.table, fk.name),
-                    f"ACCESS EXCLUSIVE on {fk.schema}.{fk.table}",
-                )
-            )
-            later.append(
-                Step(
-                    fk_sql(
-                        sql.Identifier(fk.schema, fk.table),
-                        fk,
-                        fk.columns,
-                        m.target,
-                        tuple(m.rename_map.get(c, c) for c in fk.ref_columns),
-                    )
-                )
-            )
-        # The source's own foreign keys go with it to the target; the retired copy keeps none,
-        # so reverse replay never waits on a parent row.
-        for fk in cat.fks_from(m.source_schema, m.source_name):
-            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
-            parent = u.by_source.get((fk.ref_schema, fk.ref_table))
-            if parent is not None:
-                ref, refcols = (
-                    parent.target,
-                    tuple(parent.rename_map.get(c, c) for c in fk.ref_columns),
-                )
-            else:
-                ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
-            later.append(
-                Step(
-                    fk_sql(
-                        m.target,
-                        fk,
-                        tuple(m.rename_map.get(c, c) for c in fk.columns),
-                        ref,
-                        refcols,
-                    )
-                )
-            )
+        now, after = _inbound_fks(m, cat, u)
+        steps += now
+        later += after
+        now, after = _own_fks(m, cat, u)
+        steps += now
+        later += after
         steps += _sequence_handover(
             cat, (m.source_schema, m.source_name), (m.target_schema, m.target_name), m.rename_map
         )
@@ -338,6 +357,42 @@ def validate_steps(moves: list[TableMove], cat: Catalog, reverse: bool = False) 
     return steps
 
 
+def _fks_back(
+    m: TableMove, cat: Catalog, u: _Unit, back: dict[str, str]
+) -> tuple[list[Step], list[Step]]:
+    """Foreign keys into and out of the target go back to the source table (the statements
+    now, and those for later in the transaction)."""
+    now: list[Step] = []
+    after: list[Step] = []
+    for fk in cat.fks_to(m.target_schema, m.target_name):
+        if (fk.schema, fk.table) in u.by_target:
+            continue
+        now.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+        after.append(
+            Step(
+                fk_sql(
+                    sql.Identifier(fk.schema, fk.table),
+                    fk,
+                    fk.columns,
+                    m.source,
+                    tuple(back.get(c, c) for c in fk.ref_columns),
+                )
+            )
+        )
+    for fk in cat.fks_from(m.target_schema, m.target_name):
+        now.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
+        parent = u.by_target.get((fk.ref_schema, fk.ref_table))
+        if parent is not None:
+            pback = {v: k for k, v in parent.rename_map.items()}
+            ref, refcols = parent.source, tuple(pback.get(c, c) for c in fk.ref_columns)
+        else:
+            ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
+        after.append(
+            Step(fk_sql(m.source, fk, tuple(back.get(c, c) for c in fk.columns), ref, refcols))
+        )
+    return now, after
+
+
 def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     """The swap backwards: the retired tables come back under their names, with every row."""
     u = _Unit(moves, cat)
@@ -353,32 +408,9 @@ def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
         assert tgt is not None
         back = {v: k for k, v in m.rename_map.items()}
         steps += [Step(s) for s in capture.uninstall_sql(capture.reverse(m))]
-        for fk in cat.fks_to(m.target_schema, m.target_name):
-            if (fk.schema, fk.table) in u.by_target:
-                continue
-            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
-            later.append(
-                Step(
-                    fk_sql(
-                        sql.Identifier(fk.schema, fk.table),
-                        fk,
-                        fk.columns,
-                        m.source,
-                        tuple(back.get(c, c) for c in fk.ref_columns),
-                    )
-                )
-            )
-        for fk in cat.fks_from(m.target_schema, m.target_name):
-            steps.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
-            parent = u.by_target.get((fk.ref_schema, fk.ref_table))
-            if parent is not None:
-                pback = {v: k for k, v in parent.rename_map.items()}
-                ref, refcols = parent.source, tuple(pback.get(c, c) for c in fk.ref_columns)
-            else:
-                ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
-            later.append(
-                Step(fk_sql(m.source, fk, tuple(back.get(c, c) for c in fk.columns), ref, refcols))
-            )
+        now, after = _fks_back(m, cat, u, back)
+        steps += now
+        later += after
         for t in tgt.user_triggers:
             steps.append(
                 Step(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(t.name), m.target))

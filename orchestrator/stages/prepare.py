@@ -66,6 +66,33 @@ def key_index(rel: Relation, m: TableMove) -> str | None:
     return None
 
 
+def _plan_grants(m: TableMove, plan: Plan) -> list[Step]:
+    """The plan's grants for the target schema: USAGE on it, privileges on the new table."""
+    steps: list[Step] = []
+    spec = plan.schemas.get(m.target_schema)
+    if spec is None:
+        return steps
+    for role in spec.usage:
+        steps.append(
+            Step(
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                    sql.Identifier(m.target_schema), sql.Identifier(role)
+                )
+            )
+        )
+    for g in spec.grants:
+        steps.append(
+            Step(
+                sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                    sql.SQL(", ").join(sql.SQL(p) for p in g.privileges),
+                    m.target,
+                    sql.Identifier(g.role),
+                )
+            )
+        )
+    return steps
+
+
 def forward_steps(
     m: TableMove, rel: Relation, plan: Plan, defaults: tuple[str, ...] = ()
 ) -> list[Step]:
@@ -126,26 +153,7 @@ def forward_steps(
             )
         steps += [Step(g) for g in grant_statements(c.acl, m.target, rel.owner, (target_col,))]
     steps += [Step(g) for g in grant_statements(rel.acl, m.target, rel.owner)]
-    spec = plan.schemas.get(m.target_schema)
-    if spec is not None:
-        for role in spec.usage:
-            steps.append(
-                Step(
-                    sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-                        sql.Identifier(m.target_schema), sql.Identifier(role)
-                    )
-                )
-            )
-        for g in spec.grants:
-            steps.append(
-                Step(
-                    sql.SQL("GRANT {} ON TABLE {} TO {}").format(
-                        sql.SQL(", ").join(sql.SQL(p) for p in g.privileges),
-                        m.target,
-                        sql.Identifier(g.role),
-                    )
-                )
-            )
+    steps += _plan_grants(m, plan)
     if rel.rls_enabled:
         steps.append(Step(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(m.target)))
     if rel.rls_forced:
