@@ -2,7 +2,8 @@
 
 The trigger on the live table appends only (key, operation) to a log table, the cheapest
 capture measured (docs/design.md, § Capture). Replay re-reads each logged key's current row
-from the live table and makes the copy match: rows gone from the live table are deleted, the others upserted.
+from the live table and makes the copy match: rows gone from the live table are deleted, the
+others upserted.
 Because replay always copies the *current* row, the order of log entries does not matter and
 replaying a key twice is harmless.
 
