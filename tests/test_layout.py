@@ -1,5 +1,6 @@
 """The package layout: no import cycles, no oversized class or function, control tables written
-only under orchestrator/state/, and docs that name every module and every command.
+only under orchestrator/state/, and docs that name every module and every command and draw the
+control store's status transitions.
 
 These tests read the source (tools/layout_check.py) and need no database. conftest.py starts a
 test server in pytest_configure whatever the tests, so run them alone without it:
@@ -84,6 +85,61 @@ def test_every_module_is_named_in_the_architecture_doc() -> None:
         if m.path.name != "__main__.py" and not m.reexport_only and not is_named(text, m)
     ]
     assert not missing, "modules not named in docs/architecture.md:" + listing(missing)
+
+
+TRANSITIONS_BEGIN = "<!-- transitions:begin -->"
+TRANSITIONS_END = "<!-- transitions:end -->"
+# One edge of the stage state diagram: `    from --> to: change`.
+EDGE = re.compile(r"^    (\w+) --> (\w+): (\w+)$")
+
+
+def drawn_transitions(text: str) -> set[tuple[str, str, str]]:
+    """The (from, to, change) edges drawn between the transition markers."""
+    begin = text.find(TRANSITIONS_BEGIN)
+    end = text.find(TRANSITIONS_END, begin + 1)
+    assert begin >= 0 and end > begin, (
+        f"docs/architecture.md needs a {TRANSITIONS_BEGIN} ... {TRANSITIONS_END} block"
+    )
+    edges: set[tuple[str, str, str]] = set()
+    strays: list[str] = []
+    for line in text[begin + len(TRANSITIONS_BEGIN) : end].splitlines():
+        if "-->" not in line:
+            continue
+        match = EDGE.match(line)
+        if match is None:
+            strays.append(line)
+        else:
+            edges.add((match[1], match[2], match[3]))
+    assert not strays, "arrows not in the form `    from --> to: change`:" + listing(strays)
+    return edges
+
+
+def store_transitions() -> set[tuple[str, str, str]]:
+    """TRANSITIONS expanded: for change, (sources, target), each source -> target."""
+    try:
+        from orchestrator.state.store import TRANSITIONS
+    except Exception as exc:  # a tree half-way through a move
+        pytest.fail(f"cannot import orchestrator.state.store: {exc!r}", pytrace=False)
+    return {
+        (str(source.value), str(target.value), change)
+        for change, (sources, target) in TRANSITIONS.items()
+        for source in sources
+    }
+
+
+def test_the_state_diagram_draws_the_store_transitions() -> None:
+    drawn = drawn_transitions(ARCHITECTURE.read_text(encoding="utf-8"))
+    allowed = store_transitions()
+    assert allowed, "orchestrator.state.store.TRANSITIONS is empty"
+
+    def edges(found: set[tuple[str, str, str]]) -> list[str]:
+        return [f"{a} --> {b}: {change}" for a, b, change in sorted(found)]
+
+    assert drawn == allowed, (
+        "docs/architecture.md's state diagram differs from TRANSITIONS in state/store.py"
+        + ("\n missing:" + listing(edges(allowed - drawn)) if allowed - drawn else "")
+        + ("\n not allowed:" + listing(edges(drawn - allowed)) if drawn - allowed else "")
+    )
 
 
 def commands(group: Any, prefix: tuple[str, ...] = ()) -> Iterator[str]:

@@ -33,7 +33,7 @@ class Status(StrEnum):
 STATUSES = tuple(s.value for s in Status)
 
 # change -> (the statuses it may leave, the status it sets). The state diagram in
-# docs/architecture.md draws exactly this table (tests/test_store.py compares them).
+# docs/architecture.md draws exactly this table (tests/test_layout.py compares them).
 TRANSITIONS: dict[str, tuple[frozenset[Status], Status]] = {
     "start": (
         frozenset({Status.pending, Status.failed, Status.rolled_back, Status.running}),
