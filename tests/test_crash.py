@@ -35,11 +35,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from orchestrator.model.catalog import snapshot
+from orchestrator.stages.registry import APPLY_UNTIL, COPY_STRATEGY
 
 Conn = psycopg.Connection[Any]
 PLAN = str(COGITO_PLAN)
 SCHEMAS = ["public", "conversation", "_orchestrator", "_orchestrator_retired"]
-STAGES = ("prepare", "dual_write", "copy", "verify", "cutover")
+STAGES = APPLY_UNTIL
 REFUSED = "is being worked on by another orchestrator"
 MOVE = ("apply", PLAN, "--table", "turns", "--until", "cutover", "--yes")
 
@@ -105,7 +106,7 @@ def stage(conn: Conn, table: str, name: str) -> dict[str, Any]:
 
 
 def statuses(conn: Conn) -> dict[str, str]:
-    return {s: stage(conn, "turns", s)["status"] for s in (*STAGES, "finalize")}
+    return {s: stage(conn, "turns", s)["status"] for s in COPY_STRATEGY.names}
 
 
 def events(conn: Conn, action: str, outcome: str) -> list[dict[str, Any]]:

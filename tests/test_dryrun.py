@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.db import connect
 from orchestrator.model.catalog import snapshot
+from orchestrator.stages.registry import COPY_STRATEGY
 
 SCHEMAS = ["public", "client_mgmt", "conversation", "_orchestrator", "_orchestrator_retired"]
 
@@ -36,7 +37,7 @@ def test_a_dry_run_changes_nothing_and_shows_every_stage(cogito_dsn: str) -> Non
     turns = next(t for t in data["tables"] if t["table"] == "turns")
     assert turns["strategy"] == "copy"
     stages = [s["stage"] for s in turns["stages"]]
-    assert stages == ["prepare", "dual_write", "copy", "verify", "cutover", "finalize"]
+    assert stages == list(COPY_STRATEGY.names)
     prepare = next(s for s in turns["stages"] if s["stage"] == "prepare")
     assert any('CREATE TABLE "conversation"."turns"' in st["sql"] for st in prepare["forward"])
     assert any("DROP TABLE" in st["sql"] for st in prepare["rollback"])

@@ -30,12 +30,13 @@ from orchestrator.model.catalog import snapshot
 from orchestrator.plan import load_plan
 from orchestrator.run.events import Event, Rows
 from orchestrator.run.session import session
+from orchestrator.stages.registry import APPLY_UNTIL
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
 SCHEMAS = ["public", "client_mgmt", "conversation"]
-COPY_STAGES = ["prepare", "dual_write", "copy", "verify", "cutover"]
+COPY_STAGES = list(APPLY_UNTIL)  # every stage a rollback can undo, in order
 
 
 # --- the operator, the application and the catalog ---------------------------------------------
