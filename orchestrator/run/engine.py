@@ -25,7 +25,7 @@ from orchestrator.run import follow, rollback
 from orchestrator.run.events import Progress, StageChanged
 from orchestrator.run.runner import Runner, StepFailed
 from orchestrator.stages import registry
-from orchestrator.stages.base import Action, Kind, Phase, Stage, Step, regclass
+from orchestrator.stages.base import Action, Kind, LoopStage, Phase, Stage, Step, regclass
 from orchestrator.state.store import Status, Store
 
 
@@ -146,7 +146,7 @@ class Engine:
 
     def advance(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage forward for one table (or a unit, for a per-unit stage)."""
-        if stage.kind == Kind.loop:
+        if isinstance(stage, LoopStage):
             for m in moves:
                 self.start([m.label], stage.name)
                 stage.run(ctx, m)

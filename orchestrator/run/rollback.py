@@ -10,19 +10,43 @@ view still reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from psycopg import sql
 
+from orchestrator.db import Conn
 from orchestrator.errors import StageError
 from orchestrator.model.context import Ctx, policy_for
+from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
+from orchestrator.plan import LoadedPlan, Plan
+from orchestrator.run.runner import Runner
 from orchestrator.stages import registry
-from orchestrator.stages.base import Action, Kind, Phase, Step
+from orchestrator.stages.base import Action, Kind, Phase, Stage, Step
 from orchestrator.state.store import Status, Store
 
-if TYPE_CHECKING:
-    from orchestrator.run.engine import Engine
+
+class Engine(Protocol):
+    """What the rollback policy needs of the engine (run/engine.py), which calls it."""
+
+    @property
+    def conn(self) -> Conn: ...
+    @property
+    def loaded(self) -> LoadedPlan: ...
+    @property
+    def lock_timeout_ms(self) -> int | None: ...
+    @property
+    def plan(self) -> Plan: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def runner(self) -> Runner: ...
+    def context(self) -> Ctx: ...
+    def units(self, ctx: Ctx, tables: list[str] | None) -> list[Unit]: ...
+    def status(self, table: str, stage: str) -> str: ...
+    def done(self, table: str, stage: str) -> bool: ...
+    def undo(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None: ...
+    def finish_after(self, stage: Stage, moves: list[TableMove], *, reverse: bool) -> None: ...
 
 _EMPTY_SCHEMA = (
     "SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "

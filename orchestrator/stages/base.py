@@ -8,6 +8,7 @@ tests read stage lists from the registry, never from names written elsewhere.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -93,9 +94,16 @@ class Stage:
         (e.g. validating foreign keys added NOT VALID, outside the lock)."""
         return []
 
+
+
+class LoopStage(Stage, ABC):
+    """A stage that works in batches, each committed with its checkpoint (copy, verify)."""
+
+    kind = Kind.loop
+
+    @abstractmethod
     def run(self, ctx: Ctx, m: TableMove) -> None:
-        """A loop stage's work (batches with checkpoints); DDL stages have none."""
-        raise NotImplementedError(f"{self.name} is a {self.kind} stage")
+        """Do the work from the recorded checkpoint; mark the stage done at the end."""
 
 
 def regclass(*parts: str) -> str:

@@ -31,7 +31,7 @@ from orchestrator.model.move import TableMove
 from orchestrator.run.events import Paused, Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
-from orchestrator.stages.base import Action, Kind, Stage, Step
+from orchestrator.stages.base import Action, LoopStage, Step
 from orchestrator.stages.prepare import key_index
 
 
@@ -357,12 +357,11 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
         )
 
 
-class Copy(Stage):
+class Copy(LoopStage):
     """Batches from source to target, each with its checkpoint; then drain and index."""
 
     name = "copy"
     short = "copy"
-    kind = Kind.loop
     note = (
         "batches repeat from the checkpoint until the upper bound; the index builds run "
         "with the final drain in one transaction"

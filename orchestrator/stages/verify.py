@@ -21,7 +21,7 @@ from orchestrator.model.move import TableMove
 from orchestrator.run.events import Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents
-from orchestrator.stages.base import Kind, Stage, Step
+from orchestrator.stages.base import LoopStage, Step
 
 CHUNK = 50_000
 RECHECKS = 3
@@ -235,12 +235,11 @@ def _describe(m: TableMove, mismatch: Mismatch) -> str:
     )
 
 
-class Verify(Stage):
+class Verify(LoopStage):
     """Read-only proof that the target equals the source, chunk by chunk."""
 
     name = "verify"
     short = "verify"
-    kind = Kind.loop
     note = "read-only: nothing to undo; chunks repeat over the key range"
 
     def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
