@@ -23,6 +23,7 @@ from orchestrator.sql.acl import grant_statements, revoke_defaults
 from orchestrator.sql.compose import idents, rewrite_definition
 from orchestrator.stages import verify
 from orchestrator.stages.base import Action, Phase, Stage, Step, regclass
+from orchestrator.state.store import Store
 
 _ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 _MATCH = {"f": " MATCH FULL", "p": " MATCH PARTIAL", "s": ""}
@@ -337,13 +338,35 @@ def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     return steps
 
 
-def validate_steps(moves: list[TableMove], cat: Catalog, reverse: bool = False) -> list[Step]:
-    """VALIDATE the NOT VALID keys the swap added (SHARE UPDATE EXCLUSIVE: writes go on)."""
+NOT_VALID_KEY = "not_valid_fks"
+
+
+def not_valid_fks(moves: list[TableMove], cat: Catalog) -> dict[str, list[str]]:
+    """Per moved table, the foreign keys into or out of it that are NOT VALID before the swap:
+    the user's own (a rollback validates every key we added before anything else runs), which
+    the swap re-adds NOT VALID and nobody validates, in either direction."""
+    out: dict[str, list[str]] = {}
+    for m in moves:
+        key = (m.source_schema, m.source_name)
+        out[m.label] = sorted({fk.name for fk in cat.fks_to(*key) + cat.fks_from(*key)
+                               if not fk.validated})
+    return out
+
+
+def validate_steps(
+    moves: list[TableMove], cat: Catalog, reverse: bool = False,
+    keep: dict[str, list[str]] | None = None,
+) -> list[Step]:
+    """VALIDATE the NOT VALID keys the swap added (SHARE UPDATE EXCLUSIVE: writes go on); the
+    keys in `keep` were NOT VALID before the move and stay so."""
     steps: list[Step] = []
     seen: set[tuple[str, str, str]] = set()
     for m in moves:
         key = (m.source_schema, m.source_name) if reverse else (m.target_schema, m.target_name)
+        kept = set((keep or {}).get(m.label, ()))
         for fk in cat.fks_to(*key) + cat.fks_from(*key):
+            if fk.name in kept:
+                continue
             if not fk.validated and (fk.schema, fk.table, fk.name) not in seen:
                 seen.add((fk.schema, fk.table, fk.name))
                 steps.append(
@@ -475,8 +498,16 @@ class Cutover(Stage):
     )
 
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        kept = not_valid_fks(moves, ctx.catalog)
+
+        def record(store: Store) -> None:
+            # With the swap: which keys stay NOT VALID after it, and after its rollback.
+            for label, names in kept.items():
+                store.save(label, NOT_VALID_KEY, names)
+
         return Action(
-            self.name, forward_steps(moves, ctx.catalog), lock_relations(moves, ctx.catalog)
+            self.name, forward_steps(moves, ctx.catalog), lock_relations(moves, ctx.catalog),
+            record,
         )
 
     def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
@@ -506,7 +537,8 @@ class Cutover(Stage):
                 verify.drain(ctx, m, until=1000)
 
     def after(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> list[Step]:
-        return validate_steps(moves, ctx.catalog, reverse)
+        keep = {m.label: list(ctx.store.load(m.label, NOT_VALID_KEY) or []) for m in moves}
+        return validate_steps(moves, ctx.catalog, reverse, keep)
 
 
 CUTOVER = Cutover()
