@@ -263,11 +263,18 @@ def test_the_rename_strategy_cannot_change_columns(cogito_dsn: str) -> None:
     assert p.message == "the rename strategy cannot change columns"
 
 
-def test_a_materialized_view_blocks_the_copy_strategy(cogito_dsn: str, cogito_conn: Conn) -> None:
+def test_a_materialized_view_is_rebuilt_unless_its_shape_forbids(
+    cogito_dsn: str, cogito_conn: Conn
+) -> None:
+    """A plain materialized view over a copy-moved table is accepted (cutover rebuilds it);
+    one that views read is refused by name with the reason; rename moves it anyway."""
     cogito_conn.execute("CREATE MATERIALIZED VIEW prompt_counts AS SELECT count(*) FROM prompts")
-    report = inspect_without_writing(cogito_dsn, plan_of([{"name": "prompts", "schema": "x"}]))
-    p = problems(report)["public.prompt_counts"]
+    copy = plan_of([{"name": "prompts", "schema": "x"}])
+    assert inspect_without_writing(cogito_dsn, copy).ok
+    cogito_conn.execute("CREATE VIEW prompt_report AS SELECT * FROM prompt_counts")
+    p = problems(inspect_without_writing(cogito_dsn, copy))["public.prompt_counts"]
     assert "materialized view reads public.prompts" in p.message
+    assert "views read it" in p.message
     renamed = plan_of([{"name": "prompts", "schema": "x", "options": {"strategy": "rename"}}])
     assert inspect_without_writing(cogito_dsn, renamed).ok
 

@@ -165,11 +165,12 @@ def finalize(
 def rollback(
     plan: PlanArg,
     table: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--table", "-t", help="The table to roll back (its whole unit when it is in a cycle)."
+            "--table", "-t", help="The table to roll back (its whole unit when it is in a "
+            "cycle); without it, every table of the plan, the last wave first."
         ),
-    ],
+    ] = None,
     to: Annotated[
         str | None,
         typer.Option(
@@ -180,14 +181,16 @@ def rollback(
     lock_timeout: LockOpt = None,
     fmt: FmtOpt = Fmt.text,
 ) -> None:
-    """Reverse a table's stages, latest first, keeping every row written meanwhile."""
+    """Reverse a table's stages (or the whole plan's), latest first, keeping every row written
+    meanwhile."""
     with guard(fmt):
         if to is not None and to not in ROLLBACK_TO:
             raise OrchestratorError(
                 f"--to {to}: not a stage you can roll back to",
                 hint=f"use one of {', '.join(ROLLBACK_TO)}",
             )
-        confirm(f"roll back {table}" + (f" to {to}" if to else " entirely") + "?", yes)
+        what = table or "every table of the plan"
+        confirm(f"roll back {what}" + (f" to {to}" if to else " entirely") + "?", yes)
         with engine(plan, lock_timeout, fmt) as eng:
             undone = eng.rollback(table, to)
     if fmt == Fmt.json:

@@ -32,6 +32,9 @@ class Column:
     collation: str | None
     comment: str | None
     acl: tuple[str, ...]
+    stats_target: int | None = None  # SET STATISTICS, when not the default
+    storage: str | None = None  # SET STORAGE p|e|m|x, when not the type's
+    compression: str | None = None  # SET COMPRESSION p (pglz) | l (lz4), when set
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Index:
     columns: tuple[str, ...]  # key columns only (not INCLUDE); expressions are left out
     expressions: bool = False  # some key is an expression, so `columns` is not the whole key
     partial: bool = False  # WHERE clause: unique over some rows only
+    clustered: bool = False  # CLUSTER ON this index
+    replident: bool = False  # REPLICA IDENTITY USING INDEX this index
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,11 @@ class Relation:
     total_bytes: int
     replica_identity: str
     view_definition: str | None
+    populated: bool = True  # a materialized view WITH DATA
+    # CREATE STATISTICS definitions as pg_get_statisticsobjdef prints them.
+    statistics: tuple[str, ...] = ()
+    # Publications that list this table, or its schema.
+    publications: tuple[str, ...] = ()
     columns: tuple[Column, ...] = ()
     constraints: tuple[Constraint, ...] = ()
     indexes: tuple[Index, ...] = ()
@@ -260,8 +270,16 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::
        greatest(c.reltuples, 0)::bigint AS row_estimate,
        CASE WHEN c.relkind IN ('r','p','m','S') THEN pg_total_relation_size(c.oid) ELSE 0 END
          AS total_bytes,
-       c.relreplident::text AS replica_identity,
-       CASE WHEN c.relkind IN ('v','m') THEN pg_get_viewdef(c.oid) END AS view_definition
+       c.relreplident::text AS replica_identity, c.relispopulated AS populated,
+       CASE WHEN c.relkind IN ('v','m') THEN pg_get_viewdef(c.oid) END AS view_definition,
+       ARRAY(SELECT pg_get_statisticsobjdef(st.oid) FROM pg_statistic_ext st
+             WHERE st.stxrelid = c.oid ORDER BY st.stxname) AS statistics,
+       ARRAY(SELECT p.pubname FROM pg_publication p
+             WHERE EXISTS (SELECT 1 FROM pg_publication_rel pr
+                           WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
+                OR EXISTS (SELECT 1 FROM pg_publication_namespace pn
+                           WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace)
+             ORDER BY p.pubname) AS publications
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_description ds ON ds.objoid = c.oid
   AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0
@@ -276,7 +294,10 @@ SELECT a.attrelid::bigint AS oid, a.attname AS name, a.attnum AS attnum,
        a.attidentity::text AS identity, a.attgenerated::text AS generated,
        CASE WHEN a.attcollation <> t.typcollation THEN co.collname END AS collation,
        ds.description AS comment,
-       coalesce(a.attacl::text[], '{}') AS acl
+       coalesce(a.attacl::text[], '{}') AS acl,
+       nullif(a.attstattarget::int, -1) AS stats_target,
+       CASE WHEN a.attstorage <> t.typstorage THEN a.attstorage::text END AS storage,
+       nullif(a.attcompression::text, '') AS compression
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace
@@ -339,7 +360,8 @@ SELECT i.indrelid::bigint AS oid, ic.relname AS name, pg_get_indexdef(i.indexrel
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                  WHERE k.ord <= i.indnkeyatts),
                 '{}') AS columns,
-       i.indexprs IS NOT NULL AS expressions, i.indpred IS NOT NULL AS partial
+       i.indexprs IS NOT NULL AS expressions, i.indpred IS NOT NULL AS partial,
+       i.indisclustered AS clustered, i.indisreplident AS replident
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -450,6 +472,9 @@ def _column(r: _Row) -> Column:
         collation=r["collation"],
         comment=r["comment"],
         acl=tuple(r["acl"]),
+        stats_target=r["stats_target"],
+        storage=r["storage"],
+        compression=r["compression"],
     )
 
 
@@ -506,6 +531,8 @@ def _index(r: _Row) -> Index:
         columns=tuple(r["columns"]),
         expressions=r["expressions"],
         partial=r["partial"],
+        clustered=r["clustered"],
+        replident=r["replident"],
     )
 
 
@@ -552,6 +579,9 @@ def _relation(r: _Row, parts: dict[str, list[Any]]) -> Relation:
         total_bytes=r["total_bytes"],
         replica_identity=r["replica_identity"],
         view_definition=r["view_definition"],
+        populated=r["populated"],
+        statistics=tuple(r["statistics"]),
+        publications=tuple(r["publications"]),
         columns=tuple(parts.get("columns", ())),
         constraints=tuple(parts.get("constraints", ())),
         indexes=tuple(parts.get("indexes", ())),
@@ -677,6 +707,8 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
             "rls": (rel.rls_enabled, rel.rls_forced),
             "view": rel.view_definition,
             "replica_identity": rel.replica_identity,
+            "statistics": rel.statistics,
+            "publications": rel.publications,
             "columns": [
                 (
                     c.name,
@@ -689,6 +721,9 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
                     c.collation,
                     c.comment,
                     sorted(c.acl),
+                    c.stats_target,
+                    c.storage,
+                    c.compression,
                 )
                 for c in rel.columns
             ],
@@ -696,7 +731,9 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
                 (c.name, c.kind, c.definition, c.validated, c.deferrable, c.deferred, c.comment)
                 for c in rel.constraints
             ),
-            "indexes": sorted((i.name, i.definition, i.valid) for i in rel.indexes),
+            "indexes": sorted(
+                (i.name, i.definition, i.valid, i.clustered, i.replident) for i in rel.indexes
+            ),
             "triggers": sorted((t.name, t.definition, t.enabled) for t in rel.triggers),
             "policies": sorted(
                 (p.name, p.command, p.permissive, p.roles, p.using, p.check) for p in rel.policies

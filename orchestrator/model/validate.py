@@ -204,6 +204,7 @@ def _check_strategy(
             "supported by the rename strategy for now)",
             "remove `compat_view: false`, or use `options: {strategy: rename}`"))
     if opts.strategy == Strategy.copy:
+        _check_copy_carries(report, spec, src, name)
         for c in src.constraints:
             if c.kind == "x":
                 problems.append(
@@ -213,6 +214,25 @@ def _check_strategy(
                         "use `options: {strategy: rename}` for this table",
                     )
                 )
+
+
+def _check_copy_carries(report: Report, spec: TableSpec, src: Relation, name: str) -> None:
+    """What the copy strategy cannot carry to a new table is refused by name, never dropped."""
+    for pub in src.publications:
+        report.problems.append(Problem(
+            f"{name} (publication {pub})",
+            "is published: the copy strategy would leave the publication on the retired table",
+            f"drop it from the publication (ALTER PUBLICATION {pub} DROP TABLE ...), move it, "
+            "and add the new table after cutover; or use `options: {strategy: rename}`",
+        ))
+    if spec.columns and src.statistics:
+        report.problems.append(Problem(
+            name,
+            "has extended statistics (CREATE STATISTICS), which the copy strategy carries only "
+            "when no column is mapped",
+            "drop the statistics object before the move and create it on the new table after "
+            "cutover, or move the table without column mappings",
+        ))
 
 
 def _check_depends_on(report: Report, spec: TableSpec, name: str) -> None:
@@ -229,18 +249,44 @@ def _check_depends_on(report: Report, spec: TableSpec, name: str) -> None:
 
 
 def _check_dependents(report: Report, spec: TableSpec, opts: Options, name: str) -> None:
-    """Materialized views and rules cannot be recreated over a copy's compatibility view."""
-    plan = report.plan
-    for d in report.catalog.dependents_of(plan.source_schema, spec.name):
-        if d.kind in ("m", "rule") and opts.strategy == Strategy.copy:
-            what = "materialized view" if d.kind == "m" else "rule"
-            report.problems.append(
-                Problem(
+    """Rules cannot be recreated over a copy's compatibility view; a materialized view is
+    rebuilt over the new table, when its shape allows (stages/matviews.py)."""
+    plan, cat = report.plan, report.catalog
+    if opts.strategy != Strategy.copy:
+        return
+    for d in cat.dependents_of(plan.source_schema, spec.name):
+        if d.kind == "rule":
+            report.problems.append(Problem(
+                f"{d.schema}.{d.name}",
+                f"this rule reads {name} and cannot be recreated over the compatibility view",
+                "drop it before the move and recreate it after, or use strategy: rename",
+            ))
+        elif d.kind == "m":
+            why = _matview_refusal(report, spec, d.schema, d.name)
+            if why:
+                report.problems.append(Problem(
                     f"{d.schema}.{d.name}",
-                    f"this {what} reads {name} and cannot be recreated over the compatibility view",
+                    f"this materialized view reads {name} and cannot be rebuilt over the new "
+                    f"table: {why}",
                     "drop it before the move and recreate it after, or use strategy: rename",
-                )
-            )
+                ))
+
+
+def _matview_refusal(report: Report, spec: TableSpec, schema: str, view: str) -> str | None:
+    """Why a materialized view over a copy-moved table cannot be rebuilt, or None."""
+    cat, plan = report.catalog, report.plan
+    if cat.table(schema, view) is None:
+        return f"it lives in schema {schema}, which the plan does not read"
+    if any(c.rename for c in spec.columns.values()):
+        return "the table's columns are renamed by the plan"
+    if cat.dependents_of(schema, view):
+        return "views read it"
+    read = {(d.on_schema, d.on_table) for d in cat.dependents
+            if (d.schema, d.name) == (schema, view)}
+    moved = {(plan.source_schema, t) for t in plan.table_names}
+    if len(read & moved) > 1:
+        return "it reads more than one table of the plan"
+    return None
 
 
 def _warn_table(

@@ -153,6 +153,7 @@ class Engine:
                 self.progress(StageChanged(m.label, stage.name, Status.done))
             return
         stage.before(ctx, moves, reverse=False)
+        self._prelude(ctx, stage, moves, reverse=False)
         self.start([m.label for m in moves], stage.name)
         self.transact(ctx, stage, stage.forward(ctx, moves), moves)
         self.finish_after(stage, moves, reverse=False)
@@ -161,8 +162,23 @@ class Engine:
         """Run a stage backwards: the whole unit at once for a per-unit stage."""
         for group in [moves] if stage.per_unit else [[m] for m in moves]:
             stage.before(ctx, group, reverse=True)
+            self._prelude(ctx, stage, group, reverse=True)
             self.transact(ctx, stage, stage.backward(ctx, group), group, back=True)
             self.finish_after(stage, group, reverse=True)
+
+    def _prelude(self, ctx: Ctx, stage: Stage, moves: list[TableMove], *, reverse: bool) -> None:
+        action = stage.prelude(ctx, moves, reverse=reverse)
+        if action is None:
+            return
+        try:
+            self.runner.run(action, tables=[m.label for m in moves], stage=stage.name,
+                            policy=ctx.policy(moves[0]))
+        except StepFailed as exc:
+            raise StageError(
+                f"{', '.join(m.label for m in moves)}: {action.name} failed, nothing was "
+                f"swapped: {str(exc.error).strip()}\n  statement: {exc.statement}",
+                hint="fix the cause, then rerun the same command",
+            ) from exc.error
 
     def finish_after(self, stage: Stage, moves: list[TableMove], *, reverse: bool) -> None:
         """The statements a stage leaves for after its lock (validating foreign keys), each in
@@ -198,7 +214,8 @@ class Engine:
                 for stage in registry.strategy_of(m).before_swap(until):
                     self._advance_table(ctx, stage, m)
             if swap:
-                self._swap_unit(ctx, unit)
+                # The stages above built the target: the swap reads it from a fresh catalog.
+                self._swap_unit(self.context(), unit)
                 ctx = self.context()
         if swap:
             self.create_views(self.context())
@@ -346,8 +363,11 @@ class Engine:
             dropped.append(f"{src}.{spec.name}")
         return dropped
 
-    def rollback(self, table: str, to: str | None = None) -> list[str]:
-        """Reverse a table's unit stage by stage, down to (not including) `to`."""
+    def rollback(self, table: str | None, to: str | None = None) -> list[str]:
+        """Reverse a table's unit (or, without a table, every unit of the plan, the last wave
+        first) stage by stage, down to (not including) `to`."""
+        if table is None:
+            return rollback.roll_back_plan(self, to)
         return rollback.roll_back_unit(self, table, to)
 
     def replay_once(self) -> int:

@@ -57,6 +57,21 @@ _EMPTY_SCHEMA = (
 )
 
 
+def roll_back_plan(eng: Engine, to: str | None) -> list[str]:
+    """Undo every unit of the plan, the last wave first (a unit's tables are referenced by
+    later waves' foreign keys, so those go back before it). Every unit is checked before any
+    is touched: a refusal changes nothing."""
+    ctx = eng.context()
+    units = list(reversed(eng.units(ctx, None)))
+    for unit in units:
+        _refuse_finalized(eng, unit.members)
+    _refuse_stranding(eng, ctx, [m for u in units for m in ctx.unit_moves(u)])
+    undone: list[str] = []
+    for unit in units:
+        undone += roll_back_unit(eng, unit.members[0], to)
+    return undone
+
+
 def roll_back_unit(eng: Engine, table: str, to: str | None) -> list[str]:
     """Undo the stages of `table`'s unit after `to` (all of them without `to`), latest first;
     the `table:stage` pairs undone."""
@@ -64,15 +79,7 @@ def roll_back_unit(eng: Engine, table: str, to: str | None) -> list[str]:
     unit = next(iter(eng.units(ctx, [table])), None)
     if unit is None:
         raise StageError(f"{table}: not part of plan {eng.plan.name}", hint="check --table")
-    # A finalized table has no source left to build a move from: check by name.
-    for name in unit.members:
-        final = registry.STRATEGIES[eng.plan.options_for(eng.plan.table(name)).strategy].final
-        if eng.done(name, final.name):
-            raise StageError(
-                f"{name}: finalized, so it cannot be rolled back",
-                hint="finalize dropped the retired table; move it back with a new plan if you "
-                "must",
-            )
+    _refuse_finalized(eng, unit.members)
     moves = ctx.unit_moves(unit)
     _refuse_stranding(eng, ctx, moves)
     undone: list[str] = []
@@ -82,6 +89,18 @@ def roll_back_unit(eng: Engine, table: str, to: str | None) -> list[str]:
         undone += _roll_back(eng, strategy, mine, to)
     drop_empty_schemas(eng)
     return undone
+
+
+def _refuse_finalized(eng: Engine, tables: tuple[str, ...]) -> None:
+    """A finalized table has no source left to build a move from: checked by name."""
+    for name in tables:
+        final = registry.STRATEGIES[eng.plan.options_for(eng.plan.table(name)).strategy].final
+        if eng.done(name, final.name):
+            raise StageError(
+                f"{name}: finalized, so it cannot be rolled back",
+                hint="finalize dropped the retired table; move it back with a new plan if you "
+                "must",
+            )
 
 
 def _refuse_unknown_stage(

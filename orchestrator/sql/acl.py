@@ -61,7 +61,8 @@ def parse_aclitem(item: str) -> Grant:
     return Grant(grantee, tuple(privs), tuple(grantable))
 
 
-def _to(grantee: str) -> sql.Composable:
+def to_grantee(grantee: str) -> sql.Composable:
+    """A role, or PUBLIC (the empty grantee of an aclitem)."""
     return sql.SQL("PUBLIC") if grantee == "" else sql.Identifier(grantee)
 
 
@@ -94,7 +95,7 @@ def grant_statements(
                     cols,
                     kind,
                     target,
-                    _to(g.grantee),
+                    to_grantee(g.grantee),
                     sql.SQL(suffix),
                 )
             )
@@ -108,7 +109,7 @@ def revoke_defaults(
     access list ends up exactly the source's (no privilege leak through ALTER DEFAULT
     PRIVILEGES)."""
     return [
-        sql.SQL("REVOKE ALL ON {} {} FROM {}").format(kind, target, _to(g))
+        sql.SQL("REVOKE ALL ON {} {} FROM {}").format(kind, target, to_grantee(g))
         for g in grantees
         if g != owner
     ]

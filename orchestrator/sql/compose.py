@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pglast import ast, parse_sql
-from pglast.parser import ParseError
+from pglast.parser import ParseError, scan
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from psycopg import sql
@@ -130,11 +130,18 @@ def rewrite_definition(
     *,
     new_name: str | None = None,
 ) -> sql.SQL:
-    """Rewrite a CREATE INDEX / CREATE TRIGGER definition for another table (and columns)."""
+    """Rewrite a CREATE INDEX / CREATE TRIGGER definition for another table (and columns).
+
+    Without column renames or a new name, only the table's name is replaced in the catalog's
+    own text, so the definition comes back exactly as PostgreSQL printed it (a deparse would
+    turn SQL-standard syntax such as NORMALIZE(x, NFKC) into its function-call form)."""
     stmts = parse_sql(definition)
     assert len(stmts) == 1
     stmt = stmts[0].stmt
     assert stmt is not None
+    relation = getattr(stmt, "relation", None)
+    if not columns and new_name is None and table is not None and relation is not None:
+        return sql.SQL(_replace_relation(definition, relation.location, (schema, table)))
     _Rewriter(schema, table, columns or {})(stmt)
     if columns:
         _rename_strings(stmt, columns)
@@ -144,6 +151,62 @@ def rewrite_definition(
         elif isinstance(stmt, ast.CreateTrigStmt):
             stmt.trigname = new_name
     return sql.SQL(RawStream()(stmt))
+
+
+def rewrite_statistics(definition: str, schema: str, table: str) -> sql.SQL:
+    """A CREATE STATISTICS definition for the same columns of another table: the statistics
+    object goes to `schema` under its name, and reads `table` (the catalog's text otherwise)."""
+    stmt = parse_sql(definition)[0].stmt
+    assert isinstance(stmt, ast.CreateStatsStmt) and stmt.defnames and stmt.relations
+    stat_name = str(stmt.defnames[-1].sval)
+    text = _replace_relation(definition, stmt.relations[0].location, (schema, table))
+    # The statistics' own name is the third token: CREATE STATISTICS <name>.
+    return sql.SQL(_replace_relation(text, scan(text)[2].start, (schema, stat_name)))
+
+
+def retarget_relation(
+    definition: str, old: tuple[str, str], new: tuple[str, str]
+) -> str:
+    """A view's query (printed with every name qualified) reading `new` wherever it read
+    `old`; the rest of the catalog's text unchanged."""
+    stmt = parse_sql(definition)[0].stmt
+    found: list[int] = []
+
+    class _Find(Visitor):
+        def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> None:
+            if (node.schemaname, node.relname) == old and node.location is not None:
+                found.append(node.location)
+
+    assert stmt is not None
+    _Find()(stmt)
+    for location in sorted(found, reverse=True):
+        definition = _replace_relation(definition, location, new)
+    return definition
+
+
+def rename_index(definition: str, schema: str, table: str, name: str) -> sql.SQL:
+    """A pg_get_indexdef text for another table and under another name, otherwise exact."""
+    stmt = parse_sql(definition)[0].stmt
+    assert isinstance(stmt, ast.IndexStmt) and stmt.relation is not None
+    assert stmt.relation.location is not None
+    text = _replace_relation(definition, stmt.relation.location, (schema, table))
+    tokens = scan(text)
+    at = next(i for i, t in enumerate(tokens) if t.name == "INDEX") + 1
+    return sql.SQL(_replace_relation(text, tokens[at].start, (name,)))
+
+
+def _replace_relation(text: str, location: int, name: tuple[str | None, ...]) -> str:
+    """Replace the (possibly qualified) relation name starting at `location` of `text` by
+    `name`, quoted; everything else stays character for character."""
+    tokens = scan(text)
+    i = next(n for n, t in enumerate(tokens) if t.start == location)
+    end = tokens[i].end
+    # name ( '.' name )*: pglast gives character offsets, both ends inclusive.
+    while i + 2 < len(tokens) and tokens[i + 1].name == "ASCII_46":
+        i += 2
+        end = tokens[i].end
+    new = _quoted(tuple(p for p in name if p is not None))
+    return text[:location] + new + text[end + 1 :]
 
 
 def rename_in_expression(text: str, columns: Mapping[str, str]) -> sql.SQL:

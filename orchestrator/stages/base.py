@@ -86,6 +86,10 @@ class Stage:
     def before(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
         """Work outside the lock, just before the locked transaction (drains, re-checks)."""
 
+    def prelude(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> Action | None:
+        """A transaction of its own before the stage's: building beside, outside its lock."""
+        return None
+
     def between_tries(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
         """Work between two tries of the locked transaction, while backing off."""
 

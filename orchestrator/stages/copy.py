@@ -164,6 +164,25 @@ def index_steps(m: TableMove, rel: Relation) -> list[Step]:
             steps.append(Step(
                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}").format(
                     m.target, sql.Identifier(con.name), sql.Identifier(i.name), defer)))
+    return steps + _index_roles(m, rel)
+
+
+_IDENTITY = {"f": "FULL", "n": "NOTHING"}
+
+
+def _index_roles(m: TableMove, rel: Relation) -> list[Step]:
+    """REPLICA IDENTITY and CLUSTER ON as the source has them, once every index exists."""
+    steps: list[Step] = []
+    if rel.replica_identity in _IDENTITY:
+        steps.append(Step(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(
+            m.target, sql.SQL(_IDENTITY[rel.replica_identity]))))
+    for i in rel.indexes:
+        if i.replident:
+            steps.append(Step(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+                m.target, sql.Identifier(i.name))))
+        if i.clustered:
+            steps.append(Step(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
+                m.target, sql.Identifier(i.name))))
     return steps
 
 

@@ -18,11 +18,13 @@ from orchestrator.errors import StageError
 from orchestrator.model.catalog import Catalog, ForeignKey, Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
+from orchestrator.plan import Plan
 from orchestrator.sql import capture
 from orchestrator.sql.acl import grant_statements, revoke_defaults
 from orchestrator.sql.compose import idents, rewrite_definition
-from orchestrator.stages import verify
+from orchestrator.stages import matviews, verify
 from orchestrator.stages.base import Action, Phase, Stage, Step, regclass
+from orchestrator.stages.prepare import resync_access_steps
 from orchestrator.state.store import Store
 
 _ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
@@ -102,6 +104,8 @@ def _view_sql(m: TableMove, rel: Relation, defaults: tuple[str, ...] = ()) -> li
 def _dependent_views(cat: Catalog, schema: str, name: str) -> list[Step]:
     steps = []
     for d in cat.dependents_of(schema, name):
+        if d.kind == "m":
+            continue  # rebuilt beside and swapped by name (stages/matviews.py)
         if d.kind != "v":
             raise StageError(
                 f"{d.schema}.{d.name} ({d.kind}) reads {schema}.{name} and cannot be recreated",
@@ -189,8 +193,10 @@ def lock_targets(
         for x in moves
     }
     for m in moves:
-        for d in cat.dependents_of(m.source_schema, m.source_name):
-            views.append((d.schema, d.name))
+        # Materialized views cannot be named in LOCK: the ALTERs that swap them take their
+        # ACCESS EXCLUSIVE under the same lock_timeout (nothing reads a table through them).
+        views += [(d.schema, d.name) for d in cat.dependents_of(m.source_schema, m.source_name)
+                  if d.kind != "m"]
         if reverse:
             views.append((m.source_schema, m.source_name))  # the compatibility view
         key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
@@ -279,7 +285,7 @@ def _own_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list[Ste
     return now, after
 
 
-def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
+def forward_steps(moves: list[TableMove], cat: Catalog, plan: Plan | None = None) -> list[Step]:
     u = _Unit(moves, cat)
     steps: list[Step] = [_lock_step(moves, cat, reverse=False)]
     for m in moves:
@@ -329,7 +335,12 @@ def forward_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
         steps += _view_sql(m, rel, cat.defaults_for(m.source_schema))
     for m in moves:
         steps += _dependent_views(cat, m.source_schema, m.source_name)
+        steps += matviews.swap_steps(cat, m)
     steps += later
+    for m in moves:
+        rel = cat.table(m.source_schema, m.source_name)
+        if plan is not None and rel is not None:
+            steps += resync_access_steps(m, rel, cat.table(m.target_schema, m.target_name), plan)
     for m in moves:
         steps += [
             Step(s, "reverse capture on the new table")
@@ -499,26 +510,44 @@ class Cutover(Stage):
 
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
         kept = not_valid_fks(moves, ctx.catalog)
+        views = {m.label: matviews.swapped(ctx.catalog, m) for m in moves}
 
         def record(store: Store) -> None:
-            # With the swap: which keys stay NOT VALID after it, and after its rollback.
+            # With the swap: which keys stay NOT VALID after it, and after its rollback; which
+            # materialized views its rollback swaps back.
             for label, names in kept.items():
                 store.save(label, NOT_VALID_KEY, names)
+            for label, swapped in views.items():
+                store.save(label, matviews.SAVED_KEY, swapped)
 
         return Action(
-            self.name, forward_steps(moves, ctx.catalog), lock_relations(moves, ctx.catalog),
+            self.name,
+            forward_steps(moves, ctx.catalog, ctx.plan),
+            lock_relations(moves, ctx.catalog),
             record,
         )
 
     def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        back = [
+            step for m in moves
+            for step in matviews.swap_back_steps(m, ctx.store.load(m.label, matviews.SAVED_KEY)
+                                                 or [])
+        ]
         return Action(
             "rollback_cutover",
-            rollback_steps(moves, ctx.catalog),
+            rollback_steps(moves, ctx.catalog) + back,
             lock_relations(moves, ctx.catalog, reverse=True),
         )
 
     def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
-        return forward_steps(moves, ctx.catalog), []
+        rebuild = [s for m in moves for s in matviews.rebuild_steps(ctx.catalog, m)]
+        return rebuild + forward_steps(moves, ctx.catalog, ctx.plan), []
+
+    def prelude(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> Action | None:
+        rebuild = [] if reverse else [
+            s for m in moves for s in matviews.rebuild_steps(ctx.catalog, m)
+        ]
+        return Action("rebuild_matviews", rebuild) if rebuild else None
 
     def before(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
         if reverse:

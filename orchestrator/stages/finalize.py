@@ -7,6 +7,7 @@ from psycopg import sql
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.sql import capture
+from orchestrator.stages import matviews
 from orchestrator.stages.base import Action, Phase, Stage, Step, regclass
 
 
@@ -34,13 +35,29 @@ class Finalize(Stage):
         m = moves[0]
         return Action(
             self.name,
-            forward_steps(m),
+            self._steps(ctx, m),
             [regclass(m.retired_schema, m.source_name), regclass(m.target_schema, m.target_name)],
         )
 
 
+    def _steps(self, ctx: Ctx, m: TableMove) -> list[Step]:
+        return forward_steps(m)
+
+
 class FinalizeCopy(Finalize):
     note = "CANNOT BE UNDONE: drops the retired table and its reverse capture"
+
+    def _steps(self, ctx: Ctx, m: TableMove) -> list[Step]:
+        # The old materialized views the swap put in the retired schema go first.
+        saved = ctx.store.load(m.label, matviews.SAVED_KEY) or []
+        return matviews.drop_retired_steps(m, saved) + forward_steps(m)
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        # Before the swap nothing is saved yet: the materialized views it will swap are the
+        # ones reading the source now.
+        m = moves[0]
+        return matviews.drop_retired_steps(m, matviews.swapped(ctx.catalog, m)) + \
+            forward_steps(m), []
 
 
 class FinalizeRename(Finalize):
