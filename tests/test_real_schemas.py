@@ -152,8 +152,9 @@ def structure(dsn: str, schema: str) -> dict[str, list[str]]:
             return sorted(str(r[0]).replace(f"{schema}.accounts", "S.accounts") for r in rows)
 
         return {
-            "table": texts("SELECT concat_ws(' ', relpersistence, relreplident, reloptions::text) "
-                           "FROM pg_class WHERE oid = %s::regclass"),
+            "table": texts("SELECT concat_ws(' ', relpersistence, relreplident, reloptions::text, "
+                           "(SELECT t.reloptions::text FROM pg_class t WHERE t.oid = "
+                           "c.reltoastrelid)) FROM pg_class c WHERE c.oid = %s::regclass"),
             "columns": texts("SELECT concat_ws(' ', attname, attidentity, attstattarget, "
                              "attstorage, attcompression) FROM pg_attribute WHERE attrelid = "
                              "%s::regclass AND attnum > 0"),
@@ -188,7 +189,8 @@ def test_the_table_comes_back_as_the_catalog_printed_it_and_a_rollback_restores_
             "nickname text, region int, bio text COMPRESSION pglz, "
             "CONSTRAINT normalized CHECK (nickname IS NFKC NORMALIZED), "
             "CONSTRAINT trimmed CHECK (trim(both ' ' from nickname) <> '')) "
-            "WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01)"
+            "WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01, "
+            "toast.autovacuum_enabled = false)"
         )
         conn.execute("ALTER TABLE accounts ALTER COLUMN region SET STATISTICS 500")
         conn.execute("ALTER TABLE accounts ALTER COLUMN bio SET STORAGE EXTERNAL")
@@ -208,6 +210,7 @@ def test_the_table_comes_back_as_the_catalog_printed_it_and_a_rollback_restores_
     plan.write_text(MOVE_ACCOUNTS, encoding="utf-8")
     before = structure(empty_dsn, "public")
     assert any("NORMALIZE(nickname, NFKC)" in i for i in before["indexes"])
+    assert "autovacuum_enabled=false" in before["table"][0]  # the toast table's option
     snapshot_before = catalog(empty_dsn)
 
     applied = run(empty_dsn, "apply", str(plan), "--until", "cutover", "--yes")

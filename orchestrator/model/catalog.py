@@ -257,7 +257,9 @@ class Catalog:
 _RELATIONS = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
        pg_get_userbyid(c.relowner) AS owner, c.relpersistence::text AS persistence,
-       coalesce(c.reloptions, '{}')::text[] AS options,
+       coalesce(c.reloptions, '{}')::text[] || coalesce(ARRAY(
+         SELECT 'toast.' || o FROM pg_class tc, unnest(tc.reloptions) o
+         WHERE tc.oid = c.reltoastrelid), '{}') AS options,
        coalesce(c.relacl, acldefault('r', c.relowner))::text[] AS acl,
        ds.description AS comment,
        c.relrowsecurity AS rls_enabled, c.relforcerowsecurity AS rls_forced,

@@ -277,8 +277,8 @@ def _matview_refusal(report: Report, spec: TableSpec, schema: str, view: str) ->
     cat, plan = report.catalog, report.plan
     if cat.table(schema, view) is None:
         return f"it lives in schema {schema}, which the plan does not read"
-    if any(c.rename for c in spec.columns.values()):
-        return "the table's columns are renamed by the plan"
+    if spec.columns:
+        return "the plan maps the table's columns (the view would read the new values)"
     if cat.dependents_of(schema, view):
         return "views read it"
     read = {(d.on_schema, d.on_table) for d in cat.dependents
