@@ -201,7 +201,7 @@ def test_a_missing_source_schema_is_refused(empty_dsn: str) -> None:
     assert "source_schema" in found["legacy"].hint
 
 
-def test_a_partitioned_table_and_its_partition_are_refused(
+def test_a_partitioned_table_moves_but_its_partition_alone_is_refused(
     empty_dsn: str, empty_conn: Conn
 ) -> None:
     empty_conn.execute(
@@ -212,16 +212,15 @@ def test_a_partitioned_table_and_its_partition_are_refused(
         "CREATE TABLE measurements_2024 PARTITION OF measurements "
         "FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')"
     )
-    loaded = plan_of(
-        [{"name": "measurements", "schema": "x"}, {"name": "measurements_2024", "schema": "x"}]
+    whole = inspect_without_writing(empty_dsn, plan_of([{"name": "measurements", "schema": "x"}]))
+    assert whole.problems == []
+    alone = inspect_without_writing(
+        empty_dsn, plan_of([{"name": "measurements_2024", "schema": "x"}])
     )
-    report = inspect_without_writing(empty_dsn, loaded)
-    by_subject = [(p.subject, p.message) for p in report.problems]
-    assert by_subject == [
-        ("public.measurements", "partitioned tables and partitions are not supported yet"),
-        ("public.measurements_2024", "partitioned tables and partitions are not supported yet"),
+    assert [(p.subject, p.message) for p in alone.problems] == [
+        ("public.measurements_2024", "is a partition of public.measurements"),
     ]
-    assert all("remove it from the plan" in p.hint for p in report.problems)
+    assert "list measurements in the plan instead" in alone.problems[0].hint
 
 
 def test_inheritance_is_refused_for_parent_and_child(empty_dsn: str, empty_conn: Conn) -> None:
@@ -354,3 +353,18 @@ def test_hostile_identifiers_validate_and_change_nothing(empty_dsn: str, empty_c
     assert sorted(m for members in report.as_dict()["units"] for m in members) == sorted(HOSTILE)
     assert untouched(empty_conn, loaded) == before
     assert before["schemas"] == ["public"]  # neither the target nor the control schema appeared
+
+
+def test_a_schema_publication_would_lose_a_renamed_table_so_it_is_refused(
+    empty_dsn: str, empty_conn: Conn
+) -> None:
+    empty_conn.execute("CREATE TABLE shipped (id int PRIMARY KEY)")
+    empty_conn.execute("CREATE PUBLICATION everything FOR TABLES IN SCHEMA public")
+    loaded = plan_of([{"name": "shipped", "schema": "x", "options": {"strategy": "rename"}}])
+    found = problems(inspect_without_writing(empty_dsn, loaded))
+    refusal = found["public.shipped (publication everything)"]
+    assert "would silently leave the publication" in refusal.message
+    assert "ALTER PUBLICATION everything ADD TABLE public.shipped" in refusal.hint
+    # Listed by name too, the table stays published wherever it goes.
+    empty_conn.execute("ALTER PUBLICATION everything ADD TABLE public.shipped")
+    assert inspect_without_writing(empty_dsn, loaded).problems == []

@@ -53,6 +53,8 @@ class Constraint:
     on_update: str = "a"
     on_delete: str = "a"
     comment: str | None = None
+    # Cloned from a partitioned parent's constraint, or inherited (not declared here).
+    inherited: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ForeignKey:
     match: str = "s"
     deferrable: bool = False
     deferred: bool = False
+    comment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Index:
     partial: bool = False  # WHERE clause: unique over some rows only
     clustered: bool = False  # CLUSTER ON this index
     replident: bool = False  # REPLICA IDENTITY USING INDEX this index
+    inherited: bool = False  # a partition's copy of its parent's index
+    comment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Trigger:
     definition: str
     enabled: str  # O origin, D disabled, R replica, A always
     function: str
+    cloned: bool = False  # a partition's copy of its parent's trigger
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,12 @@ class Relation:
     statistics: tuple[str, ...] = ()
     # Publications that list this table, or its schema.
     publications: tuple[str, ...] = ()
+    # Those that publish the table only through its schema (FOR TABLES IN SCHEMA).
+    schema_publications: tuple[str, ...] = ()
+    # PARTITION BY (pg_get_partkeydef) of a partitioned table; FOR VALUES of a partition.
+    partition_key: str | None = None
+    partition_bound: str | None = None
+    child_count: int = 0
     columns: tuple[Column, ...] = ()
     constraints: tuple[Constraint, ...] = ()
     indexes: tuple[Index, ...] = ()
@@ -186,7 +198,9 @@ class Relation:
     @property
     def user_triggers(self) -> tuple[Trigger, ...]:
         """Triggers the application created (not ours, not constraint triggers)."""
-        return tuple(t for t in self.triggers if not t.name.startswith("_orch_"))
+        return tuple(
+            t for t in self.triggers if not t.name.startswith("_orch_") and not t.cloned
+        )
 
 
 @dataclass(frozen=True)
@@ -250,6 +264,36 @@ class Catalog:
     def dependents_of(self, schema: str, name: str) -> list[Dependent]:
         return list(self._dependents_index.get((schema, name), ()))
 
+    @cached_property
+    def _children_index(self) -> dict[tuple[str, str], list[Relation]]:
+        out: dict[tuple[str, str], list[Relation]] = defaultdict(list)
+        for rel in self.relations.values():
+            if rel.is_partition and rel.inherits:
+                schema, _, name = rel.inherits[0].partition(".")
+                out[(schema, name)].append(rel)
+        return out
+
+    def size_of(self, rel: Relation) -> tuple[int, int]:
+        """Estimated rows and bytes of a table, a partitioned one's summed over its leaves."""
+        if rel.kind != "p":
+            return rel.row_estimate, rel.total_bytes
+        leaves = [p for p in self.partitions_of(*rel.qualified) if p.kind == "r"]
+        return sum(p.row_estimate for p in leaves), sum(p.total_bytes for p in leaves)
+
+    def partitions_of(self, schema: str, name: str) -> list[Relation]:
+        """Every partition below a partitioned table (sub-partitions too), each after its
+        parent, by name within a level; only those in the schemas read."""
+        out: list[Relation] = []
+        level = [(schema, name)]
+        while level:
+            children = sorted(
+                (c for key in level for c in self._children_index.get(key, ())),
+                key=lambda r: (r.schema, r.name),
+            )
+            out += children
+            level = [c.qualified for c in children]
+        return out
+
     def owned_sequences(self, schema: str, name: str) -> list[Sequence]:
         return list(self._sequence_index.get((schema, name), ()))
 
@@ -269,6 +313,10 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::
                  JOIN pg_namespace pn ON pn.oid = p.relnamespace
                  WHERE i.inhrelid = c.oid), '{}') AS inherits,
        EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) AS has_children,
+       (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid)::int AS child_count,
+       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partition_key,
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END
+         AS partition_bound,
        greatest(c.reltuples, 0)::bigint AS row_estimate,
        CASE WHEN c.relkind IN ('r','p','m','S') THEN pg_total_relation_size(c.oid) ELSE 0 END
          AS total_bytes,
@@ -281,7 +329,13 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::
                            WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
                 OR EXISTS (SELECT 1 FROM pg_publication_namespace pn
                            WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace)
-             ORDER BY p.pubname) AS publications
+             ORDER BY p.pubname) AS publications,
+       ARRAY(SELECT p.pubname FROM pg_publication p
+             JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid
+             WHERE pn.pnnspid = c.relnamespace AND NOT EXISTS (
+                 SELECT 1 FROM pg_publication_rel pr
+                 WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
+             ORDER BY p.pubname) AS schema_publications
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_description ds ON ds.objoid = c.oid
   AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0
@@ -334,6 +388,7 @@ SELECT co.conrelid::bigint AS oid, co.conname AS name, co.contype::text AS kind,
                 '{}') AS ref_columns,
        co.confupdtype::text AS on_update, co.confdeltype::text AS on_delete,
        co.confmatchtype::text AS match,
+       co.conparentid <> 0 AS cloned, co.conparentid <> 0 OR NOT co.conislocal AS inherited,
        ds.description AS comment,
        CASE WHEN co.contype = 'f' THEN EXISTS (
            SELECT 1 FROM pg_index i WHERE i.indrelid = co.conrelid
@@ -363,17 +418,21 @@ SELECT i.indrelid::bigint AS oid, ic.relname AS name, pg_get_indexdef(i.indexrel
                  WHERE k.ord <= i.indnkeyatts),
                 '{}') AS columns,
        i.indexprs IS NOT NULL AS expressions, i.indpred IS NOT NULL AS partial,
-       i.indisclustered AS clustered, i.indisreplident AS replident
+       i.indisclustered AS clustered, i.indisreplident AS replident,
+       EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid) AS inherited,
+       ds.description AS comment
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class ic ON ic.oid = i.indexrelid
+LEFT JOIN pg_description ds ON ds.objoid = i.indexrelid
+  AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0
 WHERE n.nspname = ANY(%(schemas)s)
 ORDER BY i.indrelid, ic.relname
 """
 
 _TRIGGERS = """
 SELECT t.tgrelid::bigint AS oid, t.tgname AS name, pg_get_triggerdef(t.oid) AS definition,
-       t.tgenabled::text AS enabled, p.proname AS function
+       t.tgenabled::text AS enabled, p.proname AS function, t.tgparentid <> 0 AS cloned
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = t.tgfoid
@@ -497,6 +556,7 @@ def _constraint(r: _Row) -> Constraint:
         on_update=r["on_update"],
         on_delete=r["on_delete"],
         comment=r["comment"],
+        inherited=r["inherited"],
     )
 
 
@@ -518,6 +578,7 @@ def _foreign_key(r: _Row) -> ForeignKey:
         match=r["match"],
         deferrable=r["deferrable"],
         deferred=r["deferred"],
+        comment=r["comment"],
     )
 
 
@@ -535,6 +596,8 @@ def _index(r: _Row) -> Index:
         partial=r["partial"],
         clustered=r["clustered"],
         replident=r["replident"],
+        inherited=r["inherited"],
+        comment=r["comment"],
     )
 
 
@@ -545,6 +608,7 @@ def _trigger(r: _Row) -> Trigger:
         definition=r["definition"],
         enabled=r["enabled"],
         function=r["function"],
+        cloned=r["cloned"],
     )
 
 
@@ -584,6 +648,10 @@ def _relation(r: _Row, parts: dict[str, list[Any]]) -> Relation:
         populated=r["populated"],
         statistics=tuple(r["statistics"]),
         publications=tuple(r["publications"]),
+        schema_publications=tuple(r["schema_publications"]),
+        partition_key=r["partition_key"],
+        partition_bound=r["partition_bound"],
+        child_count=r["child_count"],
         columns=tuple(parts.get("columns", ())),
         constraints=tuple(parts.get("constraints", ())),
         indexes=tuple(parts.get("indexes", ())),
@@ -636,6 +704,11 @@ def _constraint_parts(
     """
     fks: list[ForeignKey] = []
     for r in cons:
+        if r["cloned"]:
+            # A partition's copy of its parent's constraint (or a key's copy per referenced
+            # partition): derived by PostgreSQL from the parent's, named and validated as it
+            # pleases (15 leaves a validated key's copies NOT VALID), and never ours to move.
+            continue
         c = _constraint(r)
         if r["schema"] in schemas:
             by_oid[r["oid"]]["constraints"].append(c)
@@ -711,6 +784,7 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
             "replica_identity": rel.replica_identity,
             "statistics": rel.statistics,
             "publications": rel.publications,
+            "partitioning": (rel.partition_key, rel.partition_bound, rel.inherits),
             "columns": [
                 (
                     c.name,
@@ -734,7 +808,8 @@ def snapshot(conn: Conn, schemas: list[str] | tuple[str, ...]) -> dict[str, Any]
                 for c in rel.constraints
             ),
             "indexes": sorted(
-                (i.name, i.definition, i.valid, i.clustered, i.replident) for i in rel.indexes
+                (i.name, i.definition, i.valid, i.clustered, i.replident, i.comment)
+                for i in rel.indexes
             ),
             "triggers": sorted((t.name, t.definition, t.enabled) for t in rel.triggers),
             "policies": sorted(

@@ -96,7 +96,7 @@ def build_context(
                 else cat.table(spec.schema_, spec.target_name)
             )
         if rel is not None and rel.kind in ("r", "p"):
-            moves[spec.name] = build_move(plan, spec, rel)
+            moves[spec.name] = build_move(plan, spec, rel, cat.partitions_of(*rel.qualified))
     return Ctx(
         conn=conn,
         loaded=loaded,

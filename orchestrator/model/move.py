@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from psycopg import sql
 
@@ -42,6 +43,20 @@ class ColumnMove:
 
 
 @dataclass(frozen=True)
+class Partition:
+    """One partition of a partitioned table that moves with it, under the same name."""
+
+    name: str
+    parent: str  # its parent's name in the source schema (the table or a sub-partitioned one)
+    bound: str  # FOR VALUES ... or DEFAULT, as pg_get_expr prints it
+    key: str | None  # PARTITION BY of a sub-partitioned partition, else None (a leaf)
+
+    @property
+    def leaf(self) -> bool:
+        return self.key is None
+
+
+@dataclass(frozen=True)
 class TableMove:
     plan: str
     control: str
@@ -57,14 +72,39 @@ class TableMove:
     options: Options
     strategy: str
     tag: str
+    # A partitioned table's partitions, each after its parent; empty for a plain table.
+    partitions: tuple[Partition, ...] = ()
+    partition_key: str | None = None
+    # Set on a per-partition view of the move (`segment`): source, target and retired then
+    # name that partition, for the copy's and verify's per-partition SQL.
+    part: str | None = None
 
     @property
     def source(self) -> sql.Identifier:
-        return sql.Identifier(self.source_schema, self.source_name)
+        return sql.Identifier(self.source_schema, self.part or self.source_name)
 
     @property
     def target(self) -> sql.Identifier:
-        return sql.Identifier(self.target_schema, self.target_name)
+        return sql.Identifier(self.target_schema, self.part or self.target_name)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partition_key is not None
+
+    def segments(self) -> tuple[TableMove, ...]:
+        """What holds rows: the table itself, or each leaf partition of a partitioned one."""
+        if not self.partitioned:
+            return (self,)
+        return tuple(replace(self, part=p.name) for p in self.partitions if p.leaf)
+
+    def partition(self, name: str) -> Partition:
+        return next(p for p in self.partitions if p.name == name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names the move takes over in the source schema: the table's and its
+        partitions' (each keeps a compatibility view after the swap)."""
+        return (self.source_name, *(p.name for p in self.partitions))
 
     @property
     def retired_schema(self) -> str:
@@ -72,7 +112,7 @@ class TableMove:
 
     @property
     def retired(self) -> sql.Identifier:
-        return sql.Identifier(self.retired_schema, self.source_name)
+        return sql.Identifier(self.retired_schema, self.part or self.source_name)
 
     def obj(self, kind: str) -> sql.Identifier:
         """One of our objects in the control schema: log_, rlog_, cap_, rcap_, trunc_, rtrunc_."""
@@ -133,9 +173,25 @@ def object_tag(plan: str, schema: str, table: str) -> str:
     return f"{readable}_{crc:08x}"
 
 
-def build_move(plan: Plan, spec: TableSpec, rel: Relation) -> TableMove:
+def _partitions(rel: Relation, parts: Sequence[Relation]) -> tuple[Partition, ...]:
+    return tuple(
+        Partition(
+            name=p.name,
+            parent=rel.name if p.inherits[0] == f"{rel.schema}.{rel.name}"
+            else p.inherits[0].split(".", 1)[1],
+            bound=p.partition_bound or "DEFAULT",
+            key=p.partition_key,
+        )
+        for p in parts
+    )
+
+
+def build_move(
+    plan: Plan, spec: TableSpec, rel: Relation, parts: Sequence[Relation] = ()
+) -> TableMove:
     """Resolve a plan entry against the source table, wherever it is now (in the source
-    schema, retired after a cutover, or moved by the rename strategy)."""
+    schema, retired after a cutover, or moved by the rename strategy); `parts` are its
+    partitions (Catalog.partitions_of), if it is partitioned."""
     keys = key_columns(rel, spec)
     if keys is None:
         raise StageError(
@@ -181,4 +237,6 @@ def build_move(plan: Plan, spec: TableSpec, rel: Relation) -> TableMove:
         options=opts,
         strategy=opts.strategy.value,
         tag=object_tag(plan.name, plan.source_schema, spec.name),
+        partitions=_partitions(rel, parts),
+        partition_key=rel.partition_key,
     )

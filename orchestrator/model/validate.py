@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.db import Conn
+from orchestrator.model import partitioning
 from orchestrator.model.catalog import Catalog, Relation, read_catalog
 from orchestrator.model.graph import DependencyGraph, Problem, build_graph
 from orchestrator.model.move import key_columns
@@ -89,6 +90,9 @@ def _check_table(report: Report, spec: TableSpec, started: set[str]) -> None:
     if src is None:
         return
     opts = plan.options_for(spec)
+    report.problems += partitioning.problems(report.catalog, plan, spec, opts, src)
+    if src.is_partition:
+        return  # it moves with its table, or not at all: nothing else to say of it alone
     _check_shape(report, spec, src, name)
     _check_columns(report, spec, src, name)
     _check_strategy(report, spec, opts, src, name)
@@ -123,7 +127,7 @@ def _movable_source(report: Report, spec: TableSpec, name: str) -> Relation | No
 
 
 def _check_shape(report: Report, spec: TableSpec, src: Relation, name: str) -> None:
-    """The target name must be free; the table plain (no partitions nor inheritance) and keyed."""
+    """The target name must be free; the table keyed and not a legacy inheritance child."""
     problems = report.problems
     target = report.catalog.table(spec.schema_, spec.target_name)
     if target is not None and target.oid != src.oid:
@@ -132,14 +136,6 @@ def _check_shape(report: Report, spec: TableSpec, src: Relation, name: str) -> N
                 f"{spec.schema_}.{spec.target_name}",
                 "the target name is already taken",
                 "choose another rename_to or schema, or drop the existing relation",
-            )
-        )
-    if src.kind == "p" or src.is_partition:
-        problems.append(
-            Problem(
-                name,
-                "partitioned tables and partitions are not supported yet",
-                "move it by hand or remove it from the plan",
             )
         )
     if (src.inherits or src.has_children) and src.kind != "p" and not src.is_partition:
@@ -198,6 +194,15 @@ def _check_strategy(
                 "use strategy: copy for a table with column mappings",
             )
         )
+    if opts.strategy == Strategy.rename:
+        for pub in src.schema_publications:
+            problems.append(Problem(
+                f"{name} (publication {pub})",
+                f"is published through its schema (FOR TABLES IN SCHEMA {src.schema}): moved "
+                "out of the schema, it would silently leave the publication",
+                f"add it to the publication by name first (ALTER PUBLICATION {pub} ADD TABLE "
+                f"{src.schema}.{src.name}), or add the target schema to it",
+            ))
     if opts.strategy == Strategy.copy and not opts.compat_view:
         problems.append(Problem(
             name, "the copy strategy needs its compatibility view (compat_view: false is only "

@@ -151,10 +151,10 @@ def _measure_rate(
         for m in moves.values()
         if m.strategy == "copy"
     ]
-    candidates = [(r, m) for r, m in candidates if r is not None and r.kind == "r"]
+    candidates = [(r, m) for r, m in candidates if r is not None and r.kind in ("r", "p")]
     if not candidates:
         return None, "no table uses the copy strategy"
-    rel, m = max(candidates, key=lambda c: c[0].row_estimate if c[0] else 0)
+    rel, m = max(candidates, key=lambda c: cat.size_of(c[0])[0] if c[0] else 0)
     assert rel is not None
     cols = sql.SQL(", ").join(sql.Identifier(c.source) for c in m.copied)
     # A real (WAL-logged) table with the key, like the target, in a transaction that is
@@ -296,11 +296,12 @@ def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRu
             rel = cat.table(m.source_schema, m.source_name) or cat.table(
                 plan.retired_schema, m.source_name
             )
-            if rel is None or rel.kind != "r":
+            if rel is None or rel.kind not in ("r", "p"):
                 continue
+            rows, size = cat.size_of(rel)
             holders = {m.label: held.get(rel.oid, [])}
             st = _stage_plans(ctx, m, moves, status, holders)
-            expected = rel.row_estimate / rate if rate and m.strategy == "copy" else None
+            expected = rows / rate if rate and m.strategy == "copy" else None
             spec = plan.table(m.label)
             out.tables.append(
                 TablePlan(
@@ -311,8 +312,8 @@ def build(conn: Conn, loaded: LoadedPlan, tables: Collection[str] = ()) -> DryRu
                     cycle=unit.is_cycle,
                     strategy=m.strategy,
                     reason=_reason(m, len(spec.columns)),
-                    rows=rel.row_estimate,
-                    bytes=rel.total_bytes,
+                    rows=rows,
+                    bytes=size,
                     expected_s=expected,
                     risks=tuple(_risks(ctx, m, rel)),
                     stages=tuple(st),

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted, StageError
+from orchestrator.model import partitioning
 from orchestrator.model.context import Ctx, build_context
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
@@ -25,7 +26,16 @@ from orchestrator.run import follow, rollback
 from orchestrator.run.events import Progress, StageChanged
 from orchestrator.run.runner import Runner, StepFailed
 from orchestrator.stages import registry
-from orchestrator.stages.base import Action, Kind, LoopStage, Phase, Stage, Step, regclass
+from orchestrator.stages.base import (
+    PARTITIONS_KEY,
+    Action,
+    Kind,
+    LoopStage,
+    Phase,
+    Stage,
+    Step,
+    regclass,
+)
 from orchestrator.state.store import Status, Store
 
 
@@ -144,8 +154,24 @@ class Engine:
             self.store.log(action, "error", table=",".join(names), stage=stage,
                            statement=statement, detail={"error": error})
 
+    def same_partitions(self, ctx: Ctx, moves: list[TableMove]) -> None:
+        """A partitioned table's stages run only over the partitions its move began with: an
+        ATTACH or DETACH since then is refused, naming what changed."""
+        for m in moves:
+            saved = ctx.store.load(m.label, PARTITIONS_KEY)
+            why = partitioning.drift(list(saved), [p.name for p in m.partitions]) \
+                if saved is not None else None
+            if why is not None:
+                raise StageError(
+                    f"{m.label}: {why}; nothing was changed",
+                    hint="restore the partitions the move began with (DETACH what was attached, "
+                    "ATTACH or recreate what is gone), then rerun; attach and detach partitions "
+                    "only before a move or after its finalize",
+                )
+
     def advance(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage forward for one table (or a unit, for a per-unit stage)."""
+        self.same_partitions(ctx, moves)
         if isinstance(stage, LoopStage):
             for m in moves:
                 self.start([m.label], stage.name)
@@ -160,6 +186,7 @@ class Engine:
 
     def undo(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage backwards: the whole unit at once for a per-unit stage."""
+        self.same_partitions(ctx, moves)
         for group in [moves] if stage.per_unit else [[m] for m in moves]:
             stage.before(ctx, group, reverse=True)
             self._prelude(ctx, stage, group, reverse=True)
@@ -226,7 +253,7 @@ class Engine:
         if self.done(m.label, stage.name):
             return
         rel = ctx.catalog.table(m.source_schema, m.source_name)
-        if rel is None or rel.kind != "r":
+        if rel is None or rel.kind not in ("r", "p"):
             raise StageError(
                 f"{m.label}: the source table is not in place for {stage.name}",
                 hint=f"`orchestrator status {self.loaded.path}` shows where it stands",
@@ -284,7 +311,7 @@ class Engine:
             self._refuse_unready(m)
             if not swap.per_unit:
                 rel = ctx.catalog.table(m.source_schema, m.source_name)
-                if rel is None or rel.kind != "r":
+                if rel is None or rel.kind not in ("r", "p"):
                     raise StageError(f"{m.label}: not found in {m.source_schema}",
                                      hint=f"`orchestrator status {self.loaded.path}`")
         self.advance(ctx, swap, moves)
@@ -349,15 +376,20 @@ class Engine:
                 not self.done(spec.name, final)
             ):
                 continue
-            readers = [f"{d.schema}.{d.name}" for d in ctx.catalog.dependents_of(src, spec.name)]
+            # A partitioned table's partitions have compatibility views too.
+            names = [spec.name, *(ctx.store.load(spec.name, PARTITIONS_KEY) or [])]
+            readers = [f"{d.schema}.{d.name}" for name in names
+                       for d in ctx.catalog.dependents_of(src, name)
+                       if (d.schema, d.name) not in {(src, n) for n in names}]
             if readers:
                 raise StageError(
                     f"{src}.{spec.name}: views still read the compatibility view: "
                     f"{', '.join(readers)}",
                     hint="point them at the new table (or drop them), then rerun")
-            stmt = sql.SQL("DROP VIEW {}").format(sql.Identifier(src, spec.name))
+            steps = [Step(sql.SQL("DROP VIEW IF EXISTS {}").format(sql.Identifier(src, name)))
+                     for name in names]
             self.runner.run(
-                Action("drop_compat_view", [Step(stmt)], [regclass(src, spec.name)]),
+                Action("drop_compat_view", steps, [regclass(src, n) for n in names]),
                 tables=[spec.name], stage=final, policy=ctx.policy(),
             )
             dropped.append(f"{src}.{spec.name}")

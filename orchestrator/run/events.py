@@ -17,6 +17,7 @@ class Rows:
     rows_done: int
     rows_estimated: int
     rate: float
+    part: str | None = None  # the partition this batch was in, for a partitioned table
 
 
 @dataclass(frozen=True)

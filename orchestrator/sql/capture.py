@@ -19,7 +19,7 @@ from psycopg import errors, sql
 
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.model.move import TableMove
-from orchestrator.sql.compose import catalog_sql, ident, idents, render, row
+from orchestrator.sql.compose import Body, catalog_sql, ident, idents, row
 
 TRIGGER = "_orch_capture"
 TRUNCATE_TRIGGER = "_orch_capture_truncate"
@@ -41,13 +41,20 @@ class Direction:
     function: sql.Identifier
     truncate_function: sql.Identifier
     overriding: sql.Composable
+    # A partitioned table's partitions, (live, copy) pairs: a TRUNCATE of one partition
+    # truncates its counterpart (row triggers on the parent reach every partition by
+    # themselves; statement triggers do not).
+    partitions: tuple[tuple[sql.Identifier, sql.Identifier], ...] = ()
+    partition_truncate_function: sql.Identifier | None = None
 
 
 def forward(m: TableMove) -> Direction:
+    """Source to target. Always the whole table, also from a per-partition view of the move:
+    the log holds keys of every partition, and replaying them into one would lose the rest."""
     return Direction(
         name="forward",
-        live=m.source,
-        copy=m.target,
+        live=sql.Identifier(m.source_schema, m.source_name),
+        copy=sql.Identifier(m.target_schema, m.target_name),
         live_key=m.key_source,
         copy_key=m.key_target,
         key_types=m.key_types,
@@ -57,15 +64,20 @@ def forward(m: TableMove) -> Direction:
         function=m.obj("cap"),
         truncate_function=m.obj("trunc"),
         overriding=m.overriding,
+        partitions=tuple(
+            (sql.Identifier(m.source_schema, p.name), sql.Identifier(m.target_schema, p.name))
+            for p in m.partitions if p.leaf
+        ),
+        partition_truncate_function=m.obj("ptrunc") if m.partitions else None,
     )
 
 
-def reverse(m: TableMove, retired: sql.Identifier | None = None) -> Direction:
+def reverse(m: TableMove) -> Direction:
     types = dict(zip((c.source for c in m.columns), m.source_types, strict=True))
     return Direction(
         name="reverse",
-        live=m.target,
-        copy=retired or m.retired,
+        live=sql.Identifier(m.target_schema, m.target_name),
+        copy=sql.Identifier(m.retired_schema, m.source_name),
         live_key=m.key_target,
         copy_key=m.key_source,
         key_types=m.key_types,
@@ -77,6 +89,12 @@ def reverse(m: TableMove, retired: sql.Identifier | None = None) -> Direction:
         overriding=sql.SQL(" OVERRIDING SYSTEM VALUE")
         if any(c.identity == "a" for c in m.copied)
         else sql.SQL(""),
+        partitions=tuple(
+            (sql.Identifier(m.target_schema, p.name),
+             sql.Identifier(m.retired_schema, p.name))
+            for p in m.partitions if p.leaf
+        ),
+        partition_truncate_function=m.obj("rptrunc") if m.partitions else None,
     )
 
 
@@ -132,17 +150,24 @@ END""").format(ins=ins, new=new, old=old, same_key=same_key,
     tbody = sql.SQL("BEGIN TRUNCATE {copy}; TRUNCATE {log}; RETURN NULL; END").format(
         copy=d.copy, log=d.log
     )
-    return [
+    functions = [
         sql.SQL('CREATE TABLE {} (_orch_op "char" NOT NULL, {})').format(d.log, cols),
         sql.SQL(
             "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}"
-        ).format(d.function, _Body(body)),
+        ).format(d.function, Body(body)),
         sql.SQL(
             "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
             "SET search_path = pg_catalog AS {}"
-        ).format(d.truncate_function, _Body(tbody)),
-        *create_triggers_sql(d),
+        ).format(d.truncate_function, Body(tbody)),
     ]
+    if d.partition_truncate_function is not None:
+        # The counterpart comes as the trigger's argument, a quoted qualified name we wrote.
+        functions.append(sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            "SET search_path = pg_catalog AS {}"
+        ).format(d.partition_truncate_function, Body(sql.SQL(
+            "BEGIN EXECUTE 'TRUNCATE ' || TG_ARGV[0]; RETURN NULL; END"))))
+    return [*functions, *create_triggers_sql(d)]
 
 
 def create_triggers_sql(d: Direction) -> list[sql.Composed]:
@@ -154,6 +179,13 @@ def create_triggers_sql(d: Direction) -> list[sql.Composed]:
         sql.SQL(
             "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
         ).format(sql.Identifier(TRUNCATE_TRIGGER), d.live, d.truncate_function),
+        *[
+            sql.SQL(
+                "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}({})"
+            ).format(sql.Identifier(TRUNCATE_TRIGGER), live, d.partition_truncate_function,
+                     QuotedName(copy))
+            for live, copy in d.partitions
+        ],
     ]
 
 
@@ -161,29 +193,35 @@ def drop_triggers_sql(d: Direction) -> list[sql.Composed]:
     return [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), d.live),
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), d.live),
+        *[
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(TRUNCATE_TRIGGER), live)
+            for live, _ in d.partitions
+        ],
     ]
 
 
-def uninstall_sql(d: Direction) -> list[sql.Composed]:
-    """Drop the triggers (when the live table still exists), the functions and the log."""
+def uninstall_sql(d: Direction, triggers: bool = True) -> list[sql.Composed]:
+    """Drop the triggers (unless the live table is gone), the functions and the log."""
+    functions = [d.function, d.truncate_function]
+    if d.partition_truncate_function is not None:
+        functions.append(d.partition_truncate_function)
     return [
-        *drop_triggers_sql(d),
-        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(d.function),
-        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(d.truncate_function),
+        *(drop_triggers_sql(d) if triggers else []),
+        *[sql.SQL("DROP FUNCTION IF EXISTS {}()").format(f) for f in functions],
         sql.SQL("DROP TABLE IF EXISTS {}").format(d.log),
     ]
 
 
-class _Body(sql.Composable):
-    """A function body: composed SQL rendered, then passed as one string literal."""
+class QuotedName(sql.Composable):
+    """A relation's quoted, qualified name as a string literal (a trigger argument)."""
 
-    def __init__(self, body: sql.Composable) -> None:
-        super().__init__(body)
-        self._body = body
+    def __init__(self, name: sql.Identifier) -> None:
+        super().__init__(name)
+        self._name = name
 
     def as_bytes(self, context: object = None) -> bytes:
-        text = render(context, self._body)
-        return sql.Literal(text).as_bytes(context)  # type: ignore[arg-type]
+        return sql.Literal(self._name.as_string(context)).as_bytes(context)  # type: ignore[arg-type]
 
 
 def _select_values(d: Direction) -> sql.Composed:

@@ -140,6 +140,11 @@ def rewrite_definition(
     stmt = stmts[0].stmt
     assert stmt is not None
     relation = getattr(stmt, "relation", None)
+    if isinstance(stmt, ast.IndexStmt) and relation is not None and not relation.inh:
+        # A partitioned table's index prints as ON ONLY: rebuilt on a new partitioned table,
+        # it must recurse to the partitions as CREATE INDEX on the parent does.
+        definition = _drop_only(definition, relation.location)
+        return rewrite_definition(definition, schema, table, columns, new_name=new_name)
     if not columns and new_name is None and table is not None and relation is not None:
         return sql.SQL(_replace_relation(definition, relation.location, (schema, table)))
     _Rewriter(schema, table, columns or {})(stmt)
@@ -193,6 +198,14 @@ def rename_index(definition: str, schema: str, table: str, name: str) -> sql.SQL
     tokens = scan(text)
     at = next(i for i, t in enumerate(tokens) if t.name == "INDEX") + 1
     return sql.SQL(_replace_relation(text, tokens[at].start, (name,)))
+
+
+def _drop_only(text: str, location: int) -> str:
+    """The text without the ONLY keyword just before the relation at `location`."""
+    tokens = scan(text)
+    i = next(n for n, t in enumerate(tokens) if t.start == location)
+    assert i > 0 and tokens[i - 1].name == "ONLY"
+    return text[: tokens[i - 1].start] + text[location:]
 
 
 def _replace_relation(text: str, location: int, name: tuple[str | None, ...]) -> str:
@@ -252,3 +265,15 @@ def _render_into(conn: Any, obj: sql.Composable, out: list[str]) -> None:
 def _quoted(names: tuple[str, ...]) -> str:
     # libpq's PQescapeIdentifier: double quotes around, embedded double quotes doubled.
     return ".".join('"' + n.replace('"', '""') + '"' for n in names)
+
+
+class Body(sql.Composable):
+    """A function body: composed SQL rendered, then passed as one string literal."""
+
+    def __init__(self, body: sql.Composable) -> None:
+        super().__init__(body)
+        self._body = body
+
+    def as_bytes(self, context: object = None) -> bytes:
+        text = render(context, self._body)
+        return sql.Literal(text).as_bytes(context)  # type: ignore[arg-type]

@@ -115,14 +115,20 @@ def regclass(*parts: str) -> str:
     return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
 
 
-def remember_schema(ctx: Ctx, m: TableMove) -> Callable[[Store], None] | None:
-    """Note, with the stage's work, that the plan created the target schema, so a full
-    rollback can drop it again once it is empty."""
-    if m.target_schema in ctx.catalog.existing_schemas:
-        return None
+PARTITIONS_KEY = "partitions"
+
+
+def remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:
+    """Note, with the move's first stage: that the plan created the target schema (so a full
+    rollback can drop it again once it is empty), and a partitioned table's partitions (every
+    later stage refuses to run if they changed)."""
+    created = m.target_schema not in ctx.catalog.existing_schemas
     schema = m.target_schema
 
     def save(store: Store) -> None:
-        store.save("*", f"created_schema:{schema}", schema)
+        if created:
+            store.save("*", f"created_schema:{schema}", schema)
+        if m.partitioned:
+            store.save(m.label, PARTITIONS_KEY, sorted(p.name for p in m.partitions))
 
     return save

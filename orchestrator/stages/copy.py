@@ -19,7 +19,8 @@ skip, a serial key inserted below an outlier high key would keep a throttled cop
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from psycopg import sql
@@ -32,7 +33,7 @@ from orchestrator.run.events import Paused, Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
 from orchestrator.stages.base import Action, LoopStage, Step
-from orchestrator.stages.prepare import key_index
+from orchestrator.stages.prepare import constraint_text, key_index
 
 
 def _typed_key(m: TableMove, param: str) -> sql.Composed:
@@ -146,15 +147,33 @@ def _secondary(m: TableMove, rel: Relation) -> list[tuple[Index, Constraint | No
     unique or exclusion constraint it backs, if any."""
     skip = {key_index(rel, m)}
     cons = {c.index: c for c in rel.constraints if c.kind in ("u", "x") and c.index}
-    return [(i, cons.get(i.name)) for i in rel.indexes if not i.primary and i.name not in skip]
+    return [(i, cons.get(i.name)) for i in rel.indexes
+            if not i.primary and not i.inherited and i.name not in skip]
 
 
-def index_steps(m: TableMove, rel: Relation) -> list[Step]:
-    """The source's secondary indexes and unique constraints, for the target."""
+def index_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
+    """The source's secondary indexes and unique constraints, for the target; for a
+    partitioned table, those of the parent (each recursing to the partitions) and those a
+    partition has of its own."""
+    steps = _index_steps(m, rel)
+    for p in parts:
+        steps += _index_steps(replace(m, part=p.name), p)
+    return steps
+
+
+def _index_steps(m: TableMove, rel: Relation) -> list[Step]:
     steps: list[Step] = []
     for i, con in _secondary(m, rel):
+        if con is not None and con.kind == "u" and rel.kind == "p":
+            # A partitioned table takes no ADD CONSTRAINT ... USING INDEX: the constraint
+            # builds its own index (same name, recursing to the partitions).
+            steps.append(Step(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                m.target, sql.Identifier(con.name), constraint_text(con, m.rename_map)),
+                "SHARE on the target only"))
+            continue
         steps.append(Step(
-            rewrite_definition(i.definition, m.target_schema, m.target_name, m.rename_map),
+            rewrite_definition(i.definition, m.target_schema, m.part or m.target_name,
+                               m.rename_map),
             "SHARE on the target only",
         ))
         if con is not None and con.kind == "u":
@@ -164,7 +183,20 @@ def index_steps(m: TableMove, rel: Relation) -> list[Step]:
             steps.append(Step(
                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}").format(
                     m.target, sql.Identifier(con.name), sql.Identifier(i.name), defer)))
-    return steps + _index_roles(m, rel)
+    return steps + _index_roles(m, rel) + _comments(m, rel)
+
+
+def _comments(m: TableMove, rel: Relation) -> list[Step]:
+    """Comments on the indexes and unique or exclusion constraints built here."""
+    steps = []
+    for i, con in _secondary(m, rel):
+        if i.comment is not None:
+            steps.append(Step(sql.SQL("COMMENT ON INDEX {} IS {}").format(
+                sql.Identifier(m.target_schema, i.name), sql.Literal(i.comment))))
+        if con is not None and con.comment is not None:
+            steps.append(Step(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+                sql.Identifier(con.name), m.target, sql.Literal(con.comment))))
+    return steps
 
 
 _IDENTITY = {"f": "FULL", "n": "NOTHING"}
@@ -186,34 +218,44 @@ def _index_roles(m: TableMove, rel: Relation) -> list[Step]:
     return steps
 
 
-def drop_index_steps(m: TableMove, rel: Relation) -> list[Step]:
+def drop_index_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
     """What index_steps built, dropped again (a constraint takes its index with it)."""
     return [
         Step(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-            m.target, sql.Identifier(con.name)))
+            owner.target, sql.Identifier(con.name)))
         if con is not None else
         Step(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(m.target_schema, i.name)))
-        for i, con in _secondary(m, rel)
+        for owner, r in [(m, rel), *((replace(m, part=p.name), p) for p in parts)]
+        for i, con in _secondary(owner, r)
     ]
 
 
-def forward_steps(m: TableMove, rel: Relation) -> list[Step]:
+def forward_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
     d = capture.forward(m)
+    # One keyset loop per segment: the table, or each leaf partition into its counterpart.
+    loops = [
+        step
+        for seg in m.segments()
+        for step in (
+            Step(upper_bound_sql(seg), "none (reads the source's key index)"),
+            Step(batch_sql(seg, first=False),
+                 "ROW EXCLUSIVE on the target; plain reads of the source"),
+        )
+    ]
     return [
-        Step(upper_bound_sql(m), "none (reads the source's key index)"),
-        Step(batch_sql(m, first=False), "ROW EXCLUSIVE on the target; plain reads of the source"),
+        *loops,
         *[
             Step(s, "ROW EXCLUSIVE on the target; reads the source and the log")
             for s in capture.replay_all_sql(d)
         ],
-        *index_steps(m, rel),
+        *index_steps(m, rel, parts),
     ]
 
 
-def rollback_steps(m: TableMove, rel: Relation) -> list[Step]:
+def rollback_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
     d = capture.forward(m)
     return [
-        *drop_index_steps(m, rel),
+        *drop_index_steps(m, rel, parts),
         Step(sql.SQL("TRUNCATE {}").format(m.target), "ACCESS EXCLUSIVE on the target only"),
         Step(sql.SQL("TRUNCATE {}").format(d.log), "ACCESS EXCLUSIVE on our log only"),
     ]
@@ -286,17 +328,28 @@ def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | N
     return None
 
 
-def _start(ctx: Ctx, m: TableMove, rel: Relation) -> dict[str, Any]:
-    """The copy's bounds, fixed when it starts and kept in its checkpoint: the upper key and
-    what tells a row written since."""
+def _bounds(ctx: Ctx, seg: TableMove, rel: Relation) -> dict[str, Any]:
+    """One segment's bounds, fixed when its copy starts: the upper key and what tells a row
+    written since."""
+    r = ctx.conn.execute(upper_bound_sql(seg)).fetchone()
+    return {"hi": r["hi"] if r else None, "last": None, "fresh": fresh_bound(ctx.conn, rel)}
+
+
+def _start(ctx: Ctx, m: TableMove, rel: Relation, parts: Sequence[Relation]) -> dict[str, Any]:
+    """The copy's starting checkpoint: the table's bounds, or for a partitioned table an
+    empty map of partitions (each gets its bounds when its turn comes)."""
     with ctx.conn.transaction():
-        r = ctx.conn.execute(upper_bound_sql(m)).fetchone()
-        est = max(rel.row_estimate, 0)
-        cp = {"hi": r["hi"] if r else None, "last": None, "fresh": fresh_bound(ctx.conn, rel)}
+        if m.partitioned:
+            est = sum(max(p.row_estimate, 0) for p in parts if p.kind == "r")
+            cp: dict[str, Any] = {"parts": {}}
+        else:
+            est = max(rel.row_estimate, 0)
+            cp = _bounds(ctx, m, rel)
         ctx.store.checkpoint(m.label, "copy", rows_done=0, checkpoint=cp, rows_estimated=est)
         ctx.store.log(
             "copy", "started", table=m.label, stage="copy",
-            detail={"upper_bound": cp["hi"], "estimate": est},
+            detail={"upper_bound": cp.get("hi"), "estimate": est,
+                    "partitions": [s.part for s in m.segments() if s.part]},
         )
     return cp
 
@@ -322,9 +375,16 @@ def _wait_for_server(ctx: Ctx, m: TableMove, wal: WalMeter) -> tuple[dict[str, A
         time.sleep(t.check_every_s)
 
 
-def _batches(ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int) -> int:
-    """Copy batches until the upper bound; the rows copied in all. Settings (batch size,
-    throttle) are read again before every batch, in one query."""
+Wrap = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _batches(
+    ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int,
+    wrap: Wrap = lambda cp: cp,
+) -> tuple[int, dict[str, Any]]:
+    """Copy one segment's batches until its upper bound; the rows copied in all and the
+    segment's last checkpoint. `wrap` makes the segment's checkpoint the stage's. Settings
+    (batch size, throttle) are read again before every batch, in one query."""
     conn = ctx.conn
     started = time.monotonic()
     done_here = 0
@@ -337,21 +397,52 @@ def _batches(ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimat
             n = int(r["n"]) if r else 0
             if n == 0:
                 break
-            cp = {**cp, "last": r["last"] if r else None}
+            cp = {**cp, "last": r["last"] if r else None, "rows": cp.get("rows", 0) + n}
             rows_done += n
             done_here += n
             rate = done_here / max(time.monotonic() - started, 1e-6)
-            ctx.store.checkpoint(m.label, "copy", rows_done=rows_done, checkpoint=cp,
+            ctx.store.checkpoint(m.label, "copy", rows_done=rows_done, checkpoint=wrap(cp),
                                  rows_per_s=rate)
-        ctx.progress(Rows(m.label, "copy", rows_done, max(estimate, rows_done), rate))
+        ctx.progress(Rows(m.label, "copy", rows_done, max(estimate, rows_done), rate, m.part))
         if n < limit:
             break
         if t.sleep_ms:
             time.sleep(t.sleep_ms / 1000)
+    return rows_done, cp
+
+
+def _partitions(
+    ctx: Ctx, m: TableMove, cp: dict[str, Any], rows_done: int, estimate: int
+) -> int:
+    """Copy each leaf partition into its counterpart, one after the other, each with its own
+    bounds and checkpoint under cp["parts"]; a finished partition is marked done."""
+    parts: dict[str, Any] = dict(cp.get("parts", {}))
+    for seg in m.segments():
+        name = seg.part or ""
+        if parts.get(name, {}).get("done"):
+            continue
+        if name not in parts:
+            rel = ctx.catalog.table(m.source_schema, name)
+            assert rel is not None
+            with ctx.conn.transaction():
+                parts[name] = _bounds(ctx, seg, rel)
+                ctx.store.checkpoint(m.label, "copy", rows_done=rows_done,
+                                     checkpoint={"parts": parts})
+
+        def wrap(sub: dict[str, Any], name: str = name) -> dict[str, Any]:
+            return {"parts": {**parts, name: sub}}
+
+        rows_done, sub = _batches(ctx, seg, parts[name], rows_done, estimate, wrap)
+        parts[name] = {**sub, "done": True}
+        with ctx.conn.transaction():
+            ctx.store.checkpoint(m.label, "copy", rows_done=rows_done,
+                                 checkpoint={"parts": parts})
     return rows_done
 
 
-def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
+def finish(
+    ctx: Ctx, m: TableMove, rel: Relation, rows_done: int, parts: Sequence[Relation] = ()
+) -> None:
     """Drain the backlog, build the indexes and mark the copy done, in one transaction.
 
     REPEATABLE READ gives one snapshot: after the drain, every target row equals the source
@@ -364,7 +455,7 @@ def finish(ctx: Ctx, m: TableMove, rel: Relation, rows_done: int) -> None:
     while capture.replay_batch(conn, d, 10_000) >= 10_000:
         pass
     t0 = time.monotonic()
-    steps = index_steps(m, rel)
+    steps = index_steps(m, rel, parts)
     with snapshot_txn(conn):
         drained = capture.replay_all(conn, d)
         for step in steps:
@@ -391,11 +482,16 @@ class Copy(LoopStage):
         assert rel is not None
         return rel
 
+    def _parts(self, ctx: Ctx, m: TableMove) -> list[Relation]:
+        return ctx.catalog.partitions_of(m.source_schema, m.source_name)
+
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
-        return Action(self.name, forward_steps(moves[0], self._rel(ctx, moves[0])))
+        m = moves[0]
+        return Action(self.name, forward_steps(m, self._rel(ctx, m), self._parts(ctx, m)))
 
     def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
-        return Action("rollback_copy", rollback_steps(moves[0], self._rel(ctx, moves[0])))
+        m = moves[0]
+        return Action("rollback_copy", rollback_steps(m, self._rel(ctx, m), self._parts(ctx, m)))
 
     def run(self, ctx: Ctx, m: TableMove) -> None:
         """Copy batches from the recorded checkpoint; crash-safe at every batch boundary."""
@@ -403,8 +499,9 @@ class Copy(LoopStage):
         st = ctx.store.row(m.label, self.name)
         cp: dict[str, Any] = dict(st.checkpoint or {})
         rows_done = st.rows_done
-        if "hi" not in cp:
-            cp, rows_done = _start(ctx, m, rel), 0
+        parts = self._parts(ctx, m)
+        if "hi" not in cp and "parts" not in cp:
+            cp, rows_done = _start(ctx, m, rel, parts), 0
         estimate = ctx.store.row(m.label, self.name).rows_estimated or 0
         conn = ctx.conn
         # Each batch commits without waiting for its WAL flush (set for the session once, not
@@ -412,11 +509,14 @@ class Copy(LoopStage):
         # each with its checkpoint, since WAL keeps their order: the rerun copies them again.
         conn.execute("SET synchronous_commit = off")
         try:
-            copied = _batches(ctx, m, cp, rows_done, estimate)
+            if m.partitioned:
+                copied = _partitions(ctx, m, cp, rows_done, estimate)
+            else:
+                copied, _ = _batches(ctx, m, cp, rows_done, estimate)
         finally:
             if not (conn.broken or conn.closed):
                 conn.execute("RESET synchronous_commit")
-        finish(ctx, m, rel, copied)
+        finish(ctx, m, rel, copied, parts)
 
 
 COPY = Copy()

@@ -12,9 +12,12 @@ the forward step changed: whatever points at the new tables is pointed back.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from psycopg import sql
 
 from orchestrator.errors import StageError
+from orchestrator.model import partitioning
 from orchestrator.model.catalog import Catalog, ForeignKey, Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
@@ -51,6 +54,21 @@ def fk_sql(
     ).format(child, sql.Identifier(fk.name), idents(columns), parent, idents(ref_columns))
 
 
+def fk_steps(
+    child: sql.Identifier,
+    fk: ForeignKey,
+    columns: tuple[str, ...],
+    parent: sql.Identifier,
+    ref_columns: tuple[str, ...],
+) -> list[Step]:
+    """The key re-added NOT VALID (fk_sql), with its comment."""
+    steps = [Step(fk_sql(child, fk, columns, parent, ref_columns))]
+    if fk.comment is not None:
+        steps.append(Step(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+            sql.Identifier(fk.name), child, sql.Literal(fk.comment))))
+    return steps
+
+
 def _drop_fk(schema: str, table: str, name: str) -> sql.Composed:
     return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
         sql.Identifier(schema, table), sql.Identifier(name)
@@ -80,7 +98,7 @@ def _view_sql(m: TableMove, rel: Relation, defaults: tuple[str, ...] = ()) -> li
         )
         for c in m.columns
     )
-    view = sql.Identifier(m.source_schema, m.source_name)
+    view = m.source  # the table's name, or a partition's on a per-partition view of the move
     steps = [
         Step(
             sql.SQL("CREATE VIEW {} WITH (security_invoker = true) AS SELECT {} FROM {} t").format(
@@ -195,10 +213,11 @@ def lock_targets(
     for m in moves:
         # Materialized views cannot be named in LOCK: the ALTERs that swap them take their
         # ACCESS EXCLUSIVE under the same lock_timeout (nothing reads a table through them).
-        views += [(d.schema, d.name) for d in cat.dependents_of(m.source_schema, m.source_name)
-                  if d.kind != "m"]
+        views += [(d.schema, d.name) for name in m.names
+                  for d in cat.dependents_of(m.source_schema, name) if d.kind != "m"]
         if reverse:
-            views.append((m.source_schema, m.source_name))  # the compatibility view
+            # The compatibility views (the table's and its partitions').
+            views += [(m.source_schema, name) for name in m.names]
         key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
         tables.append(key)
     for m in moves:
@@ -218,14 +237,42 @@ def lock_relations(moves: list[TableMove], cat: Catalog, reverse: bool = False) 
     return [regclass(*k) for k in lock_targets(moves, cat, reverse)]
 
 
-def _lock_step(moves: list[TableMove], cat: Catalog, reverse: bool) -> Step:
+def _lock_step(moves: list[TableMove], cat: Catalog, reverse: bool) -> list[Step]:
+    """The swap's one LOCK (a partitioned table's partitions are locked with it), then, for
+    a partitioned table, the check that its partitions are the ones this swap knows."""
     rels = sql.SQL(", ").join(sql.Identifier(*k) for k in lock_targets(moves, cat, reverse))
-    return Step(
+    return [Step(
         sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(rels),
         "ACCESS EXCLUSIVE on every relation the swap alters; the whole wait is bounded by "
         "lock_timeout, then the try is abandoned and retried",
         bounded=True,
-    )
+    )] + [
+        Step(partitioning.guard_step_sql(
+            regclass(m.target_schema, m.target_name) if reverse
+            else regclass(m.source_schema, m.source_name),
+            [p.name for p in m.partitions]), "none: reads the catalog under our lock")
+        for m in moves if m.partitioned
+    ]
+
+
+def _partitions_to(m: TableMove, schema: str, to: str) -> list[Step]:
+    """Each partition of the table follows it from `schema` to `to` (SET SCHEMA moves one
+    relation, not its partitions)."""
+    return [
+        Step(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            sql.Identifier(schema, p.name), sql.Identifier(to)))
+        for p in m.partitions
+    ]
+
+
+def _partition_views(m: TableMove, cat: Catalog) -> list[Step]:
+    """A compatibility view under each partition's name, over its counterpart."""
+    steps: list[Step] = []
+    for p in m.partitions:
+        rel = cat.table(m.source_schema, p.name)
+        assert rel is not None
+        steps += _view_sql(replace(m, part=p.name), rel, cat.defaults_for(m.source_schema))
+    return steps
 
 
 def _inbound_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list[Step]]:
@@ -242,16 +289,12 @@ def _inbound_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list
                 f"ACCESS EXCLUSIVE on {fk.schema}.{fk.table}",
             )
         )
-        after.append(
-            Step(
-                fk_sql(
-                    sql.Identifier(fk.schema, fk.table),
-                    fk,
-                    fk.columns,
-                    m.target,
-                    tuple(m.rename_map.get(c, c) for c in fk.ref_columns),
-                )
-            )
+        after += fk_steps(
+            sql.Identifier(fk.schema, fk.table),
+            fk,
+            fk.columns,
+            m.target,
+            tuple(m.rename_map.get(c, c) for c in fk.ref_columns),
         )
     return now, after
 
@@ -271,23 +314,15 @@ def _own_fks(m: TableMove, cat: Catalog, u: _Unit) -> tuple[list[Step], list[Ste
             )
         else:
             ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
-        after.append(
-            Step(
-                fk_sql(
-                    m.target,
-                    fk,
-                    tuple(m.rename_map.get(c, c) for c in fk.columns),
-                    ref,
-                    refcols,
-                )
-            )
+        after += fk_steps(
+            m.target, fk, tuple(m.rename_map.get(c, c) for c in fk.columns), ref, refcols
         )
     return now, after
 
 
 def forward_steps(moves: list[TableMove], cat: Catalog, plan: Plan | None = None) -> list[Step]:
     u = _Unit(moves, cat)
-    steps: list[Step] = [_lock_step(moves, cat, reverse=False)]
+    steps: list[Step] = _lock_step(moves, cat, reverse=False)
     for m in moves:
         steps += [
             Step(s, "drains the last log entries")
@@ -329,12 +364,15 @@ def forward_steps(moves: list[TableMove], cat: Catalog, plan: Plan | None = None
                 "the source leaves the application's way",
             )
         )
+        steps += _partitions_to(m, m.source_schema, m.retired_schema)
     for m in moves:
         rel = cat.table(m.source_schema, m.source_name)
         assert rel is not None
         steps += _view_sql(m, rel, cat.defaults_for(m.source_schema))
+        steps += _partition_views(m, cat)
     for m in moves:
-        steps += _dependent_views(cat, m.source_schema, m.source_name)
+        for name in m.names:
+            steps += _dependent_views(cat, m.source_schema, name)
         steps += matviews.swap_steps(cat, m)
     steps += later
     for m in moves:
@@ -402,16 +440,12 @@ def _fks_back(
         if (fk.schema, fk.table) in u.by_target:
             continue
         now.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
-        after.append(
-            Step(
-                fk_sql(
-                    sql.Identifier(fk.schema, fk.table),
-                    fk,
-                    fk.columns,
-                    m.source,
-                    tuple(back.get(c, c) for c in fk.ref_columns),
-                )
-            )
+        after += fk_steps(
+            sql.Identifier(fk.schema, fk.table),
+            fk,
+            fk.columns,
+            m.source,
+            tuple(back.get(c, c) for c in fk.ref_columns),
         )
     for fk in cat.fks_from(m.target_schema, m.target_name):
         now.append(Step(_drop_fk(fk.schema, fk.table, fk.name)))
@@ -421,16 +455,20 @@ def _fks_back(
             ref, refcols = parent.source, tuple(pback.get(c, c) for c in fk.ref_columns)
         else:
             ref, refcols = sql.Identifier(fk.ref_schema, fk.ref_table), fk.ref_columns
-        after.append(
-            Step(fk_sql(m.source, fk, tuple(back.get(c, c) for c in fk.columns), ref, refcols))
-        )
+        after += fk_steps(m.source, fk, tuple(back.get(c, c) for c in fk.columns), ref, refcols)
     return now, after
+
+
+def _aside(m: TableMove) -> list[tuple[str, str]]:
+    """Each compatibility view's name, and the name it steps aside to during a rollback."""
+    return [(name, f"_orch_old_{m.tag}" + (f"_{i}" if i else ""))
+            for i, name in enumerate(m.names)]
 
 
 def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
     """The swap backwards: the retired tables come back under their names, with every row."""
     u = _Unit(moves, cat)
-    steps: list[Step] = [_lock_step(moves, cat, reverse=True)]
+    steps: list[Step] = _lock_step(moves, cat, reverse=True)
     for m in moves:
         steps += [
             Step(s, "drains the last reverse-log entries")
@@ -452,16 +490,13 @@ def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
             later.append(
                 Step(rewrite_definition(t.definition, m.source_schema, m.source_name, back))
             )
-        # The compatibility view steps aside so the table can take its name back; dependent
-        # views are rebound before the view is dropped.
-        steps.append(
-            Step(
-                sql.SQL("ALTER VIEW {} RENAME TO {}").format(
-                    sql.Identifier(m.source_schema, m.source_name),
-                    sql.Identifier("_orch_old_" + m.tag),
-                )
-            )
-        )
+        # The compatibility views step aside so the tables can take their names back;
+        # dependent views are rebound before the views are dropped.
+        steps += [
+            Step(sql.SQL("ALTER VIEW {} RENAME TO {}").format(
+                sql.Identifier(m.source_schema, name), sql.Identifier(aside)))
+            for name, aside in _aside(m)
+        ]
         steps.append(
             Step(
                 sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
@@ -469,21 +504,20 @@ def rollback_steps(moves: list[TableMove], cat: Catalog) -> list[Step]:
                 )
             )
         )
+        steps += _partitions_to(m, m.retired_schema, m.source_schema)
         steps += _sequence_handover(
             cat, (m.target_schema, m.target_name), (m.source_schema, m.source_name), back
         )
     for m in moves:
-        # Views reading the compatibility view, printed as reading public.<name>: rebound
-        # to the table that takes the name back.
-        steps += _dependent_views(cat, m.source_schema, m.source_name)
+        # Views reading the compatibility views, printed as reading public.<name>: rebound
+        # to the tables that take the names back.
+        for name in m.names:
+            steps += _dependent_views(cat, m.source_schema, name)
     for m in moves:
-        steps.append(
-            Step(
-                sql.SQL("DROP VIEW {}").format(
-                    sql.Identifier(m.source_schema, "_orch_old_" + m.tag)
-                )
-            )
-        )
+        steps += [
+            Step(sql.SQL("DROP VIEW {}").format(sql.Identifier(m.source_schema, aside)))
+            for _, aside in _aside(m)
+        ]
     steps += later
     for m in moves:
         steps += [

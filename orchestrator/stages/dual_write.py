@@ -10,8 +10,10 @@ from orchestrator.stages.base import Action, Stage, Step, regclass
 
 def forward_steps(m: TableMove) -> list[Step]:
     lock = "SHARE ROW EXCLUSIVE on the source for CREATE TRIGGER: waits at most lock_timeout"
-    steps = capture.install_sql(capture.forward(m))
-    return [Step(s, lock if i >= 3 else "our log only") for i, s in enumerate(steps)]
+    d = capture.forward(m)
+    triggers = capture.create_triggers_sql(d)
+    objects = capture.install_sql(d)[: -len(triggers)]
+    return [Step(s, "our log only") for s in objects] + [Step(s, lock) for s in triggers]
 
 
 def rollback_steps(m: TableMove) -> list[Step]:

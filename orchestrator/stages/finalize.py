@@ -16,7 +16,7 @@ def forward_steps(m: TableMove) -> list[Step]:
         return []
     return [
         *[Step(s) for s in capture.uninstall_sql(capture.reverse(m))],
-        *[Step(s) for s in capture.uninstall_sql(capture.forward(m))[2:]],
+        *[Step(s) for s in capture.uninstall_sql(capture.forward(m), triggers=False)],
         Step(
             sql.SQL("DROP TABLE {}").format(m.retired),
             "ACCESS EXCLUSIVE on the retired table (nothing reads it)",

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from psycopg import sql
 
-from orchestrator.model.catalog import Relation, Sequence
+from orchestrator.model.catalog import Constraint, Relation, Sequence
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
@@ -23,7 +23,7 @@ from orchestrator.sql.compose import (
     rewrite_statistics,
 )
 from orchestrator.stages import matviews
-from orchestrator.stages.base import Action, Stage, Step, remember_schema
+from orchestrator.stages.base import Action, Stage, Step, remember
 
 
 def _identity_options(seq: Sequence | None, target_schema: str) -> sql.Composable:
@@ -191,7 +191,7 @@ def resync_access_steps(
 
 def forward_steps(
     m: TableMove, rel: Relation, plan: Plan, defaults: tuple[str, ...] = (),
-    sequences: Iterable[Sequence] = (),
+    sequences: Iterable[Sequence] = (), parts: Iterable[Relation] = (),
 ) -> list[Step]:
     renames = m.rename_map
     identity = {s.owner_column: s for s in sequences if s.identity}
@@ -205,25 +205,16 @@ def forward_steps(
                 sql.Identifier(pk.name), idents(m.key_target)
             )
         )
-    for con in rel.constraints:
-        if con.kind == "c":
-            # The catalog's own text unless a column is renamed (a deparse would rewrite
-            # SQL-standard syntax into its function-call form).
-            check = con.definition
-            if renames:
-                body = rewrite_definition(
-                    "ALTER TABLE x ADD CONSTRAINT x " + con.definition, None, None, renames
-                )
-                check = body.as_string(None).split(" ADD CONSTRAINT x ", 1)[1]
-            elements.append(
-                sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(con.name), catalog_sql(check))
-            )
+    elements += _checks(rel, renames)
     steps = [
         Step(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema))),
         Step(
-            sql.SQL("CREATE {}TABLE {} ({}){}").format(
+            sql.SQL("CREATE {}TABLE {} ({}){}{}").format(
                 sql.SQL("UNLOGGED " if rel.persistence == "u" else ""), m.target,
-                sql.SQL(", ").join(elements), _table_options(rel),
+                sql.SQL(", ").join(elements),
+                sql.SQL(" PARTITION BY {}").format(catalog_sql(rel.partition_key))
+                if rel.partition_key else sql.SQL(""),
+                _table_options(rel),
             ),
             "new table only",
         ),
@@ -249,6 +240,7 @@ def forward_steps(
         steps.append(
             Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(m.target, sql.Literal(rel.comment)))
         )
+    steps += constraint_comments(m.target, m.target_schema, rel)
     for c in rel.columns:
         if c.comment is not None:
             steps.append(
@@ -259,7 +251,82 @@ def forward_steps(
                     )
                 )
             )
-    return steps + access_steps(m, rel, plan)
+    steps += access_steps(m, rel, plan)
+    for p in parts:
+        steps += partition_steps(m, p, defaults)
+    return steps
+
+
+def _checks(rel: Relation, renames: dict[str, str]) -> list[sql.Composable]:
+    """The table's own CHECK constraints, as table elements (inherited ones come with the
+    parent). The catalog's own text unless a column is renamed (a deparse would rewrite
+    SQL-standard syntax into its function-call form)."""
+    return [
+        sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(con.name),
+                                           constraint_text(con, renames))
+        for con in rel.constraints if con.kind == "c" and not con.inherited
+    ]
+
+
+def constraint_comments(target: sql.Identifier, schema: str, rel: Relation) -> list[Step]:
+    """Comments on the constraints prepare creates (the key, CHECKs) and the key's index."""
+    steps = [
+        Step(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+            sql.Identifier(con.name), target, sql.Literal(con.comment)))
+        for con in rel.constraints
+        if con.kind in ("p", "c") and not con.inherited and con.comment is not None
+    ]
+    steps += [
+        Step(sql.SQL("COMMENT ON INDEX {} IS {}").format(
+            sql.Identifier(schema, i.name), sql.Literal(i.comment)))
+        for i in rel.indexes if i.primary and not i.inherited and i.comment is not None
+    ]
+    return steps
+
+
+def constraint_text(con: Constraint, renames: dict[str, str]) -> sql.Composable:
+    """A constraint's definition as the catalog prints it, its columns renamed if need be."""
+    if not renames:
+        return catalog_sql(con.definition)
+    body = rewrite_definition(
+        "ALTER TABLE x ADD CONSTRAINT x " + con.definition, None, None, renames
+    )
+    return catalog_sql(body.as_string(None).split(" ADD CONSTRAINT x ", 1)[1])
+
+
+def partition_steps(m: TableMove, p: Relation, defaults: tuple[str, ...] = ()) -> list[Step]:
+    """One partition of a partitioned target, under its own name, with the source
+    partition's bound, sub-partitioning, own CHECKs, storage parameters, owner, comment,
+    grants and statistics (its indexes come with the copy's, its rows with the copy)."""
+    part = m.partition(p.name)
+    parent = m.target if part.parent == m.source_name else sql.Identifier(
+        m.target_schema, part.parent)
+    target = sql.Identifier(m.target_schema, p.name)
+    checks = _checks(p, m.rename_map)
+    steps = [Step(
+        sql.SQL("CREATE TABLE {} PARTITION OF {}{} {}{}{}").format(
+            target, parent,
+            sql.SQL(" ({})").format(sql.SQL(", ").join(checks)) if checks else sql.SQL(""),
+            catalog_sql(part.bound),
+            sql.SQL(" PARTITION BY {}").format(catalog_sql(part.key)) if part.key
+            else sql.SQL(""),
+            _table_options(p),
+        ),
+        "new table only (SHARE UPDATE EXCLUSIVE on the new parent)",
+    )]
+    if p.owner:
+        steps.append(
+            Step(sql.SQL("ALTER TABLE {} OWNER TO {}").format(target, sql.Identifier(p.owner)))
+        )
+    steps += [Step(r) for r in revoke_defaults(target, defaults, p.owner)]
+    steps += [Step(g) for g in grant_statements(p.acl, target, p.owner)]
+    if p.comment is not None:
+        steps.append(
+            Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(p.comment)))
+        )
+    steps += constraint_comments(target, m.target_schema, p)
+    steps += [Step(rewrite_statistics(d, m.target_schema, p.name)) for d in p.statistics]
+    return steps
 
 
 _CMDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
@@ -308,8 +375,9 @@ class Prepare(Stage):
         rel = ctx.catalog.table(m.source_schema, m.source_name)
         assert rel is not None
         steps = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.target_schema),
-                              ctx.catalog.owned_sequences(m.source_schema, m.source_name))
-        return Action(self.name, steps, record=remember_schema(ctx, m))
+                              ctx.catalog.owned_sequences(m.source_schema, m.source_name),
+                              ctx.catalog.partitions_of(m.source_schema, m.source_name))
+        return Action(self.name, steps, record=remember(ctx, m))
 
     def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
         m = moves[0]

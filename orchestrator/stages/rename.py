@@ -16,12 +16,13 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
+from orchestrator.model import partitioning
 from orchestrator.model.catalog import Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.plan import Plan
 from orchestrator.sql.acl import grant_statements, parse_aclitem, revoke_defaults
-from orchestrator.stages.base import Action, Phase, Stage, Step, regclass, remember_schema
+from orchestrator.stages.base import Action, Phase, Stage, Step, regclass, remember
 from orchestrator.stages.prepare import owner_usage
 from orchestrator.state.store import Store
 
@@ -70,12 +71,50 @@ def _plan_grant_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
     return steps
 
 
+def _guard(m: TableMove, schema: str, name: str) -> list[Step]:
+    """For a partitioned table, under the lock: its partitions are the ones the move knows."""
+    if not m.partitioned:
+        return []
+    return [Step(partitioning.guard_step_sql(regclass(schema, name),
+                                             [p.name for p in m.partitions]))]
+
+
+def _set_schema(m: TableMove, schema: str, to: str) -> list[Step]:
+    """A partitioned table's partitions follow it (SET SCHEMA moves one relation)."""
+    return [
+        Step(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            sql.Identifier(schema, p.name), sql.Identifier(to)))
+        for p in m.partitions
+    ]
+
+
+def _view(
+    view: sql.Identifier, table: sql.Identifier, rel: Relation, defaults: tuple[str, ...]
+) -> list[Step]:
+    """A compatibility view under the old name, owned and granted as the table is."""
+    steps = [
+        Step(
+            sql.SQL("CREATE VIEW {} WITH (security_invoker = true) AS SELECT * FROM {}").format(
+                view, table
+            )
+        ),
+        Step(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(rel.owner))),
+    ]
+    steps += [Step(r) for r in revoke_defaults(view, defaults, rel.owner)]
+    steps += [Step(g) for g in grant_statements(rel.acl, view, rel.owner)]
+    for c in rel.columns:
+        steps += [Step(g) for g in grant_statements(c.acl, view, rel.owner, (c.name,))]
+    return steps
+
+
 def forward_steps(
-    m: TableMove, rel: Relation, plan: Plan | None = None, defaults: tuple[str, ...] = ()
+    m: TableMove, rel: Relation, plan: Plan | None = None, defaults: tuple[str, ...] = (),
+    parts: Sequence[Relation] = (),
 ) -> list[Step]:
     moved = sql.Identifier(m.target_schema, m.source_name)
     steps = [
         lock_step([m.source]),
+        *_guard(m, m.source_schema, m.source_name),
         Step(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema))),
         Step(
             sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
@@ -83,6 +122,7 @@ def forward_steps(
             ),
             "ACCESS EXCLUSIVE on the table: waits at most lock_timeout, held milliseconds",
         ),
+        *_set_schema(m, m.source_schema, m.target_schema),
     ]
     if m.target_name != m.source_name:
         steps.append(
@@ -95,21 +135,10 @@ def forward_steps(
     if plan is not None:
         steps += _plan_grant_steps(m, rel, plan)
     if m.options.compat_view:
-        view = sql.Identifier(m.source_schema, m.source_name)
-        steps.append(
-            Step(
-                sql.SQL("CREATE VIEW {} WITH (security_invoker = true) AS SELECT * FROM {}").format(
-                    view, m.target
-                )
-            )
-        )
-        steps.append(
-            Step(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(rel.owner)))
-        )
-        steps += [Step(r) for r in revoke_defaults(view, defaults, rel.owner)]
-        steps += [Step(g) for g in grant_statements(rel.acl, view, rel.owner)]
-        for c in rel.columns:
-            steps += [Step(g) for g in grant_statements(c.acl, view, rel.owner, (c.name,))]
+        steps += _view(m.source, m.target, rel, defaults)
+        for p in parts:
+            steps += _view(sql.Identifier(m.source_schema, p.name),
+                           sql.Identifier(m.target_schema, p.name), p, defaults)
     return steps
 
 
@@ -123,15 +152,11 @@ def lock_step(relations: list[sql.Identifier]) -> Step:
 
 def rollback_steps(m: TableMove, granted: Granted = ()) -> list[Step]:
     """The move backwards; `granted` (from `plan_grants` at forward time) is revoked first."""
+    views = [sql.Identifier(m.source_schema, name) for name in m.names]
     steps = [
-        lock_step(
-            [m.target, sql.Identifier(m.source_schema, m.source_name)]
-            if m.options.compat_view
-            else [m.target]
-        ),
-        Step(
-            sql.SQL("DROP VIEW IF EXISTS {}").format(sql.Identifier(m.source_schema, m.source_name))
-        ),
+        lock_step([m.target, *views] if m.options.compat_view else [m.target]),
+        *_guard(m, m.target_schema, m.target_name),
+        *[Step(sql.SQL("DROP VIEW IF EXISTS {}").format(view)) for view in views],
     ]
     for role, privs in granted:
         steps.append(
@@ -157,7 +182,7 @@ def rollback_steps(m: TableMove, granted: Granted = ()) -> list[Step]:
             "ACCESS EXCLUSIVE on the table: waits at most lock_timeout",
         )
     )
-    return steps
+    return steps + _set_schema(m, m.target_schema, m.source_schema)
 
 
 class Rename(Stage):
@@ -172,15 +197,15 @@ class Rename(Stage):
         rel = ctx.catalog.table(m.source_schema, m.source_name)
         assert rel is not None
         granted = plan_grants(m, rel, ctx.plan)
-        remember = remember_schema(ctx, m)
+        noted = remember(ctx, m)
 
         def record(store: Store) -> None:
-            if remember is not None:
-                remember(store)
+            noted(store)
             # What the plan granted beyond the table's own ACL, for an exact rollback.
             store.save(m.label, "rename_grants", [[role, list(privs)] for role, privs in granted])
 
-        steps = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema))
+        steps = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema),
+                              ctx.catalog.partitions_of(*rel.qualified))
         return Action(self.name, steps, [regclass(m.source_schema, m.source_name)], record)
 
     def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
@@ -197,7 +222,8 @@ class Rename(Stage):
         m = moves[0]
         rel = ctx.catalog.table(m.source_schema, m.source_name)
         assert rel is not None
-        forward = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema))
+        forward = forward_steps(m, rel, ctx.plan, ctx.catalog.defaults_for(m.source_schema),
+                                ctx.catalog.partitions_of(*rel.qualified))
         return forward, rollback_steps(m, plan_grants(m, rel, ctx.plan))
 
 

@@ -108,8 +108,14 @@ def fast_hash_works(ctx: Ctx, m: TableMove) -> bool:
 def forward_steps(m: TableMove) -> list[Step]:
     return [
         Step(capture.replay_batch_sql(capture.forward(m)), "ROW EXCLUSIVE on the target"),
-        Step(chunk_end_sql(m, lo=True), "none"),
-        Step(checksum_sql(m, lo=True, hi=True), "none (REPEATABLE READ snapshot)"),
+        *[
+            step
+            for seg in m.segments()
+            for step in (
+                Step(chunk_end_sql(seg, lo=True), "none"),
+                Step(checksum_sql(seg, lo=True, hi=True), "none (REPEATABLE READ snapshot)"),
+            )
+        ],
     ]
 
 
@@ -193,12 +199,15 @@ def drain(ctx: Ctx, m: TableMove, until: int = 0) -> int:
             return total
 
 
-def _scan(ctx: Ctx, m: TableMove, estimate: int) -> tuple[int, Mismatch | None]:
-    """Check every chunk in key order, each committed with its checkpoint; stop at the first
-    chunk that still differs after its re-checks, narrowed to a small key range."""
+def _scan(
+    ctx: Ctx, m: TableMove, estimate: int, checked: int = 0
+) -> tuple[int, Mismatch | None]:
+    """Check every chunk of one segment (the table, or one leaf partition) in key order, each
+    committed with its checkpoint; stop at the first chunk that still differs after its
+    re-checks, narrowed to a small key range. `checked` counts rows of earlier segments."""
     t0 = time.monotonic()
     lo: list[str] | None = None
-    checked = 0
+    first = checked
     fast = fast_hash_works(ctx, m)
     while True:
         hi, res = _check_chunk(ctx, m, lo, fast)
@@ -214,12 +223,14 @@ def _scan(ctx: Ctx, m: TableMove, estimate: int) -> tuple[int, Mismatch | None]:
             bad = Mismatch(lo, hi, res["source"], res["target"])
             return checked, _narrow(ctx, m, bad, int(res["rows"]), fast)
         checked += int(res["rows"])
-        rate = checked / max(time.monotonic() - t0, 1e-6)
+        rate = (checked - first) / max(time.monotonic() - t0, 1e-6)
         with ctx.conn.transaction():
             ctx.store.checkpoint(
-                m.label, "verify", rows_done=checked, checkpoint={"last": hi}, rows_per_s=rate
+                m.label, "verify", rows_done=checked,
+                checkpoint={"last": hi, "part": m.part} if m.part else {"last": hi},
+                rows_per_s=rate,
             )
-        ctx.progress(Rows(m.label, "verify", checked, max(estimate, checked), rate))
+        ctx.progress(Rows(m.label, "verify", checked, max(estimate, checked), rate, m.part))
         if hi is None:
             return checked, None
         lo = hi
@@ -229,10 +240,22 @@ def _describe(m: TableMove, mismatch: Mismatch) -> str:
     def key(k: list[str] | None, none: str) -> str:
         return none if k is None else "(" + ", ".join(k) + ")"
 
+    where = f" of partition {m.part}" if m.part else ""
     return (
-        f"source and target differ in keys ({', '.join(m.key_source)}) after "
+        f"source and target differ in keys ({', '.join(m.key_source)}){where} after "
         f"{key(mismatch.lo, '(start)')} up to {key(mismatch.hi, '(end)')}"
     )
+
+
+def _scan_all(ctx: Ctx, m: TableMove, estimate: int) -> tuple[int, TableMove, Mismatch | None]:
+    """Every segment in turn (each leaf partition against its counterpart); the rows checked,
+    and the segment and range of the first difference, if any."""
+    checked = 0
+    for seg in m.segments():
+        checked, mismatch = _scan(ctx, seg, estimate, checked)
+        if mismatch is not None:
+            return checked, seg, mismatch
+    return checked, m, None
 
 
 class Verify(LoopStage):
@@ -251,7 +274,7 @@ class Verify(LoopStage):
             ctx.store.start(m.label, self.name, again=True, reset=True)
         drain(ctx, m)
         t0 = time.monotonic()
-        checked, mismatch = _scan(ctx, m, ctx.store.row(m.label, "copy").rows_done)
+        checked, seg, mismatch = _scan_all(ctx, m, ctx.store.row(m.label, "copy").rows_done)
         duration = (time.monotonic() - t0) * 1000
         with ctx.conn.transaction():
             if mismatch is None:
@@ -261,16 +284,16 @@ class Verify(LoopStage):
                     detail={"rows": checked},
                 )
             else:
-                ctx.store.fail(m.label, self.name, _describe(m, mismatch))
+                ctx.store.fail(m.label, self.name, _describe(seg, mismatch))
                 ctx.store.log(
                     "verify", "mismatch", table=m.label, stage=self.name, duration_ms=duration,
                     detail={"lo": mismatch.lo, "hi": mismatch.hi, "source": mismatch.source,
-                            "target": mismatch.target},
+                            "target": mismatch.target, "partition": seg.part},
                 )
         if mismatch is not None:
             path = ctx.loaded.path
             raise StageError(
-                f"{m.label}: {_describe(m, mismatch)}",
+                f"{m.label}: {_describe(seg, mismatch)}",
                 hint=f"inspect that range; `orchestrator rollback {path} --table {m.label} --to "
                 f"dual_write` then `orchestrator apply {path} --table {m.label}` recopies the "
                 "table",

@@ -285,9 +285,7 @@ def _sort_out(
         assert rel is not None
         if target_of[t] == schema:
             left_out[t] = f"kept in {schema} by --to"
-        elif rel.kind == "p":
-            left_out[t] = "partitioned tables are not supported yet; move it by hand"
-        elif rel.inherits or rel.has_children:
+        elif rel.kind != "p" and (rel.inherits or rel.has_children):
             left_out[t] = "table inheritance is not supported; move it by hand"
         elif t in keyless:
             key = keyless[t]

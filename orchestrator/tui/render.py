@@ -239,17 +239,20 @@ class Reporter:
             if self.live:
                 key = (e.table, e.stage)
                 rate = f"{e.rate:,.0f} rows/s"
+                # A partitioned table's bar names the partition being worked on.
+                label = f"{e.stage} {e.table}" + (f" ({e.part})" if e.part else "")
                 if key not in self.tasks:
                     self.tasks[key] = self.progress.add_task(
-                        f"{e.stage} {e.table}", total=e.rows_estimated, rate=rate
+                        label, total=e.rows_estimated, rate=rate
                     )
                 self.progress.update(
-                    self.tasks[key], completed=e.rows_done, total=e.rows_estimated, rate=rate
+                    self.tasks[key], completed=e.rows_done, total=e.rows_estimated, rate=rate,
+                    description=label,
                 )
             elif time.monotonic() - self._last_log > 2.0:
                 self._last_log = time.monotonic()
                 self.log.info("progress", table=e.table, stage=e.stage, rows=e.rows_done,
-                              estimated=e.rows_estimated, rate=round(e.rate))
+                              estimated=e.rows_estimated, rate=round(e.rate), partition=e.part)
         elif isinstance(e, StageChanged):
             if self.live:
                 mark = "[green]✓[/]" if e.status == "done" else "[magenta]↺[/]"
