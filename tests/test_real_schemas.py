@@ -222,11 +222,12 @@ def test_the_table_comes_back_as_the_catalog_printed_it_and_a_rollback_restores_
     assert catalog(empty_dsn) == snapshot_before
 
 
-def test_grants_and_policies_changed_during_the_move_are_carried_at_cutover(
+def test_grants_policies_and_comments_changed_during_the_move_are_carried_at_cutover(
     empty_dsn: str, tmp_path: Path
 ) -> None:
-    """Prepare copies the ACL and policies; cutover re-syncs them, so a GRANT, a REVOKE or a
-    new policy made between prepare and cutover is what the new table has."""
+    """Prepare copies the ACL, policies and comments; cutover re-syncs them, so a GRANT, a
+    REVOKE, a new policy or comment made between prepare and cutover is what the new table
+    has."""
     suffix = uuid.uuid4().hex[:8]
     early, late = f"orch_early_{suffix}", f"orch_late_{suffix}"
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
@@ -244,13 +245,16 @@ def test_grants_and_policies_changed_during_the_move_are_carried_at_cutover(
             conn.execute(sql.SQL("GRANT INSERT (v) ON p TO {}").format(sql.Identifier(late)))
             conn.execute("ALTER TABLE p ENABLE ROW LEVEL SECURITY")
             conn.execute("CREATE POLICY only_a ON p USING (v = 'a')")
+            conn.execute("COMMENT ON TABLE p IS 'said during the move'")
+            conn.execute("COMMENT ON COLUMN p.v IS 'the value'")
             source = catalog(empty_dsn)["relations"]["public.p"]
 
             assert run(empty_dsn, "cutover", str(plan), "--yes").exit_code == 0
             moved = catalog(empty_dsn)["relations"]["dom.p"]
-            for part in ("acl", "rls", "policies"):
+            for part in ("acl", "rls", "policies", "comment"):
                 assert moved[part] == source[part], part
             assert [c[9] for c in moved["columns"]] == [c[9] for c in source["columns"]]
+            assert [c[8] for c in moved["columns"]] == [c[8] for c in source["columns"]]
         finally:
             for role in (early, late):
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))

@@ -166,8 +166,9 @@ def access_steps(m: TableMove, rel: Relation, plan: Plan) -> list[Step]:
 def resync_access_steps(
     m: TableMove, rel: Relation, target: Relation | None, plan: Plan
 ) -> list[Step]:
-    """At cutover: the target's grants and row-level security become the source's as they are
-    now (a GRANT, REVOKE or policy change made during the move is not lost)."""
+    """At cutover: the target's grants, row-level security and comments become the source's
+    as they are now (a GRANT, REVOKE, policy or comment change made during the move is not
+    lost)."""
     steps: list[Step] = []
     if target is not None:
         grantees = {parse_aclitem(a).grantee for a in target.acl}
@@ -186,7 +187,25 @@ def resync_access_steps(
         steps.append(Step(sql.SQL("ALTER TABLE {} DISABLE ROW LEVEL SECURITY").format(m.target)))
     if not rel.rls_forced:
         steps.append(Step(sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY").format(m.target)))
-    return steps + access_steps(m, rel, plan)
+    return steps + access_steps(m, rel, plan) + _comment_resync(m, rel, target)
+
+
+def _comment_resync(m: TableMove, rel: Relation, target: Relation | None) -> list[Step]:
+    """The table's and its columns' comments as the source has them now, where they differ
+    from the target's (COMMENT ... IS NULL removes one dropped during the move)."""
+    if target is None:
+        return []
+    steps = []
+    if rel.comment != target.comment:
+        steps.append(Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            m.target, sql.Literal(rel.comment))))
+    now = {c.name: c.comment for c in target.columns}
+    for c in rel.columns:
+        name = m.rename_map.get(c.name, c.name)
+        if name in now and now[name] != c.comment:
+            steps.append(Step(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+                sql.Identifier(m.target_schema, m.target_name, name), sql.Literal(c.comment))))
+    return steps
 
 
 def forward_steps(
