@@ -102,6 +102,11 @@ class Options(_Model):
         default_factory=Throttle, description="When the copy pauses (see Throttle)."
     )
     compat_view: bool = Field(True, description="Leave a compatibility view under the old name.")
+    cutover_window: str | None = Field(
+        None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$",
+        description="HH:MM-HH:MM, local time of the machine running the orchestrator: swaps "
+        "wait for it (cutover --window overrides it).",
+    )
 
 
 class TableOptions(_Model):

@@ -25,7 +25,9 @@ from orchestrator.plan import load_plan
 from orchestrator.tui import render as tui
 
 if TYPE_CHECKING:
+    from orchestrator.model.context import SwapControls
     from orchestrator.run.engine import Engine
+    from orchestrator.run.gates import Gates
 
 app = typer.Typer(
     name="orchestrator",
@@ -66,6 +68,49 @@ TablesOpt = Annotated[
     typer.Option("--table", "-t", help="Only this table (and its cycle unit); repeatable."),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+# How a swap approaches its lock (runbook: "Blockers") and what holds it ("Cutover gates").
+ForecastWaitOpt = Annotated[float, typer.Option(
+    "--forecast-wait", help="Seconds a swap waits for a clear stall forecast before giving up "
+    "(changing nothing).")]
+IgnoreForecastOpt = Annotated[bool, typer.Option(
+    "--ignore-forecast", help="Try the swap's lock even when the forecast names a session "
+    "that would hold it past lock_timeout.")]
+TerminateAfterOpt = Annotated[int | None, typer.Option(
+    "--terminate-blockers-after", help="After a swap has waited this many ms, end the "
+    "sessions the forecast names (never a superuser's, a replication process, a writer or a "
+    "transaction older than --terminate-max-age).")]
+TerminateMaxAgeOpt = Annotated[float, typer.Option(
+    "--terminate-max-age", help="Seconds: never end a transaction older than this.")]
+TerminateWritersOpt = Annotated[bool, typer.Option(
+    "--terminate-writers", help="Also end sessions whose transaction has written.")]
+WindowOpt = Annotated[str | None, typer.Option(
+    "--window", help="HH:MM-HH:MM (local time): swap only inside it (overrides the plan's "
+    "cutover_window).")]
+PostponeOpt = Annotated[Path | None, typer.Option(
+    "--postpone-file", help="Hold each swap while this file exists.")]
+WhenReadyOpt = Annotated[bool, typer.Option(
+    "--when-ready", help="Swap a unit only once verified, its capture log short and the "
+    "stall forecast clear.")]
+
+
+def swap_controls(
+    forecast_wait: float, ignore_forecast: bool, terminate_after: int | None,
+    terminate_max_age: float, terminate_writers: bool,
+) -> "SwapControls":
+    from orchestrator.model.context import SwapControls
+
+    return SwapControls(
+        forecast=not ignore_forecast, forecast_wait_s=forecast_wait,
+        terminate_after_ms=terminate_after, terminate_max_age_s=terminate_max_age,
+        terminate_writers=terminate_writers,
+    )
+
+
+def cutover_gates(window: str | None, postpone: Path | None, when_ready: bool) -> "Gates":
+    from orchestrator.run.gates import Gates, parse_window
+
+    return Gates(window=parse_window(window) if window else None, postpone_file=postpone,
+                 when_ready=when_ready)
 LockOpt = Annotated[
     int | None,
     typer.Option("--lock-timeout", help="lock_timeout in ms for this run (overrides the plan)."),
@@ -121,6 +166,12 @@ def guard(fmt: str = "text") -> Iterator[None]:
             hint="raise the plan's statement_timeout_ms (or the role's statement_timeout), or "
             "lower batch_size with `orchestrator set PLAN batch_size N`, then rerun the same "
             "command"), fmt)
+    except KeyboardInterrupt:
+        # Ctrl-C, most often to cancel a wait (a cutover window, a postpone file, a forecast):
+        # what was committed is recorded and nothing half-done is.
+        fail(OrchestratorError(
+            "interrupted: every committed step is recorded, nothing half-done was kept",
+            hint="rerun the same command to go on"), fmt)
     except psycopg.OperationalError as exc:
         # The server went away or ended our session mid-step: every committed step and
         # checkpoint is recorded, so the same command resumes.
@@ -152,7 +203,10 @@ def confirm(question: str, yes: bool) -> None:
 
 
 @contextmanager
-def engine(plan: Path, lock_timeout: int | None, fmt: str = "text") -> Iterator["Engine"]:
+def engine(
+    plan: Path, lock_timeout: int | None, fmt: str = "text", swap: "SwapControls | None" = None,
+    hold: "Gates | None" = None,
+) -> Iterator["Engine"]:
     """A session of the engine on the plan, its progress shown by a Reporter (on stderr in
     json format, so stdout stays one JSON document)."""
     from orchestrator.run.session import session
@@ -160,7 +214,7 @@ def engine(plan: Path, lock_timeout: int | None, fmt: str = "text") -> Iterator[
     loaded = load_plan(plan)
     dsn = resolve_dsn(state.dsn, state.embedded)
     reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
-    with reporter, session(dsn, loaded, reporter.event, lock_timeout) as eng:
+    with reporter, session(dsn, loaded, reporter.event, lock_timeout, swap, hold) as eng:
         yield eng
 
 

@@ -13,17 +13,27 @@ import typer
 from orchestrator.cli.common import (
     Fmt,
     FmtOpt,
+    ForecastWaitOpt,
+    IgnoreForecastOpt,
     LockOpt,
     PlanArg,
+    PostponeOpt,
     TablesOpt,
+    TerminateAfterOpt,
+    TerminateMaxAgeOpt,
+    TerminateWritersOpt,
+    WhenReadyOpt,
+    WindowOpt,
     YesOpt,
     app,
     confirm,
     connect_db,
+    cutover_gates,
     emit_json,
     engine,
     guard,
     out,
+    swap_controls,
 )
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import load_plan
@@ -96,6 +106,14 @@ def apply(
     dry: Annotated[bool, typer.Option("--dry-run", help="Show what would run; change "
                                       "nothing.")] = False,
     fmt: FmtOpt = Fmt.text,
+    window: WindowOpt = None,
+    postpone_file: PostponeOpt = None,
+    when_ready: WhenReadyOpt = False,
+    forecast_wait: ForecastWaitOpt = 30.0,
+    ignore_forecast: IgnoreForecastOpt = False,
+    terminate_after: TerminateAfterOpt = None,
+    terminate_max_age: TerminateMaxAgeOpt = 600.0,
+    terminate_writers: TerminateWritersOpt = False,
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
     if dry:
@@ -108,7 +126,10 @@ def apply(
             )
         if until == "cutover":
             confirm("apply through cutover (the application switches to the new tables)?", yes)
-        with engine(plan, lock_timeout, fmt) as eng:
+        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
+                                 terminate_max_age, terminate_writers)
+        hold = cutover_gates(window, postpone_file, when_ready)
+        with engine(plan, lock_timeout, fmt, controls, hold) as eng:
             eng.apply(table, until)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
@@ -125,11 +146,23 @@ def cutover(
     yes: YesOpt = False,
     lock_timeout: LockOpt = None,
     fmt: FmtOpt = Fmt.text,
+    window: WindowOpt = None,
+    postpone_file: PostponeOpt = None,
+    when_ready: WhenReadyOpt = False,
+    forecast_wait: ForecastWaitOpt = 30.0,
+    ignore_forecast: IgnoreForecastOpt = False,
+    terminate_after: TerminateAfterOpt = None,
+    terminate_max_age: TerminateMaxAgeOpt = 600.0,
+    terminate_writers: TerminateWritersOpt = False,
 ) -> None:
-    """Swap the application to the new tables (one short locked transaction per unit)."""
+    """Swap the application to the new tables (one short locked transaction per unit), when
+    the gates open and the stall forecast is clear."""
     with guard(fmt):
         confirm("cut over (retire the source tables behind compatibility views)?", yes)
-        with engine(plan, lock_timeout, fmt) as eng:
+        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
+                                 terminate_max_age, terminate_writers)
+        hold = cutover_gates(window, postpone_file, when_ready)
+        with engine(plan, lock_timeout, fmt, controls, hold) as eng:
             eng.cutover(table)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "cutover": True})
@@ -180,6 +213,11 @@ def rollback(
     yes: YesOpt = False,
     lock_timeout: LockOpt = None,
     fmt: FmtOpt = Fmt.text,
+    forecast_wait: ForecastWaitOpt = 30.0,
+    ignore_forecast: IgnoreForecastOpt = False,
+    terminate_after: TerminateAfterOpt = None,
+    terminate_max_age: TerminateMaxAgeOpt = 600.0,
+    terminate_writers: TerminateWritersOpt = False,
 ) -> None:
     """Reverse a table's stages (or the whole plan's), latest first, keeping every row written
     meanwhile."""
@@ -191,7 +229,9 @@ def rollback(
             )
         what = table or "every table of the plan"
         confirm(f"roll back {what}" + (f" to {to}" if to else " entirely") + "?", yes)
-        with engine(plan, lock_timeout, fmt) as eng:
+        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
+                                 terminate_max_age, terminate_writers)
+        with engine(plan, lock_timeout, fmt, controls) as eng:
             undone = eng.rollback(table, to)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "rolled_back": undone})

@@ -17,6 +17,20 @@ from orchestrator.state.store import Store
 
 
 @dataclass(frozen=True)
+class SwapControls:
+    """How a swap (cutover, rename, their rollbacks) approaches its lock: it tries only when
+    the stall forecast is clear (run/forecast.py), waiting up to `forecast_wait_s`; it ends
+    the sessions in its way only when the operator set `terminate_after_ms`, and then only
+    within the rules."""
+
+    forecast: bool = True
+    forecast_wait_s: float = 30.0
+    terminate_after_ms: int | None = None
+    terminate_max_age_s: float = 600.0
+    terminate_writers: bool = False
+
+
+@dataclass(frozen=True)
 class LockPolicy:
     """How long a locked transaction may wait for its locks, and how often it tries again."""
 
@@ -25,14 +39,18 @@ class LockPolicy:
     retries: int
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
+    swap: SwapControls = SwapControls()
 
 
-def policy_for(options: Options, lock_timeout_ms: int | None = None) -> LockPolicy:
+def policy_for(
+    options: Options, lock_timeout_ms: int | None = None, swap: SwapControls | None = None
+) -> LockPolicy:
     """The plan's (or a table's) lock options, with the operator's --lock-timeout over them."""
     return LockPolicy(
         lock_timeout_ms=lock_timeout_ms or options.lock_timeout_ms,
         statement_timeout_ms=options.statement_timeout_ms,
         retries=options.lock_retries,
+        swap=swap or SwapControls(),
     )
 
 
@@ -49,6 +67,7 @@ class Ctx:
     store: Store
     progress: Progress = ignore
     lock_timeout_ms: int | None = None
+    swap: SwapControls = SwapControls()
 
     @property
     def plan(self) -> Plan:
@@ -59,7 +78,8 @@ class Ctx:
         return self.plan.control_schema
 
     def policy(self, m: TableMove | None = None) -> LockPolicy:
-        return policy_for(m.options if m is not None else self.plan.defaults, self.lock_timeout_ms)
+        return policy_for(m.options if m is not None else self.plan.defaults,
+                          self.lock_timeout_ms, self.swap)
 
     def unit_moves(self, unit: Unit) -> list[TableMove]:
         return [self.moves[n] for n in unit.members if n in self.moves]
@@ -71,6 +91,7 @@ def build_context(
     progress: Progress = ignore,
     lock_timeout_ms: int | None = None,
     store: Store | None = None,
+    swap: SwapControls | None = None,
 ) -> Ctx:
     """Read the catalog, check the plan and resolve every table's move (read-only)."""
     plan = loaded.plan
@@ -106,4 +127,5 @@ def build_context(
         store=store or Store(conn, plan.control_schema, plan.name),
         progress=progress,
         lock_timeout_ms=lock_timeout_ms,
+        swap=swap or SwapControls(),
     )

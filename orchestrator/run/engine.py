@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg import sql
 
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted, StageError
 from orchestrator.model import partitioning
-from orchestrator.model.context import Ctx, build_context
+from orchestrator.model.context import Ctx, SwapControls, build_context
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
 from orchestrator.plan import LoadedPlan, Plan
-from orchestrator.run import follow, rollback
+from orchestrator.run import follow, gates, rollback
 from orchestrator.run.events import Progress, StageChanged
+from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
 from orchestrator.stages import registry
 from orchestrator.stages.base import (
@@ -47,6 +48,8 @@ class Engine:
     loaded: LoadedPlan
     progress: Progress
     lock_timeout_ms: int | None = None
+    swap: SwapControls = field(default_factory=SwapControls)
+    hold: Gates = field(default_factory=Gates)  # what holds a swap (run/gates.py)
 
     @property
     def plan(self) -> Plan:
@@ -72,7 +75,7 @@ class Engine:
 
     def context(self) -> Ctx:
         return build_context(
-            self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store
+            self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store, self.swap
         )
 
     def status(self, table: str, stage: str) -> str:
@@ -314,6 +317,9 @@ class Engine:
                 if rel is None or rel.kind not in ("r", "p"):
                     raise StageError(f"{m.label}: not found in {m.source_schema}",
                                      hint=f"`orchestrator status {self.loaded.path}`")
+        # The operator's window, postpone file or readiness conditions hold the swap here.
+        verified = {m.label for m in moves if self.done(m.label, "verify")}
+        gates.wait(ctx, self.hold, moves, verified)
         self.advance(ctx, swap, moves)
 
     def create_views(self, ctx: Ctx) -> None:

@@ -41,7 +41,8 @@ class LockWait:
 
 @dataclass(frozen=True)
 class Paused:
-    """The copy waits for the server: replication lag, WAL rate or the load probe."""
+    """A stage waits: the copy for the server (replication lag, WAL rate, the load probe), a
+    swap for a clear stall forecast, a cutover window or a postpone file."""
 
     table: str
     stage: str

@@ -23,7 +23,8 @@ from psycopg import errors, sql
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted
 from orchestrator.model.context import LockPolicy
-from orchestrator.run.events import LockWait, Progress
+from orchestrator.run import forecast
+from orchestrator.run.events import LockWait, Paused, Progress
 from orchestrator.sql.compose import render
 from orchestrator.stages.base import Action
 from orchestrator.state.store import Store
@@ -180,8 +181,12 @@ class Runner:
         between_tries: Callable[[], None] | None,
     ) -> None:
         attempt = 0
+        first = time.monotonic()
+        swap = any(step.bounded for step in action.steps)
         while True:
             attempt += 1
+            if swap:
+                self._await_clear(action, label, stage, policy, first)
             started = time.monotonic()
             try:
                 with self.conn.transaction():
@@ -204,6 +209,62 @@ class Runner:
                     between_tries()
                 delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
                 time.sleep(delay * (0.5 + random.random()))
+
+    def _await_clear(
+        self, action: Action, label: str, stage: str, policy: LockPolicy, since: float
+    ) -> None:
+        """Before a swap's try: wait until the stall forecast is clear, so the try does not
+        queue the application behind a long transaction. Ends the sessions in the way only
+        if the operator asked (and the rules allow); gives up, changing nothing, after
+        forecast_wait_s."""
+        ctl = policy.swap
+        shown = ""
+        while True:
+            fc = forecast.read(self.conn, action.locks, policy.lock_timeout_ms)
+            self._cancel_autovacuums(action, label, stage, fc)
+            if fc.clear:
+                return
+            waited_ms = (time.monotonic() - since) * 1000
+            if ctl.terminate_after_ms is not None and waited_ms >= ctl.terminate_after_ms:
+                ended = forecast.terminate(self.conn, fc, ctl)
+                with self.conn.transaction():
+                    self.store.log("terminate_blockers", "terminated" if any(
+                        e["terminated"] for e in ended) else "spared", table=label or None,
+                        stage=stage or None, duration_ms=waited_ms, detail={"sessions": ended})
+                if any(e["terminated"] for e in ended):
+                    time.sleep(0.1)  # their locks go as the backends exit
+                    continue
+            if not ctl.forecast:
+                return  # the operator asked to try regardless
+            text = fc.describe()
+            if text != shown:
+                shown = text
+                with self.conn.transaction():
+                    self.store.log(action.name, "waiting", table=label or None,
+                                   stage=stage or None, detail={
+                                       "forecast": text,
+                                       "blockers": [h.as_dict() for h in fc.stalling]})
+                self.progress(Paused(label, stage, text))
+            if waited_ms >= ctl.forecast_wait_s * 1000:
+                raise LockTimeoutExhausted(
+                    f"{label or self.store.plan}: {action.name} did not try its lock, nothing "
+                    f"was changed: after {waited_ms / 1000:.0f} s the stall forecast is still "
+                    f"not clear: {text}",
+                    hint="wait for those transactions to end and rerun; or let the swap end "
+                    "them with --terminate-blockers-after MS (runbook: \"Blockers\"); or try "
+                    "anyway with --ignore-forecast",
+                )
+            time.sleep(0.2)
+
+    def _cancel_autovacuums(
+        self, action: Action, label: str, stage: str, fc: forecast.Forecast
+    ) -> None:
+        vacuums = autovacuums_to_cancel([h.as_dict() for h in fc.holders])
+        if vacuums:
+            done = cancel_autovacuums(self.conn, vacuums)
+            with self.conn.transaction():
+                self.store.log(action.name, "autovacuum", table=label or None,
+                               stage=stage or None, detail={"autovacuum": done})
 
     def _gave_way(
         self, action: Action, label: str, stage: str, attempt: int, started: float, exc: Exception

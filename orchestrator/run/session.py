@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestrator.db import connect
-from orchestrator.model.context import build_context
+from orchestrator.model.context import SwapControls, build_context
 from orchestrator.plan import LoadedPlan
 from orchestrator.run.engine import Engine
 from orchestrator.run.events import Progress, ignore
+from orchestrator.run.gates import Gates
 from orchestrator.state.locks import operator_lock
 from orchestrator.state.migrations import ensure_schema
 
@@ -25,6 +26,8 @@ def session(
     loaded: LoadedPlan,
     progress: Progress = ignore,
     lock_timeout_ms: int | None = None,
+    swap: SwapControls | None = None,
+    hold: Gates | None = None,
 ) -> Iterator[Engine]:
     """Connect, take the plan's and its tables' advisory locks, register the plan."""
     conn = connect(dsn, autocommit=True)
@@ -37,7 +40,8 @@ def session(
         # collide, two plans moving same-named tables of different schemas do not.
         names = [f"{loaded.plan.source_schema}.{t.name}" for t in loaded.plan.tables]
         with operator_lock(lock_conn, loaded.plan.name, names):
-            eng = Engine(conn, loaded, progress, lock_timeout_ms)
+            eng = Engine(conn, loaded, progress, lock_timeout_ms, swap or SwapControls(),
+                         hold or Gates())
             # Bad input changes nothing: check the plan against the catalog before the
             # control schema is created or the plan recorded.
             build_context(conn, loaded)

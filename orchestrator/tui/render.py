@@ -156,8 +156,24 @@ def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) 
         parts.append(Text.assemble(("last lock wait: ", "yellow"),
                                    f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
                                    _blockers_text(e.get("detail") or {})))
+    for e in still_waiting(events):
+        detail = e.get("detail") or {}
+        why = "; ".join(detail.get("gates") or [detail.get("forecast") or "?"])
+        parts.append(Text.assemble(("waiting: ", "yellow"),
+                                   f"{e['table_name']} {e['stage']} since {e['at']:%H:%M:%S}: ",
+                                   why))
     parts.append(Text(f"as of {datetime.now():%H:%M:%S}", style="dim"))
     return Group(*parts)
+
+
+def still_waiting(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per table, its latest event when that is a wait (a gate or the stall forecast): the
+    swap is holding, or was when its command stopped."""
+    latest: dict[str, dict[str, Any]] = {}
+    for e in events:  # oldest first
+        if e["table_name"]:
+            latest[e["table_name"]] = e
+    return [e for e in latest.values() if e["outcome"] == "waiting"]
 
 
 def print_status(console: Console, plan: Plan, rows: list[StageRow],
