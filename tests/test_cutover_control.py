@@ -318,3 +318,44 @@ def test_when_ready_waits_for_a_clear_forecast_then_swaps(
     history = json.loads(cli(dsn, "history", plan, "--format", "json").stdout)
     assert [e["outcome"] for e in history if e["action"] == "cutover"][-3:] == [
         "waiting", "gate_open", "ok"]
+
+
+def corrupt(db: Conn) -> None:
+    """Changes the capture never saw: one by a session that fires no triggers (a logical
+    replication worker writes this way) on the source, one straight into the target."""
+    with db.transaction():
+        db.execute("SET LOCAL session_replication_role = replica")
+        db.execute("UPDATE public.orders SET total = -1 WHERE id = 10")
+    db.execute("DELETE FROM dom.orders WHERE id = 500")
+
+
+def test_verify_repairs_a_range_the_capture_missed_and_logs_it(
+    ready: tuple[str, str, Conn, str],
+) -> None:
+    dsn, plan, db, _ = ready
+    corrupt(db)
+    r = cli(dsn, "cutover", plan, "--yes")  # verifies in full before the swap
+    assert r.returncode == 0, r.stdout + r.stderr
+    repairs = events(db, "repair", "verify")
+    assert len(repairs) == 2
+    first, second = (e["detail"] for e in repairs)
+    assert first["lo"] is None or int(first["lo"][0]) < 10 <= int(first["hi"][0])
+    assert (first["deleted"], first["inserted"]) == (first["inserted"], first["inserted"])
+    assert int(second["lo"][0]) < 500 <= int(second["hi"][0])
+    assert second["inserted"] == second["deleted"] + 1
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT total FROM dom.orders WHERE id = 10").fetchone() == (-1,)
+        assert conn.execute("SELECT count(*) FROM dom.orders").fetchone() == (1000,)
+    status = " ".join(cli(dsn, "status", plan).stdout.split())
+    assert "suspect: orders: 2 chunk repairs" in status
+
+
+def test_no_repair_only_reports_the_range(ready: tuple[str, str, Conn, str]) -> None:
+    dsn, plan, db, _ = ready
+    corrupt(db)
+    r = cli(dsn, "cutover", plan, "--yes", "--no-repair")
+    assert r.returncode == 1
+    text = " ".join((r.stdout + r.stderr).split())
+    assert "source and target differ in keys (id)" in text and "Traceback" not in text
+    assert events(db, "repair", "verify") == []
+    assert relkind(db, "public.orders") == "r"

@@ -97,8 +97,9 @@ def test_verify_catches_a_change_made_behind_the_triggers_and_names_its_key_rang
 
     behind_the_triggers(db, TAMPERING[tampering])
 
-    # Verify runs again at once before any swap: the cutover finds the difference and stops.
-    refused = operator.run("cutover", PLAN, "--table", "turns", "--yes")
+    # Verify runs again at once before any swap: the cutover finds the difference and, told
+    # not to repair it (tests/test_cutover_control.py has the repair), stops.
+    refused = operator.run("cutover", PLAN, "--table", "turns", "--yes", "--no-repair")
     assert refused.exit_code == 1
     assert "turns: source and target differ in keys (id)" in refused.stderr
     key = 5000 if tampering == "an invented row" else 1234
@@ -115,7 +116,7 @@ def test_verify_catches_a_change_made_behind_the_triggers_and_names_its_key_rang
     # Asked explicitly, verify says the same, in JSON for scripts too.
     operator.ok("rollback", PLAN, "--table", "turns", "--to", "copy", "--yes")
     again = operator.run("apply", PLAN, "--table", "turns", "--until", "verify",
-                         "--format", "json")  # fmt: skip
+                         "--format", "json", "--no-repair")  # fmt: skip
     assert again.exit_code == 1
     error = json.loads(again.stdout)
     assert error["error"] == "StageError"

@@ -88,6 +88,9 @@ WindowOpt = Annotated[str | None, typer.Option(
     "cutover_window).")]
 PostponeOpt = Annotated[Path | None, typer.Option(
     "--postpone-file", help="Hold each swap while this file exists.")]
+NoRepairOpt = Annotated[bool, typer.Option(
+    "--no-repair", help="Verify only reports a range that still differs after its re-checks "
+    "(by default it replaces the target's rows there from the source, and logs it).")]
 WhenReadyOpt = Annotated[bool, typer.Option(
     "--when-ready", help="Swap a unit only once verified, its capture log short and the "
     "stall forecast clear.")]
@@ -205,7 +208,7 @@ def confirm(question: str, yes: bool) -> None:
 @contextmanager
 def engine(
     plan: Path, lock_timeout: int | None, fmt: str = "text", swap: "SwapControls | None" = None,
-    hold: "Gates | None" = None,
+    hold: "Gates | None" = None, repair: bool = True,
 ) -> Iterator["Engine"]:
     """A session of the engine on the plan, its progress shown by a Reporter (on stderr in
     json format, so stdout stays one JSON document)."""
@@ -214,7 +217,8 @@ def engine(
     loaded = load_plan(plan)
     dsn = resolve_dsn(state.dsn, state.embedded)
     reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
-    with reporter, session(dsn, loaded, reporter.event, lock_timeout, swap, hold) as eng:
+    with reporter, session(dsn, loaded, reporter.event, lock_timeout, swap, hold,
+                           repair) as eng:
         yield eng
 
 

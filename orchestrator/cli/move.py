@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     ForecastWaitOpt,
     IgnoreForecastOpt,
     LockOpt,
+    NoRepairOpt,
     PlanArg,
     PostponeOpt,
     TablesOpt,
@@ -114,6 +115,7 @@ def apply(
     terminate_after: TerminateAfterOpt = None,
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
+    no_repair: NoRepairOpt = False,
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
     if dry:
@@ -129,7 +131,7 @@ def apply(
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
                                  terminate_max_age, terminate_writers)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold) as eng:
+        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair) as eng:
             eng.apply(table, until)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
@@ -154,6 +156,7 @@ def cutover(
     terminate_after: TerminateAfterOpt = None,
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
+    no_repair: NoRepairOpt = False,
 ) -> None:
     """Swap the application to the new tables (one short locked transaction per unit), when
     the gates open and the stall forecast is clear."""
@@ -162,7 +165,7 @@ def cutover(
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
                                  terminate_max_age, terminate_writers)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold) as eng:
+        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair) as eng:
             eng.cutover(table)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "cutover": True})

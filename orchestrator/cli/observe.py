@@ -91,7 +91,12 @@ def status(plan: PlanArg, fmt: FmtOpt = Fmt.text) -> None:
             rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
             blockers = store.events(conn, loaded.plan.control_schema, loaded.plan.name, limit=50)
     if fmt == Fmt.json:
-        emit_json({"plan": loaded.plan.name, "stages": [r.__dict__ for r in rows]})
+        emit_json({
+            "plan": loaded.plan.name, "stages": [r.__dict__ for r in rows],
+            "waiting": [{"table": e["table_name"], "stage": e["stage"], "since": e["at"],
+                         **(e.get("detail") or {})} for e in tui.still_waiting(blockers)],
+            "suspect": tui.suspects(blockers),
+        })
     else:
         tui.print_status(out, loaded.plan, rows, blockers)
 

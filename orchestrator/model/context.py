@@ -68,6 +68,9 @@ class Ctx:
     progress: Progress = ignore
     lock_timeout_ms: int | None = None
     swap: SwapControls = SwapControls()
+    # Verify replaces a target range that still differs after its re-checks (--no-repair:
+    # it only reports it).
+    repair: bool = True
 
     @property
     def plan(self) -> Plan:
@@ -92,6 +95,7 @@ def build_context(
     lock_timeout_ms: int | None = None,
     store: Store | None = None,
     swap: SwapControls | None = None,
+    repair: bool = True,
 ) -> Ctx:
     """Read the catalog, check the plan and resolve every table's move (read-only)."""
     plan = loaded.plan
@@ -128,4 +132,5 @@ def build_context(
         progress=progress,
         lock_timeout_ms=lock_timeout_ms,
         swap=swap or SwapControls(),
+        repair=repair,
     )

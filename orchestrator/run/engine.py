@@ -50,6 +50,7 @@ class Engine:
     lock_timeout_ms: int | None = None
     swap: SwapControls = field(default_factory=SwapControls)
     hold: Gates = field(default_factory=Gates)  # what holds a swap (run/gates.py)
+    repair: bool = True  # verify repairs a range that still differs (stages/verify.py)
 
     @property
     def plan(self) -> Plan:
@@ -75,7 +76,8 @@ class Engine:
 
     def context(self) -> Ctx:
         return build_context(
-            self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store, self.swap
+            self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store, self.swap,
+            self.repair,
         )
 
     def status(self, table: str, stage: str) -> str:
@@ -318,7 +320,8 @@ class Engine:
                     raise StageError(f"{m.label}: not found in {m.source_schema}",
                                      hint=f"`orchestrator status {self.loaded.path}`")
         # The operator's window, postpone file or readiness conditions hold the swap here.
-        verified = {m.label for m in moves if self.done(m.label, "verify")}
+        verified = {m.label for m in moves
+                    if m.strategy == "copy" and self.done(m.label, "verify")}
         gates.wait(ctx, self.hold, moves, verified)
         self.advance(ctx, swap, moves)
 

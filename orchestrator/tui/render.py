@@ -156,6 +156,11 @@ def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) 
         parts.append(Text.assemble(("last lock wait: ", "yellow"),
                                    f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
                                    _blockers_text(e.get("detail") or {})))
+    for table, n in suspects(events).items():
+        parts.append(Text.assemble(
+            ("suspect: ", "red"), f"{table}: {n} chunk repairs by verify; some write path may "
+            "bypass the capture trigger (a session with session_replication_role = replica, "
+            "or writes straight into the new table)"))
     for e in still_waiting(events):
         detail = e.get("detail") or {}
         why = "; ".join(detail.get("gates") or [detail.get("forecast") or "?"])
@@ -164,6 +169,16 @@ def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) 
                                    why))
     parts.append(Text(f"as of {datetime.now():%H:%M:%S}", style="dim"))
     return Group(*parts)
+
+
+def suspects(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Tables verify had to repair more than once: a hint of a write path the capture
+    misses."""
+    counts: dict[str, int] = {}
+    for e in events:
+        if e["outcome"] == "repair" and e["table_name"]:
+            counts[e["table_name"]] = counts.get(e["table_name"], 0) + 1
+    return {t: n for t, n in counts.items() if n > 1}
 
 
 def still_waiting(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
