@@ -613,7 +613,9 @@ class StressRun:
         return ["apply", PLAN, *table_args(self.sc.tables), "--until", "cutover", "--yes"]
 
     def cutover_cmd(self, lock_timeout_ms: int | None = None) -> list[str]:
-        cmd = ["cutover", PLAN, *table_args(self.sc.tables), "--yes"]
+        # The kills aim at tries that give way to a reader, so the swap must try: the stall
+        # forecast would otherwise wait for the reader without trying.
+        cmd = ["cutover", PLAN, *table_args(self.sc.tables), "--yes", "--ignore-forecast"]
         if lock_timeout_ms:
             cmd += ["--lock-timeout", str(lock_timeout_ms)]
         return cmd
@@ -774,7 +776,7 @@ class StressRun:
         # Tables rolled back before the aimed one go uninterrupted.
         for other in order[: order.index(t)]:
             ok(self.dsn, "rollback", PLAN, "--table", other, "--yes")
-        cmd = ["rollback", PLAN, "--table", t, "--yes"]
+        cmd = ["rollback", PLAN, "--table", t, "--yes", "--ignore-forecast"]
         if p["mode"] == "random":
             proc = self.start(*cmd)
             self.at_random(

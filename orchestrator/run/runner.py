@@ -218,7 +218,7 @@ class Runner:
         if the operator asked (and the rules allow); gives up, changing nothing, after
         forecast_wait_s."""
         ctl = policy.swap
-        shown = ""
+        shown: list[tuple[int, str, str]] = []
         while True:
             fc = forecast.read(self.conn, action.locks, policy.lock_timeout_ms)
             self._cancel_autovacuums(action, label, stage, fc)
@@ -237,8 +237,9 @@ class Runner:
             if not ctl.forecast:
                 return  # the operator asked to try regardless
             text = fc.describe()
-            if text != shown:
-                shown = text
+            who = sorted((h.pid, h.mode, h.relation or "") for h in fc.stalling)
+            if who != shown:  # new sessions in the way (not merely older ones)
+                shown = who
                 with self.conn.transaction():
                     self.store.log(action.name, "waiting", table=label or None,
                                    stage=stage or None, detail={
