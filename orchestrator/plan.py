@@ -102,6 +102,11 @@ class Options(_Model):
         default_factory=Throttle, description="When the copy pauses (see Throttle)."
     )
     compat_view: bool = Field(True, description="Leave a compatibility view under the old name.")
+    verify_max_age_h: float = Field(
+        24.0, ge=0, description="Hours a full verify pass stays good for cutover: a younger "
+        "one is brought up to date by re-checking only the chunks changed since; an older one "
+        "is repeated in full first.",
+    )
     cutover_window: str | None = Field(
         None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$",
         description="HH:MM-HH:MM, local time of the machine running the orchestrator: swaps "

@@ -99,7 +99,8 @@ def test_verify_catches_a_change_made_behind_the_triggers_and_names_its_key_rang
 
     # Verify runs again at once before any swap: the cutover finds the difference and, told
     # not to repair it (tests/test_cutover_control.py has the repair), stops.
-    refused = operator.run("cutover", PLAN, "--table", "turns", "--yes", "--no-repair")
+    refused = operator.run("cutover", PLAN, "--table", "turns", "--yes", "--no-repair",
+                           "--full-verify")
     assert refused.exit_code == 1
     assert "turns: source and target differ in keys (id)" in refused.stderr
     key = 5000 if tampering == "an invented row" else 1234

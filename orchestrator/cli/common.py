@@ -91,6 +91,9 @@ PostponeOpt = Annotated[Path | None, typer.Option(
 NoRepairOpt = Annotated[bool, typer.Option(
     "--no-repair", help="Verify only reports a range that still differs after its re-checks "
     "(by default it replaces the target's rows there from the source, and logs it).")]
+FullVerifyOpt = Annotated[bool, typer.Option(
+    "--full-verify", help="Verify every chunk before the swap, not only those changed since "
+    "the last full pass (which sees only changes made through the capture).")]
 WhenReadyOpt = Annotated[bool, typer.Option(
     "--when-ready", help="Swap a unit only once verified, its capture log short and the "
     "stall forecast clear.")]
@@ -208,7 +211,7 @@ def confirm(question: str, yes: bool) -> None:
 @contextmanager
 def engine(
     plan: Path, lock_timeout: int | None, fmt: str = "text", swap: "SwapControls | None" = None,
-    hold: "Gates | None" = None, repair: bool = True,
+    hold: "Gates | None" = None, repair: bool = True, full_verify: bool = False,
 ) -> Iterator["Engine"]:
     """A session of the engine on the plan, its progress shown by a Reporter (on stderr in
     json format, so stdout stays one JSON document)."""
@@ -218,7 +221,7 @@ def engine(
     dsn = resolve_dsn(state.dsn, state.embedded)
     reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
     with reporter, session(dsn, loaded, reporter.event, lock_timeout, swap, hold,
-                           repair) as eng:
+                           repair, full_verify) as eng:
         yield eng
 
 

@@ -14,6 +14,7 @@ from orchestrator.cli.common import (
     Fmt,
     FmtOpt,
     ForecastWaitOpt,
+    FullVerifyOpt,
     IgnoreForecastOpt,
     LockOpt,
     NoRepairOpt,
@@ -116,6 +117,7 @@ def apply(
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
     no_repair: NoRepairOpt = False,
+    full_verify: FullVerifyOpt = False,
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
     if dry:
@@ -131,7 +133,8 @@ def apply(
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
                                  terminate_max_age, terminate_writers)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair) as eng:
+        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
+                    full_verify) as eng:
             eng.apply(table, until)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
@@ -157,6 +160,7 @@ def cutover(
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
     no_repair: NoRepairOpt = False,
+    full_verify: FullVerifyOpt = False,
 ) -> None:
     """Swap the application to the new tables (one short locked transaction per unit), when
     the gates open and the stall forecast is clear."""
@@ -165,7 +169,8 @@ def cutover(
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
                                  terminate_max_age, terminate_writers)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair) as eng:
+        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
+                    full_verify) as eng:
             eng.cutover(table)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "cutover": True})

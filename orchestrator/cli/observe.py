@@ -21,6 +21,7 @@ from orchestrator.cli.common import (
 from orchestrator.model import graph
 from orchestrator.model.validate import inspect
 from orchestrator.plan import load_plan, plan_json_schema
+from orchestrator.stages import proof
 from orchestrator.state import store
 from orchestrator.tui import render as tui
 
@@ -90,15 +91,17 @@ def status(plan: PlanArg, fmt: FmtOpt = Fmt.text) -> None:
         with connect_db() as conn:
             rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
             blockers = store.events(conn, loaded.plan.control_schema, loaded.plan.name, limit=50)
+            verified = proof.status(conn, loaded.plan)
     if fmt == Fmt.json:
         emit_json({
             "plan": loaded.plan.name, "stages": [r.__dict__ for r in rows],
             "waiting": [{"table": e["table_name"], "stage": e["stage"], "since": e["at"],
                          **(e.get("detail") or {})} for e in tui.still_waiting(blockers)],
             "suspect": tui.suspects(blockers),
+            "proofs": verified,
         })
     else:
-        tui.print_status(out, loaded.plan, rows, blockers)
+        tui.print_status(out, loaded.plan, rows, blockers, verified)
 
 
 @app.command()
@@ -121,7 +124,7 @@ def watch(
                 rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
                 events = store.events(conn, loaded.plan.control_schema, loaded.plan.name,
                                       limit=20)
-                return tui.status_view(loaded.plan, rows, events)
+                return tui.status_view(loaded.plan, rows, events, proof.status(conn, loaded.plan))
 
             n = 0
             try:

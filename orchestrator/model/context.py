@@ -71,6 +71,8 @@ class Ctx:
     # Verify replaces a target range that still differs after its re-checks (--no-repair:
     # it only reports it).
     repair: bool = True
+    # Cutover verifies in full before its swap, however recent the last full pass.
+    full_verify: bool = False
 
     @property
     def plan(self) -> Plan:
@@ -96,6 +98,7 @@ def build_context(
     store: Store | None = None,
     swap: SwapControls | None = None,
     repair: bool = True,
+    full_verify: bool = False,
 ) -> Ctx:
     """Read the catalog, check the plan and resolve every table's move (read-only)."""
     plan = loaded.plan
@@ -133,4 +136,5 @@ def build_context(
         lock_timeout_ms=lock_timeout_ms,
         swap=swap or SwapControls(),
         repair=repair,
+        full_verify=full_verify,
     )

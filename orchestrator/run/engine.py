@@ -26,7 +26,7 @@ from orchestrator.run import follow, gates, rollback
 from orchestrator.run.events import Progress, StageChanged
 from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
-from orchestrator.stages import registry
+from orchestrator.stages import proof, registry
 from orchestrator.stages.base import (
     PARTITIONS_KEY,
     Action,
@@ -51,6 +51,7 @@ class Engine:
     swap: SwapControls = field(default_factory=SwapControls)
     hold: Gates = field(default_factory=Gates)  # what holds a swap (run/gates.py)
     repair: bool = True  # verify repairs a range that still differs (stages/verify.py)
+    full_verify: bool = False  # cutover verifies in full, however recent the proof
 
     @property
     def plan(self) -> Plan:
@@ -77,7 +78,7 @@ class Engine:
     def context(self) -> Ctx:
         return build_context(
             self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store, self.swap,
-            self.repair,
+            self.repair, self.full_verify,
         )
 
     def status(self, table: str, stage: str) -> str:
@@ -415,8 +416,29 @@ class Engine:
         """Replay every active capture log once (forward before cutover, reverse after)."""
         return follow.replay_once(self.context(), self.done)
 
-    def follow(self, idle_s: float = 1.0, until: Callable[[], bool] | None = None) -> None:
-        """Keep replaying captured changes until interrupted (Ctrl-C) or `until()` is true."""
+    def follow(
+        self, idle_s: float = 1.0, until: Callable[[], bool] | None = None,
+        recheck_s: float = 10.0,
+    ) -> None:
+        """Keep replaying captured changes until interrupted (Ctrl-C) or `until()` is true,
+        and every `recheck_s` bring the proof of each table waiting for its cutover up to
+        date, so the cutover's own re-check finds little left."""
+        last = time.monotonic()
         while until is None or not until():
+            if time.monotonic() - last >= recheck_s:
+                self.recheck_waiting()
+                last = time.monotonic()
             if self.replay_once() == 0:
                 time.sleep(idle_s)
+
+    def recheck_waiting(self) -> int:
+        """Re-check the changed chunks of every verified table not yet cut over (whose last
+        full pass is recent enough); the chunks checked."""
+        ctx = self.context()
+        checked = 0
+        for m in ctx.moves.values():
+            if m.strategy == "copy" and self.done(m.label, "verify") and not self.done(
+                m.label, "cutover"
+            ) and proof.full_pass_needed(ctx, m) is None:
+                checked += proof.recheck(ctx, m)
+        return checked

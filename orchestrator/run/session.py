@@ -29,6 +29,7 @@ def session(
     swap: SwapControls | None = None,
     hold: Gates | None = None,
     repair: bool = True,
+    full_verify: bool = False,
 ) -> Iterator[Engine]:
     """Connect, take the plan's and its tables' advisory locks, register the plan."""
     conn = connect(dsn, autocommit=True)
@@ -42,7 +43,7 @@ def session(
         names = [f"{loaded.plan.source_schema}.{t.name}" for t in loaded.plan.tables]
         with operator_lock(lock_conn, loaded.plan.name, names):
             eng = Engine(conn, loaded, progress, lock_timeout_ms, swap or SwapControls(),
-                         hold or Gates(), repair)
+                         hold or Gates(), repair, full_verify)
             # Bad input changes nothing: check the plan against the catalog before the
             # control schema is created or the plan recorded.
             build_context(conn, loaded)

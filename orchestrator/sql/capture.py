@@ -46,6 +46,9 @@ class Direction:
     # themselves; statement triggers do not).
     partitions: tuple[tuple[sql.Identifier, sql.Identifier], ...] = ()
     partition_truncate_function: sql.Identifier | None = None
+    # Forward only: the keys replay has applied to the copy since verify last proved their
+    # chunks (stages/proof.py re-checks just those chunks).
+    touched: sql.Identifier | None = None
 
 
 def forward(m: TableMove) -> Direction:
@@ -69,6 +72,7 @@ def forward(m: TableMove) -> Direction:
             for p in m.partitions if p.leaf
         ),
         partition_truncate_function=m.obj("ptrunc") if m.partitions else None,
+        touched=m.obj("touched"),
     )
 
 
@@ -152,6 +156,7 @@ END""").format(ins=ins, new=new, old=old, same_key=same_key,
     )
     functions = [
         sql.SQL('CREATE TABLE {} (_orch_op "char" NOT NULL, {})').format(d.log, cols),
+        *([sql.SQL("CREATE TABLE {} ({})").format(d.touched, cols)] if d.touched else []),
         sql.SQL(
             "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}"
         ).format(d.function, Body(body)),
@@ -210,6 +215,7 @@ def uninstall_sql(d: Direction, triggers: bool = True) -> list[sql.Composed]:
         *(drop_triggers_sql(d) if triggers else []),
         *[sql.SQL("DROP FUNCTION IF EXISTS {}()").format(f) for f in functions],
         sql.SQL("DROP TABLE IF EXISTS {}").format(d.log),
+        *([sql.SQL("DROP TABLE IF EXISTS {}").format(d.touched)] if d.touched else []),
     ]
 
 
@@ -250,7 +256,7 @@ def replay_batch_sql(d: Direction) -> sql.Composed:
   DELETE FROM {log} WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM {log} LIMIT %(n)s FOR UPDATE SKIP LOCKED))
   RETURNING {lk}),
-keys AS (SELECT DISTINCT {lk} FROM d),
+keys AS (SELECT DISTINCT {lk} FROM d),{touch}
 gone AS (
   DELETE FROM {copy} c USING keys k WHERE {ck_eq}
     AND NOT EXISTS (SELECT 1 FROM {live} s WHERE {sk_eq})
@@ -272,6 +278,8 @@ SELECT (SELECT count(*) FROM d) AS entries, (SELECT count(*) FROM gone) AS delet
         overriding=d.overriding,
         vals=_select_values(d),
         upsert=_upsert_tail(d),
+        touch=sql.SQL("\ntouch AS (INSERT INTO {} SELECT * FROM keys),").format(d.touched)
+        if d.touched else sql.SQL(""),
     )
 
 
@@ -310,6 +318,8 @@ def replay_all_sql(d: Direction) -> list[sql.Composed | sql.SQL]:
             log=d.log,
             eq=_key_eq("s", d.live_key, "k", d.live_key),
         ),
+        *([sql.SQL("INSERT INTO {} SELECT DISTINCT {} FROM {}").format(d.touched, lk, d.log)]
+          if d.touched else []),
         sql.SQL("DELETE FROM {}").format(d.log),
     ]
 

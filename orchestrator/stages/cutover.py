@@ -25,7 +25,7 @@ from orchestrator.plan import Plan
 from orchestrator.sql import capture
 from orchestrator.sql.acl import grant_statements, revoke_defaults
 from orchestrator.sql.compose import idents, rewrite_definition
-from orchestrator.stages import matviews, verify
+from orchestrator.stages import matviews, proof, verify
 from orchestrator.stages.base import Action, Phase, Stage, Step, regclass
 from orchestrator.stages.prepare import resync_access_steps
 from orchestrator.state.store import Store
@@ -587,9 +587,10 @@ class Cutover(Stage):
         if reverse:
             self.between_tries(ctx, moves, reverse=True)
             return
-        # Verify again just before the swap, and leave only a short tail for inside the lock.
+        # Bring the proof up to date just before the swap (only the chunks changed since the
+        # last full pass, while it is recent), and leave only a short tail for the lock.
         for m in moves:
-            verify.VERIFY.run(ctx, m)
+            proof.before_swap(ctx, m)
             verify.drain(ctx, m, until=1000)
 
     def between_tries(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:

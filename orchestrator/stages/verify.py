@@ -22,6 +22,7 @@ from orchestrator.run.events import Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents
 from orchestrator.stages.base import LoopStage, Step
+from orchestrator.state.proofs import Proofs
 
 CHUNK = 50_000
 RECHECKS = 3
@@ -147,10 +148,10 @@ def _check_chunk(
     with snapshot_txn(conn, read_only=True):
         r = conn.execute(chunk_end_sql(m, lo is not None), _params(lo, None)).fetchone()
         hi = r["hi"] if r else None
-        return hi, _checksum(ctx, m, lo, hi, fast)
+        return hi, checksum(ctx, m, lo, hi, fast)
 
 
-def _checksum(
+def checksum(
     ctx: Ctx, m: TableMove, lo: list[str] | None, hi: list[str] | None, fast: bool
 ) -> dict[str, Any]:
     """Both sides' checksums of one chunk (call inside a snapshot transaction)."""
@@ -178,11 +179,11 @@ def _narrow(ctx: Ctx, m: TableMove, bad: Mismatch, rows: int, fast: bool) -> Mis
             if r is None:
                 break
             mid = r["hi"]
-            first = _checksum(ctx, m, bad.lo, mid, fast)
+            first = checksum(ctx, m, bad.lo, mid, fast)
             if first["source"] != first["target"]:
                 bad, rows = Mismatch(bad.lo, mid, first["source"], first["target"]), half
             else:
-                second = _checksum(ctx, m, mid, bad.hi, fast)
+                second = checksum(ctx, m, mid, bad.hi, fast)
                 if second["source"] == second["target"]:
                     break  # changed under us while narrowing: keep the wider range
                 bad, rows = Mismatch(mid, bad.hi, second["source"], second["target"]), rows - half
@@ -200,37 +201,54 @@ def drain(ctx: Ctx, m: TableMove, until: int = 0) -> int:
             return total
 
 
+Proven = list[tuple[Any, Any, int, str]]  # per chunk: lo, hi, rows, checksum
+
+
+def settle(
+    ctx: Ctx, m: TableMove, lo: list[str] | None, hi: list[str] | None,
+    res: dict[str, Any], fast: bool,
+) -> tuple[dict[str, Any], Mismatch | None]:
+    """A chunk's checksums made final: while they differ, replay and look again (the target
+    may trail by entries committed after our log read); if they still differ, narrow the
+    range down, repair it (unless --no-repair) and look at the whole chunk again. The last
+    checksums, and the narrowed range that still differs, if any."""
+    tries = 0
+    while res["source"] != res["target"] and tries < RECHECKS:
+        tries += 1
+        drain(ctx, m)
+        time.sleep(0.05 * tries)
+        with snapshot_txn(ctx.conn, read_only=True):
+            res = checksum(ctx, m, lo, hi, fast)
+    repairs = 0
+    while res["source"] != res["target"]:
+        bad = _narrow(ctx, m, Mismatch(lo, hi, res["source"], res["target"]),
+                      int(res["rows"]), fast)
+        if not (ctx.repair and repairs < MAX_REPAIRS and _repaired(ctx, m, bad, fast)):
+            return res, bad
+        repairs += 1
+        with snapshot_txn(ctx.conn, read_only=True):
+            res = checksum(ctx, m, lo, hi, fast)
+    return res, None
+
+
 def _scan(
-    ctx: Ctx, m: TableMove, estimate: int, checked: int = 0
+    ctx: Ctx, m: TableMove, estimate: int, checked: int = 0, proven: Proven | None = None
 ) -> tuple[int, Mismatch | None]:
     """Check every chunk of one segment (the table, or one leaf partition) in key order, each
     committed with its checkpoint; stop at the first chunk that still differs after its
-    re-checks, narrowed to a small key range. `checked` counts rows of earlier segments."""
+    re-checks (and repairs), narrowed to a small key range. `checked` counts rows of earlier
+    segments; each equal chunk is appended to `proven`."""
     t0 = time.monotonic()
     lo: list[str] | None = None
     first = checked
     fast = fast_hash_works(ctx, m)
     while True:
         hi, res = _check_chunk(ctx, m, lo, fast)
-        tries = 0
-        while res["source"] != res["target"] and tries < RECHECKS:
-            # The target may trail by entries committed after our log read: replay, re-check.
-            tries += 1
-            drain(ctx, m)
-            time.sleep(0.05 * tries)
-            with snapshot_txn(ctx.conn, read_only=True):
-                res = _checksum(ctx, m, lo, hi, fast)
-        repairs = 0
-        while res["source"] != res["target"]:
-            # Still different with nothing left to replay: narrow it down, repair that range
-            # (unless --no-repair), and look at the whole chunk again.
-            bad = _narrow(ctx, m, Mismatch(lo, hi, res["source"], res["target"]),
-                          int(res["rows"]), fast)
-            if not (ctx.repair and repairs < MAX_REPAIRS and _repaired(ctx, m, bad, fast)):
-                return checked, bad
-            repairs += 1
-            with snapshot_txn(ctx.conn, read_only=True):
-                res = _checksum(ctx, m, lo, hi, fast)
+        res, bad = settle(ctx, m, lo, hi, res, fast)
+        if bad is not None:
+            return checked, bad
+        if proven is not None:
+            proven.append((lo, hi, int(res["rows"]), str(res["source"])))
         checked += int(res["rows"])
         rate = (checked - first) / max(time.monotonic() - t0, 1e-6)
         with ctx.conn.transaction():
@@ -278,7 +296,7 @@ def _repaired(ctx: Ctx, m: TableMove, bad: Mismatch, fast: bool) -> bool:
         delete, insert = repair_sql(m, lo, hi)
         deleted = conn.execute(delete, params).rowcount
         inserted = conn.execute(insert, params).rowcount
-        after = _checksum(ctx, m, bad.lo, bad.hi, fast)
+        after = checksum(ctx, m, bad.lo, bad.hi, fast)
         ctx.store.log(
             "verify", "repair", table=m.label, stage="verify",
             detail={"lo": bad.lo, "hi": bad.hi, "partition": m.part, "deleted": deleted,
@@ -298,12 +316,16 @@ def _describe(m: TableMove, mismatch: Mismatch) -> str:
     )
 
 
-def _scan_all(ctx: Ctx, m: TableMove, estimate: int) -> tuple[int, TableMove, Mismatch | None]:
+def _scan_all(
+    ctx: Ctx, m: TableMove, estimate: int, proven: dict[str, Proven]
+) -> tuple[int, TableMove, Mismatch | None]:
     """Every segment in turn (each leaf partition against its counterpart); the rows checked,
-    and the segment and range of the first difference, if any."""
+    and the segment and range of the first difference, if any. `proven` gets each segment's
+    chunks."""
     checked = 0
     for seg in m.segments():
-        checked, mismatch = _scan(ctx, seg, estimate, checked)
+        proven[seg.part or ""] = []
+        checked, mismatch = _scan(ctx, seg, estimate, checked, proven[seg.part or ""])
         if mismatch is not None:
             return checked, seg, mismatch
     return checked, m, None
@@ -321,34 +343,48 @@ class Verify(LoopStage):
 
     def run(self, ctx: Ctx, m: TableMove) -> None:
         """Verify the whole table; mark verify done, or failed naming the first bad key range."""
+        touched = capture.forward(m).touched
         with ctx.conn.transaction():
             ctx.store.start(m.label, self.name, again=True, reset=True)
+            if touched is not None:
+                # A full pass proves every chunk: what replay touched before it is moot.
+                ctx.conn.execute(sql.SQL("DELETE FROM {}").format(touched))
         drain(ctx, m)
         t0 = time.monotonic()
-        checked, seg, mismatch = _scan_all(ctx, m, ctx.store.row(m.label, "copy").rows_done)
+        proven: dict[str, Proven] = {}
+        checked, seg, mismatch = _scan_all(
+            ctx, m, ctx.store.row(m.label, "copy").rows_done, proven)
         duration = (time.monotonic() - t0) * 1000
-        with ctx.conn.transaction():
-            if mismatch is None:
-                ctx.store.finish(m.label, self.name, rows_done=checked)
-                ctx.store.log(
-                    "verify", "ok", table=m.label, stage=self.name, duration_ms=duration,
-                    detail={"rows": checked},
-                )
-            else:
-                ctx.store.fail(m.label, self.name, _describe(seg, mismatch))
-                ctx.store.log(
-                    "verify", "mismatch", table=m.label, stage=self.name, duration_ms=duration,
-                    detail={"lo": mismatch.lo, "hi": mismatch.hi, "source": mismatch.source,
-                            "target": mismatch.target, "partition": seg.part},
-                )
         if mismatch is not None:
-            path = ctx.loaded.path
-            raise StageError(
-                f"{m.label}: {_describe(seg, mismatch)}",
-                hint=f"inspect that range; `orchestrator rollback {path} --table {m.label} --to "
-                f"dual_write` then `orchestrator apply {path} --table {m.label}` recopies the "
-                "table",
+            fail(ctx, m, seg, mismatch, duration)
+        with ctx.conn.transaction():
+            ctx.store.finish(m.label, self.name, rows_done=checked)
+            proofs = Proofs(ctx.conn, ctx.control, ctx.plan.name)
+            proofs.forget(m.label)
+            for part, chunks in proven.items():
+                proofs.replace(m.label, part, chunks)
+            ctx.store.log(
+                "verify", "ok", table=m.label, stage=self.name, duration_ms=duration,
+                detail={"rows": checked},
             )
+
+
+def fail(ctx: Ctx, m: TableMove, seg: TableMove, mismatch: Mismatch, duration: float) -> None:
+    """Mark verify failed, naming the segment and range that still differ, and stop."""
+    with ctx.conn.transaction():
+        ctx.store.fail(m.label, "verify", _describe(seg, mismatch))
+        ctx.store.log(
+            "verify", "mismatch", table=m.label, stage="verify", duration_ms=duration,
+            detail={"lo": mismatch.lo, "hi": mismatch.hi, "source": mismatch.source,
+                    "target": mismatch.target, "partition": seg.part},
+        )
+    path = ctx.loaded.path
+    raise StageError(
+        f"{m.label}: {_describe(seg, mismatch)}",
+        hint=f"inspect that range; `orchestrator rollback {path} --table {m.label} --to "
+        f"dual_write` then `orchestrator apply {path} --table {m.label}` recopies the "
+        "table",
+    )
 
 
 VERIFY = Verify()

@@ -58,6 +58,15 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {s}.events
            FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_append_only()""",
     ],
+    [
+        # What verify proved, chunk by chunk (state/proofs.py).
+        """CREATE TABLE {s}.chunks (
+            plan text NOT NULL, table_name text NOT NULL, part text NOT NULL DEFAULT '',
+            n int NOT NULL, lo text[], hi text[], rows bigint NOT NULL,
+            checksum text NOT NULL, passed_at timestamptz NOT NULL,
+            checked_at timestamptz NOT NULL,
+            PRIMARY KEY (plan, table_name, part, n))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

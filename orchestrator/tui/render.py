@@ -140,7 +140,8 @@ def status_table(plan: Plan, rows: list[StageRow]) -> Table:
     return table
 
 
-def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) -> Any:
+def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]],
+                proofs: dict[str, dict[str, Any]] | None = None) -> Any:
     """The status table and, after a lock wait, who held the lock (status and watch)."""
     from datetime import datetime
 
@@ -156,6 +157,11 @@ def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]]) 
         parts.append(Text.assemble(("last lock wait: ", "yellow"),
                                    f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
                                    _blockers_text(e.get("detail") or {})))
+    for table, p in (proofs or {}).items():
+        parts.append(Text.assemble(
+            ("proof: ", "cyan"), f"{table}: full pass {p['full_pass_at']:%Y-%m-%d %H:%M:%S}, "
+            f"{p['chunks']} chunks, all equal as of {p['checked_at']:%H:%M:%S}; "
+            f"{p.get('changed_keys', 0)} keys changed since, to re-check"))
     for table, n in suspects(events).items():
         parts.append(Text.assemble(
             ("suspect: ", "red"), f"{table}: {n} chunk repairs by verify; some write path may "
@@ -192,8 +198,9 @@ def still_waiting(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_status(console: Console, plan: Plan, rows: list[StageRow],
-                 events: list[dict[str, Any]]) -> None:
-    console.print(status_view(plan, rows, events))
+                 events: list[dict[str, Any]],
+                 proofs: dict[str, dict[str, Any]] | None = None) -> None:
+    console.print(status_view(plan, rows, events, proofs))
 
 
 def _blockers_text(detail: dict[str, Any]) -> str:
