@@ -70,7 +70,9 @@ GAVE_UP = "could not get its locks within"
 DATA_SCHEMAS = ["public", "client_mgmt", "conversation"]
 OUR_SCHEMAS = ["_orchestrator", "_orchestrator_retired"]
 ALL_SCHEMAS = DATA_SCHEMAS + OUR_SCHEMAS
-CONTROL_TABLES = {"meta", "plans", "stages", "settings", "saved", "events", "events_id_seq"}
+CONTROL_TABLES = {
+    "meta", "plans", "stages", "settings", "saved", "events", "events_id_seq", "chunks",
+}
 
 # The tables a run may move, in the plan's graph order (users moves with participants: they
 # reference each other). block_turns moves by the rename strategy, the others by copy.
@@ -166,6 +168,8 @@ def scenario(seed: int) -> Scenario:
     elif kind == "reverify":
         prefix = "verify"
         params["extra_ms"] = rng.randint(0, 400)
+        # In full (--full-verify), or the re-check of the chunks changed since the full pass.
+        params["full"] = rng.random() < 0.5
     elif kind == "cutover_retry":
         prefix = "verify"
         params["lock_timeout_ms"] = rng.choice([100, 200, 300])
@@ -668,18 +672,24 @@ class StressRun:
                 throttle(self.dsn, t, 5000, 0)
             return cmd
         if sc.kind in ("verify", "reverify"):
+            full = sc.kind == "verify" or p.get("full", True)
             cmd = self.forward() if sc.kind == "verify" else self.cutover_cmd()
+            if sc.kind == "reverify" and full:
+                cmd.append("--full-verify")
             with holding(self.dsn, share_lock(*self.target(t)), "stress-holder"):
                 proc = self.start(*cmd)
+                # A full pass marks verify running; the re-check replays first, and waits.
                 hit = wait_until(
                     "verify to run and wait",
-                    lambda: stage(db, t, "verify")["status"] == "running" and waits_for_lock(db),
+                    lambda: (not full or stage(db, t, "verify")["status"] == "running")
+                    and waits_for_lock(db),
                     proc,
                 )
                 if hit:
                     self.pause(p["extra_ms"])
-                self.kill(proc, f"{sc.kind} of {t} +{p['extra_ms']} ms")
-            if hit:
+                self.kill(proc, f"{sc.kind} ({'full' if full else 're-check'}) of {t} "
+                          f"+{p['extra_ms']} ms")
+            if hit and full:
                 assert stage(db, t, "verify")["status"] == "running"
                 assert stage(db, t, "cutover")["status"] in (None, "pending")
             return cmd

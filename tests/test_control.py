@@ -74,7 +74,7 @@ def test_ensure_schema_creates_the_control_tables(empty_conn: Conn) -> None:
             (CTL,),
         )
     }
-    assert tables == {"meta", "plans", "stages", "settings", "saved", "events"}
+    assert tables == {"meta", "plans", "stages", "settings", "saved", "events", "chunks"}
 
 
 def test_ensure_schema_is_idempotent(empty_conn: Conn) -> None:

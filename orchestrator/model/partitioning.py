@@ -12,10 +12,16 @@ import re
 
 from psycopg import sql
 
+from orchestrator.errors import StageError
 from orchestrator.model.catalog import Catalog, Relation
 from orchestrator.model.graph import Problem
+from orchestrator.model.move import TableMove
 from orchestrator.plan import Options, Plan, Strategy, TableSpec
 from orchestrator.sql.compose import Body
+from orchestrator.state.store import Store
+
+# Where the first stage saves the partitions the move began with.
+PARTITIONS_KEY = "partitions"
 
 # PostgreSQL 18 is the first that adds a foreign key NOT VALID to a partitioned table.
 NOT_VALID_ON_PARTITIONED = 180000
@@ -190,3 +196,18 @@ def guard_step_sql(table: str, expected: list[str]) -> sql.Composed:
         sql.Literal(f"the partitions of {table} changed since the move read them"),
     )
     return sql.SQL("DO {}").format(Body(body))
+
+
+def refuse_drift(store: Store, moves: list[TableMove]) -> None:
+    """A partitioned table's stages run only over the partitions its move began with (saved
+    with its first stage): an ATTACH or DETACH since then is refused, naming what changed."""
+    for m in moves:
+        saved = store.load(m.label, PARTITIONS_KEY)
+        why = drift(list(saved), [p.name for p in m.partitions]) if saved is not None else None
+        if why is not None:
+            raise StageError(
+                f"{m.label}: {why}; nothing was changed",
+                hint="restore the partitions the move began with (DETACH what was attached, "
+                "ATTACH or recreate what is gone), then rerun; attach and detach partitions "
+                "only before a move or after its finalize",
+            )

@@ -21,6 +21,7 @@ from orchestrator.model import partitioning
 from orchestrator.model.context import Ctx, SwapControls, build_context
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
+from orchestrator.model.partitioning import PARTITIONS_KEY
 from orchestrator.plan import LoadedPlan, Plan
 from orchestrator.run import follow, gates, rollback
 from orchestrator.run.events import Progress, StageChanged
@@ -28,7 +29,6 @@ from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
 from orchestrator.stages import proof, registry
 from orchestrator.stages.base import (
-    PARTITIONS_KEY,
     Action,
     Kind,
     LoopStage,
@@ -160,24 +160,9 @@ class Engine:
             self.store.log(action, "error", table=",".join(names), stage=stage,
                            statement=statement, detail={"error": error})
 
-    def same_partitions(self, ctx: Ctx, moves: list[TableMove]) -> None:
-        """A partitioned table's stages run only over the partitions its move began with: an
-        ATTACH or DETACH since then is refused, naming what changed."""
-        for m in moves:
-            saved = ctx.store.load(m.label, PARTITIONS_KEY)
-            why = partitioning.drift(list(saved), [p.name for p in m.partitions]) \
-                if saved is not None else None
-            if why is not None:
-                raise StageError(
-                    f"{m.label}: {why}; nothing was changed",
-                    hint="restore the partitions the move began with (DETACH what was attached, "
-                    "ATTACH or recreate what is gone), then rerun; attach and detach partitions "
-                    "only before a move or after its finalize",
-                )
-
     def advance(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage forward for one table (or a unit, for a per-unit stage)."""
-        self.same_partitions(ctx, moves)
+        partitioning.refuse_drift(ctx.store, moves)
         if isinstance(stage, LoopStage):
             for m in moves:
                 self.start([m.label], stage.name)
@@ -192,7 +177,7 @@ class Engine:
 
     def undo(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage backwards: the whole unit at once for a per-unit stage."""
-        self.same_partitions(ctx, moves)
+        partitioning.refuse_drift(ctx.store, moves)
         for group in [moves] if stage.per_unit else [[m] for m in moves]:
             stage.before(ctx, group, reverse=True)
             self._prelude(ctx, stage, group, reverse=True)
@@ -426,19 +411,7 @@ class Engine:
         last = time.monotonic()
         while until is None or not until():
             if time.monotonic() - last >= recheck_s:
-                self.recheck_waiting()
+                proof.recheck_waiting(self.context(), self.done)
                 last = time.monotonic()
             if self.replay_once() == 0:
                 time.sleep(idle_s)
-
-    def recheck_waiting(self) -> int:
-        """Re-check the changed chunks of every verified table not yet cut over (whose last
-        full pass is recent enough); the chunks checked."""
-        ctx = self.context()
-        checked = 0
-        for m in ctx.moves.values():
-            if m.strategy == "copy" and self.done(m.label, "verify") and not self.done(
-                m.label, "cutover"
-            ) and proof.full_pass_needed(ctx, m) is None:
-                checked += proof.recheck(ctx, m)
-        return checked

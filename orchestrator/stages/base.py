@@ -18,6 +18,7 @@ from psycopg import sql
 
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
+from orchestrator.model.partitioning import PARTITIONS_KEY
 
 if TYPE_CHECKING:
     from orchestrator.state.store import Store
@@ -113,9 +114,6 @@ class LoopStage(Stage, ABC):
 def regclass(*parts: str) -> str:
     """A regclass text for pg_locks lookups (quoted, so any name works)."""
     return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
-
-
-PARTITIONS_KEY = "partitions"
 
 
 def remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:

@@ -13,6 +13,7 @@ does `apply --follow` every few seconds while a table waits for its cutover.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,6 +53,8 @@ def full_pass_needed(ctx: Ctx, m: TableMove) -> str | None:
     or None."""
     if ctx.full_verify:
         return "the operator asked for it (--full-verify)"
+    if ctx.store.status(m.label, "verify") != "done":
+        return "the last verify did not finish"
     chunks = Proofs(ctx.conn, ctx.control, ctx.plan.name).of(m.label)
     if not chunks:
         return "no chunk proofs are recorded"
@@ -129,3 +132,14 @@ def status(conn: Conn, plan: Plan) -> dict[str, dict[str, Any]]:
     for label, n in pending_keys(conn, touched).items():
         found[label]["changed_keys"] = n
     return found
+
+
+def recheck_waiting(ctx: Ctx, done: Callable[[str, str], bool]) -> int:
+    """Re-check the changed chunks of every verified table not yet cut over (whose last full
+    pass is recent enough); the chunks checked. `apply --follow` runs it every few seconds."""
+    checked = 0
+    for m in ctx.moves.values():
+        if m.strategy == "copy" and done(m.label, "verify") and not done(m.label, "cutover") \
+                and full_pass_needed(ctx, m) is None:
+            checked += recheck(ctx, m)
+    return checked

@@ -346,6 +346,8 @@ class Verify(LoopStage):
         touched = capture.forward(m).touched
         with ctx.conn.transaction():
             ctx.store.start(m.label, self.name, again=True, reset=True)
+            # Until this pass ends, nothing is proven (the target may have been recopied).
+            Proofs(ctx.conn, ctx.control, ctx.plan.name).forget(m.label)
             if touched is not None:
                 # A full pass proves every chunk: what replay touched before it is moot.
                 ctx.conn.execute(sql.SQL("DELETE FROM {}").format(touched))
