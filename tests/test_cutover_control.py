@@ -383,7 +383,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify_stage, "CHUNK", 100)
 
 
-def test_the_cutover_rechecks_only_the_chunks_changed_since_the_full_pass(
+def test_the_cutover_rechecks_only_the_rows_written_since_the_full_pass(
     empty_dsn: str, tmp_path: Path, small_chunks: None
 ) -> None:
     db = psycopg.connect(empty_dsn, autocommit=True, row_factory=dict_row)
@@ -395,14 +395,14 @@ def test_the_cutover_rechecks_only_the_chunks_changed_since_the_full_pass(
     chunks = db.execute("SELECT count(*) AS n FROM _orchestrator.chunks").fetchone()
     assert chunks == {"n": 11}
 
-    # A day of writes, in three chunks: updates, a delete, an insert past the last key.
+    # A day of writes: updates, a delete, an insert past the last key (five keys).
     db.execute("UPDATE public.orders SET total = 0 WHERE id IN (5, 7, 950)")
     db.execute("DELETE FROM public.orders WHERE id = 955")
     db.execute("INSERT INTO public.orders VALUES (1001, 1)")
     done = inproc(empty_dsn, "cutover", str(plan), "--yes")
     assert done.exit_code == 0, done.output
     rechecks = events(db, "recheck", "verify")
-    assert [(e["detail"]["chunks"], e["detail"]["of"]) for e in rechecks] == [(3, 11)]
+    assert [(e["detail"]["keys"], e["detail"]["repaired"]) for e in rechecks] == [(5, 0)]
     assert events(db, "full_pass", "verify") == []
     assert db.execute("SELECT count(*) AS n FROM dom.orders").fetchone() == {"n": 1000}
     db.close()
@@ -439,3 +439,26 @@ def test_status_shows_the_proof_and_the_keys_changed_since(
     assert proof["chunks"] == 1 and proof["changed_keys"] == 3
     text = " ".join(cli(dsn, "status", plan).stdout.split())
     assert "proof: orders: full pass" in text and "3 keys changed since" in text
+
+
+def test_the_recheck_repairs_a_written_row_that_differs_or_names_it(
+    ready: tuple[str, str, Conn, str],
+) -> None:
+    dsn, plan, db, _ = ready
+    db.execute("UPDATE public.orders SET total = 7 WHERE id = 5")
+    assert cli(dsn, "apply", plan).returncode == 0  # replays it: key 5 is noted
+    db.execute("UPDATE dom.orders SET total = -7 WHERE id = 5")  # then damaged behind us
+    refused = cli(dsn, "cutover", plan, "--yes", "--no-repair")
+    assert refused.returncode == 1
+    assert "source and target differ for keys (id) (5)" in " ".join(refused.stderr.split())
+    assert relkind(db, "public.orders") == "r"
+    assert f"orchestrator apply {plan} --table orders" in refused.stderr
+    # Verify failed: the operator verifies in full (repairing), then cuts over.
+    assert cli(dsn, "apply", plan).returncode == 0
+    r = cli(dsn, "cutover", plan, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The range narrowed to at most 64 rows around key 5 was replaced from the source.
+    repairs = [e["detail"] for e in events(db, "repair", "verify")]
+    assert len(repairs) == 1 and 1 <= repairs[0]["deleted"] == repairs[0]["inserted"] <= 64
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT total FROM dom.orders WHERE id = 5").fetchone() == (7,)

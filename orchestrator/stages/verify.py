@@ -56,7 +56,7 @@ def chunk_end_sql(m: TableMove, lo: bool, hi: bool = False) -> sql.Composed:
     ).format(last, m.source, _bounds(m, "s", m.key_source, lo, hi), order)
 
 
-def _hash(row: sql.Composable, fast: bool) -> sql.Composed:
+def row_hash(row: sql.Composable, fast: bool) -> sql.Composed:
     """A 64-bit hash of a row: hash_record_extended (PostgreSQL 14+) hashes the typed values,
     about three times faster than hashing the row's text; the text form serves types that
     have no extended hash function."""
@@ -82,8 +82,8 @@ FROM (SELECT count(*) AS n, coalesce(sum({src_hash}), 0) AS h
       FROM {src} s WHERE {sb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {sp})) a,
      (SELECT count(*) AS n, coalesce(sum({tgt_hash}), 0) AS h
       FROM {tgt} t WHERE {tb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {tp})) b""").format(
-        src_hash=_hash(src_row, fast),
-        tgt_hash=_hash(tgt_row, fast),
+        src_hash=row_hash(src_row, fast),
+        tgt_hash=row_hash(tgt_row, fast),
         src=m.source,
         tgt=m.target,
         log=d.log,
@@ -100,7 +100,7 @@ def fast_hash_works(ctx: Ctx, m: TableMove) -> bool:
     try:
         with ctx.conn.transaction():
             ctx.conn.execute(
-                sql.SQL("SELECT {} FROM {} s LIMIT 1").format(_hash(row, True), m.source)
+                sql.SQL("SELECT {} FROM {} s LIMIT 1").format(row_hash(row, True), m.source)
             )
     except (errors.UndefinedFunction, errors.FeatureNotSupported):
         return False

@@ -1,9 +1,10 @@
 """What verify proved, chunk by chunk: the control schema's `chunks` table.
 
 A full verify pass records, per segment (the table, or a leaf partition) and chunk, its key
-range, row count and checksum, and when the pass proved it (`passed_at`). A later re-check
-of a chunk that changed updates `checked_at`. Cutover re-checks only changed chunks while the
-full pass is recent enough (stages/proof.py). Only this module writes the table.
+range, row count and checksum, and when the pass proved it (`passed_at`). A re-check of the
+rows written since that finds them equal moves every chunk's `checked_at` to now. Cutover
+re-checks only the rows written since while the full pass is recent enough
+(stages/proof.py). Only this module writes the table.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ class Proofs:
                  for n, (lo, hi, rows, checksum) in enumerate(chunks)],
             )
 
-    def checked(self, table: str, part: str, n: int, rows: int, checksum: str) -> None:
-        """A re-check found the chunk equal again."""
+    def checked_all(self, table: str) -> None:
+        """A re-check found every row written since the full pass equal: the whole table is
+        proven as of now."""
         self.conn.execute(
-            q(self.schema, "UPDATE {s}.chunks SET checked_at = now(), rows = %s, checksum = %s "
-                           "WHERE plan = %s AND table_name = %s AND part = %s AND n = %s"),
-            (rows, checksum, self.plan, table, part, n))
+            q(self.schema, "UPDATE {s}.chunks SET checked_at = now() "
+                           "WHERE plan = %s AND table_name = %s"), (self.plan, table))
 
     def forget(self, table: str) -> None:
         self.conn.execute(q(self.schema, "DELETE FROM {s}.chunks WHERE plan = %s "
