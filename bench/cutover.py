@@ -24,6 +24,8 @@ the hold.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import math
 import statistics
@@ -309,8 +311,21 @@ def one_round(
         "sampler_resolution_ms": sampler.resolution_ms,
         "cutover": phase(cut, c0, c1),
         "rollback": phase(back, r0, r1),
+        # What the cutover verified before its swap: the keys written since the full pass
+        # (a re-check), or the whole table (a full pass).
+        "verified_before_swap": next(
+            ({"recheck_keys": (e["detail"] or {}).get("keys")} for e in ev
+             if e["action"] == "verify" and e["outcome"] == "recheck"),
+            {"full_pass_rows": next((int((e["detail"] or {}).get("rows") or 0) for e in ev
+                                     if e["action"] == "verify" and e["outcome"] == "ok"),
+                                    None)},
+        ),
     }
     return res
+
+
+def _flat(xs: list[float], slack: float) -> bool:
+    return max(xs) <= max(2 * min(xs), min(xs) + slack)
 
 
 def _tps(stdout: str) -> float | None:
@@ -400,9 +415,19 @@ def run_size(
             seconds = int(max(12, 3 + 3 * verify_s + 2 + 2 + 4))
             out["load"] = wait_quiet(f"cutover {label}")
             out["rounds"] = []
-            for r in range(rounds):
-                res = one_round(srv, dsn, db, eng, conn, rows, tmp, f"{label}_{r}", seconds)
+            # Each round twice, interleaved: the default cutover (which re-checks only the
+            # rows written since the full pass) and one told to verify in full (as every
+            # cutover did before incremental verification).
+            for r, mode in itertools.product(range(rounds), ("incremental", "full")):
+                e = dataclasses.replace(eng, full_verify=mode == "full")
+                res = one_round(srv, dsn, db, e, conn, rows, tmp, f"{label}_{r}_{mode}",
+                                seconds)
+                res["mode"] = mode
                 out["rounds"].append(res)
+                if mode == "full":
+                    say(f"cutover {label} round {r + 1} (full verify): call "
+                        f"{res['cutover']['call_s']:.2f} s")
+                    continue
                 c, b = res["cutover"], res["rollback"]
                 say(
                     f"cutover {label} round {r + 1}: hold {c['hold_ms_event']:.1f} ms (event), "
@@ -412,7 +437,14 @@ def run_size(
                 )
             if check_drain:
                 out["in_lock_drain_check"] = drain_check(conn, eng)
-    rs = out["rounds"]
+    out["cutover_call_s"] = {
+        mode: median([x["cutover"]["call_s"] for x in out["rounds"] if x["mode"] == mode])
+        for mode in ("incremental", "full")
+    }
+    out["recheck_keys_median"] = median([
+        float(x["verified_before_swap"].get("recheck_keys") or 0)
+        for x in out["rounds"] if x["mode"] == "incremental"])
+    rs = [x for x in out["rounds"] if x["mode"] == "incremental"]
     for ph in ("cutover", "rollback"):
         out[f"{ph}_median"] = {
             k: median([x[ph][k] for x in rs if x[ph][k] is not None] or [0.0])
@@ -438,9 +470,106 @@ def run_size(
         }
     out["baseline_p99_ms_median"] = median([x["baseline_p99_ms"] for x in rs])
     out["baseline_max_ms_median"] = median([x["baseline_max_ms"] for x in rs])
-    out["pgbench_errors"] = sum(len(x["pgbench_errors"]) for x in rs)
+    out["pgbench_errors"] = sum(len(x["pgbench_errors"]) for x in out["rounds"])
     with srv.admin() as a:
         a.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+    return out
+
+
+POLICIES: dict[str, dict[str, Any]] = {
+    # Tries regardless of who holds the table (the behaviour before the stall forecast).
+    "wait-and-retry": {"forecast": False},
+    # Tries only when no transaction older than lock_timeout holds the table.
+    "forecast": {},
+    # The forecast, and after 1 s of waiting the blocker is ended (it only read).
+    "terminate-after 1 s": {"terminate_after_ms": 1000},
+}
+BLOCK_S = 4.0  # how long the application's report stays in its transaction
+
+
+def blocker_round(
+    srv: Server, dsn: str, db: str, eng: Any, conn: psycopg.Connection[Any], rows: int,
+    tmp: Path, policy: str,
+) -> dict[str, Any]:
+    """pgbench as in the rounds above; 2 s in, a report (a role of its own) reads public.ct
+    and stays in its transaction for BLOCK_S; 0.6 s later, `cutover` under `policy`. The
+    application's worst statement during the cutover call is what the policy costs it."""
+    from orchestrator.model.context import SwapControls
+
+    scripts = [(write_script(tmp, "read", READ), 2), (write_script(tmp, "update", UPDATE), 1),
+               (write_script(tmp, "insert", INSERT), 1)]
+    label = "blocker_" + policy.split()[0]
+    logdir = tmp / label
+    logdir.mkdir()
+    cmd = pgbench_cmd(srv, db, scripts, clients=4, seconds=14, threads=2,
+                      defines={"rows": rows},
+                      extra=["--log", "--log-prefix", str(logdir / "pgbench")])
+    before = len(events(conn, PLAN))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    report = psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="bench_report"),
+                             application_name="app-report")
+    report.execute("SELECT count(*) FROM public.ct").fetchone()
+
+    def end_report() -> None:
+        time.sleep(BLOCK_S)
+        with contextlib.suppress(psycopg.Error):  # terminated by the policy
+            report.commit()
+        report.close()
+
+    ender = threading.Thread(target=end_report)
+    ender.start()
+    time.sleep(0.6)
+    e = dataclasses.replace(eng, swap=SwapControls(**POLICIES[policy]))
+    c0 = time.time()
+    e.cutover(["ct"])
+    c1 = time.time()
+    ender.join()
+    proc.communicate(timeout=60)
+    eng.rollback("ct", to="verify")
+    ev = events(conn, PLAN)[before:]
+    stmts = read_pgbench_logs(logdir)
+    call = _overlapping(stmts, c0, c1)
+    return {
+        "policy": policy,
+        "cutover_call_s": c1 - c0,
+        "worst_latency_ms_during_call": max((s[1] for s in call), default=None),
+        "statements_during_call": len(call),
+        "lock_timeout_tries": sum(1 for x in ev if x["action"] == "cutover"
+                                  and x["outcome"] == "lock_timeout"),
+        "waits_recorded": sum(1 for x in ev if x["outcome"] == "waiting"),
+        "terminated": sum(1 for x in ev if x["outcome"] == "terminated"),
+    }
+
+
+def blocker_policies(srv: Server, rows: int, tmp: Path) -> dict[str, Any]:
+    from orchestrator.plan import parse_plan
+    from orchestrator.run.session import session
+
+    db = "cut_blocker"
+    dsn = srv.create_db(db)
+    out: dict[str, Any] = {"rows": rows, "block_s": BLOCK_S, "lock_timeout_ms": 500}
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        create_table(conn, "ct", rows)
+        conn.execute("DROP ROLE IF EXISTS bench_report")
+        conn.execute("CREATE ROLE bench_report LOGIN")
+        conn.execute("GRANT SELECT ON public.ct TO bench_report")
+        loaded = parse_plan(plan_text(PLAN, ["ct"]), "bench:cutover-blocker.yaml")
+        with session(dsn, loaded) as eng:
+            eng.apply(["ct"], "verify")
+            out["policies"] = []
+            for policy in POLICIES:
+                wait_quiet(f"cutover blocker {policy}")
+                res = blocker_round(srv, dsn, db, eng, conn, rows, tmp, policy)
+                out["policies"].append(res)
+                say(f"cutover with a {BLOCK_S:.0f} s blocker, {policy}: worst app statement "
+                    f"{res['worst_latency_ms_during_call']} ms, call {res['cutover_call_s']:.1f}"
+                    f" s, tries that gave way {res['lock_timeout_tries']}, terminated "
+                    f"{res['terminated']}")
+        conn.execute("DROP OWNED BY bench_report")
+    with srv.admin() as a:
+        a.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+        a.execute("DROP ROLE IF EXISTS bench_report")
     return out
 
 
@@ -465,6 +594,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         result["sizes"] = {}
         for n in sizes:
             result["sizes"][str(n)] = run_size(srv, n, rounds, tmp, check_drain=n == sizes[-1])
+        result["blocker"] = blocker_policies(srv, 10_000 if quick else 100_000, tmp)
     holds = {k: v["cutover_max"]["hold_ms_event"] for k, v in result["sizes"].items()}
     sampled = {k: v["cutover_max"]["hold_ms_sampled_upper"] for k, v in result["sizes"].items()}
     worst = max(list(holds.values()) + [x for x in sampled.values() if x is not None])
@@ -480,6 +610,13 @@ def run(quick: bool = False) -> dict[str, Any]:
             "target": "median hold flat across sizes (largest <= 2x smallest, or within 20 ms)",
             "value": meds,
             "met": flat,
+        },
+        "call_follows_writes": {
+            "target": "cutover call time flat across sizes with the re-check (largest <= 2x "
+            "smallest, or within 1 s), at a constant write rate",
+            "value": {k: v["cutover_call_s"] for k, v in result["sizes"].items()},
+            "met": _flat([v["cutover_call_s"]["incremental"]
+                          for v in result["sizes"].values()], 1.0),
         },
         "no_application_errors": {
             "target": "no pgbench client error during cutover or rollback",

@@ -315,6 +315,49 @@ def _cutover(r: dict[str, Any]) -> list[str]:
         out.append("")
     else:
         out += ["No pgbench client saw an error in any round (cutover or rollback).", ""]
+    return out + _cutover_controls(r)
+
+
+def _cutover_controls(r: dict[str, Any]) -> list[str]:
+    """Incremental verification and the stall forecast, from the same run."""
+    out = [
+        "### What the cutover verifies first",
+        "",
+        "The same rounds, each run twice in turn: the default cutover, which re-checks only "
+        "the rows written since the full verify (`verify recheck`), and one told "
+        "`--full-verify` (what every cutover did before). Cutover call: from the command's "
+        "start to its end, swap included; medians.",
+        "",
+        "| rows | cutover call, re-check (s) | keys re-checked | cutover call, full verify (s) |",
+        "|---|---|---|---|",
+    ]
+    for n, s in r["sizes"].items():
+        calls = s.get("cutover_call_s")
+        if not calls:
+            continue
+        out.append(f"| {int(n):,} | {calls['incremental']:.2f} | "
+                   f"{s.get('recheck_keys_median', 0):,.0f} | {calls['full']:.2f} |")
+    b = r.get("blocker")
+    if b:
+        out += [
+            "",
+            "### A blocker at cutover, per policy",
+            "",
+            f"{b['rows']:,} rows, the same pgbench load; a report (a role of its own) reads "
+            f"the table and stays in its transaction for {b['block_s']:.0f} s; the cutover "
+            f"starts 0.6 s into it (lock_timeout {b['lock_timeout_ms']} ms). Worst "
+            "application statement: the longest pgbench statement overlapping the cutover "
+            "call.",
+            "",
+            "| policy | worst app statement (ms) | cutover call (s) | tries that gave way | "
+            "waits recorded | sessions ended |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in b["policies"]:
+            out.append(f"| {p['policy']} | {_f(p['worst_latency_ms_during_call'], 1)} | "
+                       f"{p['cutover_call_s']:.1f} | {p['lock_timeout_tries']} | "
+                       f"{p['waits_recorded']} | {p['terminated']} |")
+        out.append("")
     return out
 
 
