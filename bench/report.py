@@ -328,7 +328,8 @@ def _cutover_controls(r: dict[str, Any]) -> list[str]:
         "`--full-verify` (what every cutover did before). Cutover call: from the command's "
         "start to its end, swap included; medians.",
         "",
-        "| rows | cutover call, re-check (s) | keys re-checked | cutover call, full verify (s) |",
+        "| rows | cutover call, re-check (s) | keys noted since the full pass (with repeats) | "
+        "cutover call, full verify (s) |",
         "|---|---|---|---|",
     ]
     for n, s in r["sizes"].items():

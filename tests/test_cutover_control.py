@@ -269,7 +269,7 @@ def test_a_postpone_file_holds_the_swap_across_a_sigkill(
     assert events(db, "gate_open", "cutover")
 
 
-def test_a_window_holds_the_swap_until_it_opens_and_ctrl_c_cancels(
+def test_a_window_holds_the_swap_across_a_sigkill_until_it_opens_and_ctrl_c_cancels(
     ready: tuple[str, str, Conn, str],
 ) -> None:
     dsn, plan, db, _ = ready
@@ -280,6 +280,12 @@ def test_a_window_holds_the_swap_until_it_opens_and_ctrl_c_cancels(
     wait_for("the window", lambda: events(db, "waiting", "cutover"))
     detail = events(db, "waiting", "cutover")[-1]["detail"]
     assert detail["gates"] == [f"outside the cutover window {closed}"]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert relkind(db, "public.orders") == "r"
+    proc = start(dsn, "cutover", plan, "--yes", "--window", closed)  # holds again
+    wait_for("the window again", lambda: len(events(db, "waiting", "cutover")) == 2)
+    assert relkind(db, "public.orders") == "r"
     proc.send_signal(signal.SIGINT)  # the operator's Ctrl-C
     code, output = finish(proc)
     assert code == 1 and "interrupted" in output and "Traceback" not in output

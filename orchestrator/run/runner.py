@@ -186,7 +186,7 @@ class Runner:
         while True:
             attempt += 1
             if swap:
-                self._await_clear(action, label, stage, policy, first)
+                self._await_clear(action, label, stage, policy, first, between_tries)
             started = time.monotonic()
             try:
                 with self.conn.transaction():
@@ -211,7 +211,8 @@ class Runner:
                 time.sleep(delay * (0.5 + random.random()))
 
     def _await_clear(
-        self, action: Action, label: str, stage: str, policy: LockPolicy, since: float
+        self, action: Action, label: str, stage: str, policy: LockPolicy, since: float,
+        meanwhile: Callable[[], None] | None = None,
     ) -> None:
         """Before a swap's try: wait until the stall forecast is clear, so the try does not
         queue the application behind a long transaction. Ends the sessions in the way only
@@ -255,6 +256,10 @@ class Runner:
                     "them with --terminate-blockers-after MS (runbook: \"Blockers\"); or try "
                     "anyway with --ignore-forecast",
                 )
+            if meanwhile is not None:
+                # Writes go on while we wait: drain them outside the lock, or the try that
+                # follows would replay all of them inside it (the application waiting).
+                meanwhile()
             time.sleep(0.2)
 
     def _cancel_autovacuums(
