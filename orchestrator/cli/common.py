@@ -75,6 +75,9 @@ ForecastWaitOpt = Annotated[float, typer.Option(
 IgnoreForecastOpt = Annotated[bool, typer.Option(
     "--ignore-forecast", help="Try the swap's lock even when the forecast names a session "
     "that would hold it past lock_timeout.")]
+TryOpt = Annotated[int, typer.Option(
+    "--try-ms", help="With the forecast on, how long one try of a swap's lock may wait (at "
+    "most lock_timeout); tries are retried with jitter.")]
 TerminateAfterOpt = Annotated[int | None, typer.Option(
     "--terminate-blockers-after", help="After a swap has waited this many ms, end the "
     "sessions the forecast names (never a superuser's, a replication process, a writer or a "
@@ -101,14 +104,14 @@ WhenReadyOpt = Annotated[bool, typer.Option(
 
 def swap_controls(
     forecast_wait: float, ignore_forecast: bool, terminate_after: int | None,
-    terminate_max_age: float, terminate_writers: bool,
+    terminate_max_age: float, terminate_writers: bool, try_ms: int = 100,
 ) -> "SwapControls":
     from orchestrator.model.context import SwapControls
 
     return SwapControls(
         forecast=not ignore_forecast, forecast_wait_s=forecast_wait,
         terminate_after_ms=terminate_after, terminate_max_age_s=terminate_max_age,
-        terminate_writers=terminate_writers,
+        terminate_writers=terminate_writers, try_ms=try_ms,
     )
 
 

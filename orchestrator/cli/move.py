@@ -24,6 +24,7 @@ from orchestrator.cli.common import (
     TerminateAfterOpt,
     TerminateMaxAgeOpt,
     TerminateWritersOpt,
+    TryOpt,
     WhenReadyOpt,
     WindowOpt,
     YesOpt,
@@ -116,6 +117,7 @@ def apply(
     terminate_after: TerminateAfterOpt = None,
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
+    try_ms: TryOpt = 100,
     no_repair: NoRepairOpt = False,
     full_verify: FullVerifyOpt = False,
 ) -> None:
@@ -131,7 +133,7 @@ def apply(
         if until == "cutover":
             confirm("apply through cutover (the application switches to the new tables)?", yes)
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers)
+                                 terminate_max_age, terminate_writers, try_ms)
         hold = cutover_gates(window, postpone_file, when_ready)
         with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
                     full_verify) as eng:
@@ -159,6 +161,7 @@ def cutover(
     terminate_after: TerminateAfterOpt = None,
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
+    try_ms: TryOpt = 100,
     no_repair: NoRepairOpt = False,
     full_verify: FullVerifyOpt = False,
 ) -> None:
@@ -167,7 +170,7 @@ def cutover(
     with guard(fmt):
         confirm("cut over (retire the source tables behind compatibility views)?", yes)
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers)
+                                 terminate_max_age, terminate_writers, try_ms)
         hold = cutover_gates(window, postpone_file, when_ready)
         with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
                     full_verify) as eng:
@@ -226,6 +229,7 @@ def rollback(
     terminate_after: TerminateAfterOpt = None,
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
+    try_ms: TryOpt = 100,
 ) -> None:
     """Reverse a table's stages (or the whole plan's), latest first, keeping every row written
     meanwhile."""
@@ -238,7 +242,7 @@ def rollback(
         what = table or "every table of the plan"
         confirm(f"roll back {what}" + (f" to {to}" if to else " entirely") + "?", yes)
         controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers)
+                                 terminate_max_age, terminate_writers, try_ms)
         with engine(plan, lock_timeout, fmt, controls) as eng:
             undone = eng.rollback(table, to)
     if fmt == Fmt.json:

@@ -25,6 +25,10 @@ class SwapControls:
 
     forecast: bool = True
     forecast_wait_s: float = 30.0
+    # With the forecast on, a swap's LOCK waits at most this long per try (and lock_timeout
+    # if that is shorter): an application statement queued behind a try that meets a young
+    # transaction waits this, not all of lock_timeout. Tries are retried with jitter.
+    try_ms: int = 100
     terminate_after_ms: int | None = None
     terminate_max_age_s: float = 600.0
     terminate_writers: bool = False
@@ -40,6 +44,14 @@ class LockPolicy:
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
     swap: SwapControls = SwapControls()
+
+    @property
+    def try_ms(self) -> int:
+        """How long one try of a swap's LOCK may wait: lock_timeout, or shorter tries while
+        the stall forecast decides when to try (SwapControls.try_ms)."""
+        if self.swap.forecast:
+            return min(self.lock_timeout_ms, self.swap.try_ms)
+        return self.lock_timeout_ms
 
 
 def policy_for(

@@ -152,7 +152,7 @@ class Runner:
             texts.append(render(self.conn, step.sql))
             try:
                 if step.bounded:
-                    _set_local(self.conn, "statement_timeout", f"{policy.lock_timeout_ms}ms")
+                    _set_local(self.conn, "statement_timeout", f"{policy.try_ms}ms")
                 s0 = time.monotonic()
                 self.conn.execute(step.sql)
                 timings.append((time.monotonic() - s0) * 1000)
@@ -300,7 +300,7 @@ def _exhausted(
     ) or "a session that has ended"
     tries = "1 try" if attempt == 1 else f"{attempt} tries"
     return LockTimeoutExhausted(
-        f"{label}: {action.name} could not get its locks within {policy.lock_timeout_ms} ms "
+        f"{label}: {action.name} could not get its locks within {policy.try_ms} ms "
         f"after {tries}; nothing was changed. Blocking: {names}",
         hint="wait for that transaction to end and rerun, raise the timeout with "
         "--lock-timeout, or end the blocker with SELECT pg_terminate_backend(pid)",
