@@ -419,7 +419,8 @@ def run_size(
             # rows written since the full pass) and one told to verify in full (as every
             # cutover did before incremental verification).
             for r, mode in itertools.product(range(rounds), ("incremental", "full")):
-                e = dataclasses.replace(eng, full_verify=mode == "full")
+                e = dataclasses.replace(eng, controls=dataclasses.replace(
+                    eng.controls, full_verify=mode == "full"))
                 res = one_round(srv, dsn, db, e, conn, rows, tmp, f"{label}_{r}_{mode}",
                                 seconds)
                 res["mode"] = mode
@@ -520,7 +521,8 @@ def blocker_round(
     ender = threading.Thread(target=end_report)
     ender.start()
     time.sleep(0.6)
-    e = dataclasses.replace(eng, swap=SwapControls(**POLICIES[policy]))
+    e = dataclasses.replace(eng, controls=dataclasses.replace(
+        eng.controls, swap=SwapControls(**POLICIES[policy])))
     c0 = time.time()
     e.cutover(["ct"])
     c1 = time.time()

@@ -25,7 +25,7 @@ from orchestrator.plan import load_plan
 from orchestrator.tui import render as tui
 
 if TYPE_CHECKING:
-    from orchestrator.model.context import SwapControls
+    from orchestrator.model.context import Controls
     from orchestrator.run.engine import Engine
     from orchestrator.run.gates import Gates
 
@@ -102,16 +102,23 @@ WhenReadyOpt = Annotated[bool, typer.Option(
     "stall forecast clear.")]
 
 
-def swap_controls(
-    forecast_wait: float, ignore_forecast: bool, terminate_after: int | None,
-    terminate_max_age: float, terminate_writers: bool, try_ms: int = 100,
-) -> "SwapControls":
-    from orchestrator.model.context import SwapControls
+def run_controls(
+    lock_timeout: int | None, forecast_wait: float = 30.0, ignore_forecast: bool = False,
+    terminate_after: int | None = None, terminate_max_age: float = 600.0,
+    terminate_writers: bool = False, try_ms: int = 100, no_repair: bool = False,
+    full_verify: bool = False,
+) -> "Controls":
+    """The operator's options of a command, as the engine takes them."""
+    from orchestrator.model.context import Controls, SwapControls
 
-    return SwapControls(
-        forecast=not ignore_forecast, forecast_wait_s=forecast_wait,
-        terminate_after_ms=terminate_after, terminate_max_age_s=terminate_max_age,
-        terminate_writers=terminate_writers, try_ms=try_ms,
+    return Controls(
+        lock_timeout_ms=lock_timeout,
+        swap=SwapControls(
+            forecast=not ignore_forecast, forecast_wait_s=forecast_wait,
+            terminate_after_ms=terminate_after, terminate_max_age_s=terminate_max_age,
+            terminate_writers=terminate_writers, try_ms=try_ms,
+        ),
+        repair=not no_repair, full_verify=full_verify,
     )
 
 
@@ -213,8 +220,8 @@ def confirm(question: str, yes: bool) -> None:
 
 @contextmanager
 def engine(
-    plan: Path, lock_timeout: int | None, fmt: str = "text", swap: "SwapControls | None" = None,
-    hold: "Gates | None" = None, repair: bool = True, full_verify: bool = False,
+    plan: Path, fmt: str = "text", controls: "Controls | None" = None,
+    hold: "Gates | None" = None,
 ) -> Iterator["Engine"]:
     """A session of the engine on the plan, its progress shown by a Reporter (on stderr in
     json format, so stdout stays one JSON document)."""
@@ -223,8 +230,7 @@ def engine(
     loaded = load_plan(plan)
     dsn = resolve_dsn(state.dsn, state.embedded)
     reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
-    with reporter, session(dsn, loaded, reporter.event, lock_timeout, swap, hold,
-                           repair, full_verify) as eng:
+    with reporter, session(dsn, loaded, reporter.event, controls, hold) as eng:
         yield eng
 
 

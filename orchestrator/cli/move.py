@@ -36,7 +36,7 @@ from orchestrator.cli.common import (
     engine,
     guard,
     out,
-    swap_controls,
+    run_controls,
 )
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import load_plan
@@ -132,11 +132,11 @@ def apply(
             )
         if until == "cutover":
             confirm("apply through cutover (the application switches to the new tables)?", yes)
-        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers, try_ms)
+        controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
+                                terminate_max_age, terminate_writers, try_ms, no_repair,
+                                full_verify)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
-                    full_verify) as eng:
+        with engine(plan, fmt, controls, hold) as eng:
             eng.apply(table, until)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
@@ -169,11 +169,11 @@ def cutover(
     the gates open and the stall forecast is clear."""
     with guard(fmt):
         confirm("cut over (retire the source tables behind compatibility views)?", yes)
-        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers, try_ms)
+        controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
+                                terminate_max_age, terminate_writers, try_ms, no_repair,
+                                full_verify)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, lock_timeout, fmt, controls, hold, not no_repair,
-                    full_verify) as eng:
+        with engine(plan, fmt, controls, hold) as eng:
             eng.cutover(table)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "cutover": True})
@@ -195,7 +195,7 @@ def finalize(
     with guard(fmt):
         what = "the retired tables" + (" and the compatibility views" if drop_views else "")
         confirm(f"finalize? This drops {what} and CANNOT be undone", yes)
-        with engine(plan, lock_timeout, fmt) as eng:
+        with engine(plan, fmt, run_controls(lock_timeout)) as eng:
             eng.finalize(table)
             if drop_views:
                 dropped = eng.drop_compat_views(table)
@@ -241,9 +241,9 @@ def rollback(
             )
         what = table or "every table of the plan"
         confirm(f"roll back {what}" + (f" to {to}" if to else " entirely") + "?", yes)
-        controls = swap_controls(forecast_wait, ignore_forecast, terminate_after,
-                                 terminate_max_age, terminate_writers, try_ms)
-        with engine(plan, lock_timeout, fmt, controls) as eng:
+        controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
+                                terminate_max_age, terminate_writers, try_ms)
+        with engine(plan, fmt, controls) as eng:
             undone = eng.rollback(table, to)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "rolled_back": undone})

@@ -162,7 +162,6 @@ class Relation:
     rls_forced: bool
     is_partition: bool
     inherits: tuple[str, ...]
-    has_children: bool
     row_estimate: int
     total_bytes: int
     replica_identity: str
@@ -183,6 +182,11 @@ class Relation:
     indexes: tuple[Index, ...] = ()
     triggers: tuple[Trigger, ...] = ()
     policies: tuple[Policy, ...] = ()
+
+    @property
+    def has_children(self) -> bool:
+        """Partitions or inheritance children."""
+        return self.child_count > 0
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -312,7 +316,6 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::
                  FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
                  JOIN pg_namespace pn ON pn.oid = p.relnamespace
                  WHERE i.inhrelid = c.oid), '{}') AS inherits,
-       EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) AS has_children,
        (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid)::int AS child_count,
        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partition_key,
        CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END
@@ -640,7 +643,6 @@ def _relation(r: _Row, parts: dict[str, list[Any]]) -> Relation:
         rls_forced=r["rls_forced"],
         is_partition=r["is_partition"],
         inherits=tuple(r["inherits"]),
-        has_children=r["has_children"],
         row_estimate=r["row_estimate"],
         total_bytes=r["total_bytes"],
         replica_identity=r["replica_identity"],

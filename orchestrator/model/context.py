@@ -67,6 +67,20 @@ def policy_for(
 
 
 @dataclass(frozen=True)
+class Controls:
+    """What the operator chose for this run, over the plan's options: the command's
+    --lock-timeout, how swaps approach their lock, and how verify treats a difference."""
+
+    lock_timeout_ms: int | None = None
+    swap: SwapControls = SwapControls()
+    # Verify replaces a target range that still differs after its re-checks (--no-repair:
+    # it only reports it).
+    repair: bool = True
+    # Cutover verifies in full before its swap, however recent the last full pass.
+    full_verify: bool = False
+
+
+@dataclass(frozen=True)
 class Ctx:
     """One read of the catalog and everything resolved from it. Rebuilt after each swap,
     since a swap changes what the catalog says."""
@@ -78,13 +92,7 @@ class Ctx:
     moves: dict[str, TableMove]
     store: Store
     progress: Progress = ignore
-    lock_timeout_ms: int | None = None
-    swap: SwapControls = SwapControls()
-    # Verify replaces a target range that still differs after its re-checks (--no-repair:
-    # it only reports it).
-    repair: bool = True
-    # Cutover verifies in full before its swap, however recent the last full pass.
-    full_verify: bool = False
+    controls: Controls = Controls()
 
     @property
     def plan(self) -> Plan:
@@ -96,7 +104,7 @@ class Ctx:
 
     def policy(self, m: TableMove | None = None) -> LockPolicy:
         return policy_for(m.options if m is not None else self.plan.defaults,
-                          self.lock_timeout_ms, self.swap)
+                          self.controls.lock_timeout_ms, self.controls.swap)
 
     def unit_moves(self, unit: Unit) -> list[TableMove]:
         return [self.moves[n] for n in unit.members if n in self.moves]
@@ -106,11 +114,8 @@ def build_context(
     conn: Conn,
     loaded: LoadedPlan,
     progress: Progress = ignore,
-    lock_timeout_ms: int | None = None,
     store: Store | None = None,
-    swap: SwapControls | None = None,
-    repair: bool = True,
-    full_verify: bool = False,
+    controls: Controls | None = None,
 ) -> Ctx:
     """Read the catalog, check the plan and resolve every table's move (read-only)."""
     plan = loaded.plan
@@ -145,8 +150,5 @@ def build_context(
         moves=moves,
         store=store or Store(conn, plan.control_schema, plan.name),
         progress=progress,
-        lock_timeout_ms=lock_timeout_ms,
-        swap=swap or SwapControls(),
-        repair=repair,
-        full_verify=full_verify,
+        controls=controls or Controls(),
     )

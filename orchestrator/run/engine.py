@@ -18,7 +18,7 @@ from psycopg import sql
 from orchestrator.db import Conn
 from orchestrator.errors import LockTimeoutExhausted, StageError
 from orchestrator.model import partitioning
-from orchestrator.model.context import Ctx, SwapControls, build_context
+from orchestrator.model.context import Controls, Ctx, build_context
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
 from orchestrator.model.partitioning import PARTITIONS_KEY
@@ -47,11 +47,8 @@ class Engine:
     conn: Conn
     loaded: LoadedPlan
     progress: Progress
-    lock_timeout_ms: int | None = None
-    swap: SwapControls = field(default_factory=SwapControls)
+    controls: Controls = field(default_factory=Controls)  # the operator's, over the plan's
     hold: Gates = field(default_factory=Gates)  # what holds a swap (run/gates.py)
-    repair: bool = True  # verify repairs a range that still differs (stages/verify.py)
-    full_verify: bool = False  # cutover verifies in full, however recent the proof
 
     @property
     def plan(self) -> Plan:
@@ -76,10 +73,7 @@ class Engine:
             self.store.register(self.loaded, stages)
 
     def context(self) -> Ctx:
-        return build_context(
-            self.conn, self.loaded, self.progress, self.lock_timeout_ms, self.store, self.swap,
-            self.repair, self.full_verify,
-        )
+        return build_context(self.conn, self.loaded, self.progress, self.store, self.controls)
 
     def status(self, table: str, stage: str) -> str:
         return self.store.status(table, stage)

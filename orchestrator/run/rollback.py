@@ -16,7 +16,7 @@ from psycopg import sql
 
 from orchestrator.db import Conn
 from orchestrator.errors import StageError
-from orchestrator.model.context import Ctx, policy_for
+from orchestrator.model.context import Controls, Ctx, policy_for
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
 from orchestrator.plan import LoadedPlan, Plan
@@ -34,7 +34,7 @@ class Engine(Protocol):
     @property
     def loaded(self) -> LoadedPlan: ...
     @property
-    def lock_timeout_ms(self) -> int | None: ...
+    def controls(self) -> Controls: ...
     @property
     def plan(self) -> Plan: ...
     @property
@@ -191,8 +191,8 @@ def drop_empty_schemas(eng: Engine) -> None:
             continue
         stmt = sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(str(schema)))
         action = Action("drop_schema", [Step(stmt)], record=_unsave(key))
-        eng.runner.run(action, tables=[], stage="", policy=policy_for(eng.plan.defaults,
-                                                                      eng.lock_timeout_ms))
+        eng.runner.run(action, tables=[], stage="", policy=policy_for(
+            eng.plan.defaults, eng.controls.lock_timeout_ms, eng.controls.swap))
 
 
 def _unsave(key: str) -> Callable[[Store], None]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestrator.db import connect
-from orchestrator.model.context import SwapControls, build_context
+from orchestrator.model.context import Controls, build_context
 from orchestrator.plan import LoadedPlan
 from orchestrator.run.engine import Engine
 from orchestrator.run.events import Progress, ignore
@@ -25,11 +25,8 @@ def session(
     dsn: str,
     loaded: LoadedPlan,
     progress: Progress = ignore,
-    lock_timeout_ms: int | None = None,
-    swap: SwapControls | None = None,
+    controls: Controls | None = None,
     hold: Gates | None = None,
-    repair: bool = True,
-    full_verify: bool = False,
 ) -> Iterator[Engine]:
     """Connect, take the plan's and its tables' advisory locks, register the plan."""
     conn = connect(dsn, autocommit=True)
@@ -42,8 +39,7 @@ def session(
         # collide, two plans moving same-named tables of different schemas do not.
         names = [f"{loaded.plan.source_schema}.{t.name}" for t in loaded.plan.tables]
         with operator_lock(lock_conn, loaded.plan.name, names):
-            eng = Engine(conn, loaded, progress, lock_timeout_ms, swap or SwapControls(),
-                         hold or Gates(), repair, full_verify)
+            eng = Engine(conn, loaded, progress, controls or Controls(), hold or Gates())
             # Bad input changes nothing: check the plan against the catalog before the
             # control schema is created or the plan recorded.
             build_context(conn, loaded)

@@ -86,7 +86,7 @@ def repair_keys_sql(m: TableMove, fast: bool) -> list[sql.Composed]:
 def full_pass_needed(ctx: Ctx, m: TableMove) -> str | None:
     """Why the table's proof cannot just be brought up to date (then verify runs in full),
     or None."""
-    if ctx.full_verify:
+    if ctx.controls.full_verify:
         return "the operator asked for it (--full-verify)"
     if ctx.store.status(m.label, "verify") != "done":
         return "the last verify did not finish"
@@ -126,7 +126,7 @@ def recheck(ctx: Ctx, m: TableMove) -> int:
         verify.drain(ctx, m)
         time.sleep(0.05 * tries)
         bad = _differing(ctx, m, fast)
-    repaired = _repair(ctx, m, fast) if bad and ctx.repair else 0
+    repaired = _repair(ctx, m, fast) if bad and ctx.controls.repair else 0
     if repaired:
         bad = _differing(ctx, m, fast)
     if bad:

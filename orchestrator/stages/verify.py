@@ -223,7 +223,7 @@ def settle(
     while res["source"] != res["target"]:
         bad = _narrow(ctx, m, Mismatch(lo, hi, res["source"], res["target"]),
                       int(res["rows"]), fast)
-        if not (ctx.repair and repairs < MAX_REPAIRS and _repaired(ctx, m, bad, fast)):
+        if not (ctx.controls.repair and repairs < MAX_REPAIRS and _repaired(ctx, m, bad, fast)):
             return res, bad
         repairs += 1
         with snapshot_txn(ctx.conn, read_only=True):
