@@ -114,6 +114,41 @@ class Options(_Model):
     )
 
 
+HOOK_EVENTS = (
+    "before-prepare", "after-prepare", "before-dual_write", "after-dual_write",
+    "before-copy", "after-copy", "before-verify", "after-verify", "before-cutover",
+    "after-cutover", "before-rename", "after-rename", "before-finalize", "after-finalize",
+    "cutover-postponed", "cutover-done", "before-rollback", "rollback", "failure",
+    "copy-progress", "*",
+)
+
+
+class Hook(_Model):
+    """A command run on the orchestrator's machine when a phase changes. It gets the event as
+    JSON on stdin and in ORCHESTRATOR_* environment variables. A before-cutover hook that
+    exits non-zero holds the swap (a gate) until it exits 0."""
+
+    # Not `on`: YAML 1.1 reads a bare `on` key as the boolean true.
+    events: list[str] = Field(description="Events: before-STAGE, after-STAGE, cutover-postponed, "
+                          "cutover-done, before-rollback, rollback, failure, copy-progress, "
+                          "or * for all.")
+    run: str = Field(description="The command, run by /bin/sh -c.")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds before the command is killed "
+                             "(a before-cutover hook that times out holds the swap).")
+    every_pct: int = Field(10, ge=1, le=100, description="copy-progress: run each time the "
+                           "copy passes another this many percent.")
+    recheck_s: float = Field(10.0, gt=0, description="before-cutover: seconds between runs "
+                             "while it holds the swap.")
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: list[str]) -> list[str]:
+        unknown = [e for e in v if e not in HOOK_EVENTS]
+        if unknown or not v:
+            raise ValueError(f"unknown hook event(s) {unknown}: use {', '.join(HOOK_EVENTS)}")
+        return v
+
+
 class TableOptions(_Model):
     """The subset of options a single table may override."""
 
@@ -258,6 +293,14 @@ class Plan(_Model):
     tables: list[TableSpec] = Field(description="The tables to move (see TableSpec).")
     views: list[ViewSpec] = Field(
         default_factory=list, description="Views created after the move (see ViewSpec)."
+    )
+    hooks: list[Hook] = Field(
+        default_factory=list, description="Commands run on phase changes (see Hook)."
+    )
+    finalize_quiet_period_s: float = Field(
+        900.0, ge=0, description="finalize refuses while a compatibility view was used "
+        "within this many seconds (pg_stat_statements counts, live locks); 0 turns the "
+        "check off; finalize --force overrides it.",
     )
 
     @field_validator("version")
@@ -471,6 +514,7 @@ _MODELS: dict[str, type[BaseModel]] = {
         TableOptions,
         ColumnMap,
         ViewSpec,
+        Hook,
     )
 }
 

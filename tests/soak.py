@@ -314,7 +314,8 @@ class Soak:
                 self.res.full_rollbacks += 1
                 fresh = True
         # The end of the soak: the move stays, and is finalized under load.
-        self.step("finalize", self.res.cycles, "finalize", PLAN, "--yes")
+        # The soak's application uses the old names by design: past finalize's traffic gate.
+        self.step("finalize", self.res.cycles, "finalize", PLAN, "--yes", "--force")
         self.res.finalized = True
 
     @staticmethod

@@ -200,7 +200,8 @@ def test_status_json_on_a_fresh_database(run: Any, cogito_dsn: str) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["plan"] == "cogito"
-    assert data["stages"] == []
+    assert data["started"] is False
+    assert data["next_steps"][-1] == f"orchestrator apply {COGITO_PLAN}"
 
 
 def test_history_on_a_fresh_database_is_empty(run: Any, cogito_dsn: str) -> None:

@@ -260,7 +260,8 @@ def test_a_postpone_file_holds_the_swap_across_a_sigkill(
     assert f"postponed while {hold} exists" in " ".join(cli(dsn, "status", plan).stdout.split())
 
     again = start(dsn, *args)  # the rerun holds too, until the file goes
-    time.sleep(1.5)
+    wait_for("the rerun's hold", lambda: len(events(db, "waiting", "cutover")) >= 2)
+    time.sleep(0.5)
     assert again.poll() is None and relkind(db, "public.orders") == "r"
     hold.unlink()
     code, output = finish(again)
@@ -441,7 +442,7 @@ def test_status_shows_the_proof_and_the_keys_changed_since(
     db.execute("UPDATE public.orders SET total = 0 WHERE id IN (1, 2, 3)")
     assert cli(dsn, "apply", plan).returncode == 0  # replays the log: three keys touched
     status = json.loads(cli(dsn, "status", plan, "--format", "json").stdout)
-    proof = status["proofs"]["orders"]
+    proof = next(t for t in status["tables"] if t["name"] == "orders")["proof"]
     assert proof["chunks"] == 1 and proof["changed_keys"] == 3
     text = " ".join(cli(dsn, "status", plan).stdout.split())
     assert "proof: orders: full pass" in text and "3 keys changed since" in text

@@ -72,7 +72,8 @@ class Operator:
     def stages(self, table: str) -> dict[str, str]:
         """The status of each of a table's stages, as `status --format json` reports it."""
         data = json.loads(self.ok("status", str(COGITO_PLAN), "--format", "json").stdout)
-        return {r["stage"]: r["status"] for r in data["stages"] if r["table_name"] == table}
+        row = next(t for t in data["tables"] if t["name"] == table)
+        return {stage: s["status"] for stage, s in row["stages"].items()}
 
 
 def catalog(dsn: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class Operator:
 
     def stage(self, table: str, stage: str) -> dict[str, Any]:
         data = json.loads(self.ok("status", PLAN, "--format", "json").stdout)
-        return next(r for r in data["stages"] if (r["table_name"], r["stage"]) == (table, stage))
+        return dict(next(t for t in data["tables"] if t["name"] == table)["stages"][stage])
 
 
 @pytest.fixture

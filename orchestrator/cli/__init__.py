@@ -8,7 +8,7 @@ registers its commands on that app when imported here.
 import sys
 
 # Importing a command module registers its commands, in the order `--help` lists them.
-from orchestrator.cli import observe, server, move, tools  # noqa: F401  # isort: skip
+from orchestrator.cli import observe, server, move, cockpit, tools  # noqa: F401  # isort: skip
 from orchestrator.cli.common import app, embedded_argv, err
 
 __all__ = ["app", "embedded_argv", "main"]

@@ -100,16 +100,19 @@ FullVerifyOpt = Annotated[bool, typer.Option(
 WhenReadyOpt = Annotated[bool, typer.Option(
     "--when-ready", help="Swap a unit only once verified, its capture log short and the "
     "stall forecast clear.")]
+HookOpt = Annotated[list[str] | None, typer.Option(
+    "--hook", help="EVENT=COMMAND: run COMMAND on EVENT (as a plan hook; repeatable).")]
 
 
 def run_controls(
     lock_timeout: int | None, forecast_wait: float = 30.0, ignore_forecast: bool = False,
     terminate_after: int | None = None, terminate_max_age: float = 600.0,
     terminate_writers: bool = False, try_ms: int = 100, no_repair: bool = False,
-    full_verify: bool = False,
+    full_verify: bool = False, hooks: list[str] | None = None, force: bool = False,
 ) -> "Controls":
     """The operator's options of a command, as the engine takes them."""
     from orchestrator.model.context import Controls, SwapControls
+    from orchestrator.run.hooks import parse
 
     return Controls(
         lock_timeout_ms=lock_timeout,
@@ -118,7 +121,7 @@ def run_controls(
             terminate_after_ms=terminate_after, terminate_max_age_s=terminate_max_age,
             terminate_writers=terminate_writers, try_ms=try_ms,
         ),
-        repair=not no_repair, full_verify=full_verify,
+        repair=not no_repair, full_verify=full_verify, hooks=parse(hooks or ()), force=force,
     )
 
 
@@ -197,6 +200,11 @@ def guard(fmt: str = "text") -> Iterator[None]:
             "committed step"), fmt)
 
 
+def dsn() -> str:
+    """The connection string the root options name (--dsn, --embedded, DATABASE_URL)."""
+    return resolve_dsn(state.dsn, state.embedded)
+
+
 def connect_db(autocommit: bool = True) -> Conn:
     """A connection to the database the root options name (--dsn, --embedded, DATABASE_URL)."""
     return connect(resolve_dsn(state.dsn, state.embedded), autocommit=autocommit)
@@ -232,6 +240,23 @@ def engine(
     reporter = tui.Reporter(err if fmt == "json" else out, json_mode=fmt == "json")
     with reporter, session(dsn, loaded, reporter.event, controls, hold) as eng:
         yield eng
+
+
+@contextmanager
+def serving(plan: Path, listen: str | None) -> Iterator[None]:
+    """Serve the plan's Prometheus metrics while the block runs (when asked)."""
+    if listen is None:
+        yield
+        return
+    from orchestrator.observe import status as status_model
+    from orchestrator.observe.metrics import Listen, serve
+
+    loaded = load_plan(plan)
+    server = serve(status_model.reader(dsn(), loaded), loaded.plan.name, Listen.parse(listen))
+    try:
+        yield
+    finally:
+        server.shutdown()
 
 
 def embedded_argv(argv: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from orchestrator.cli.common import (
     FmtOpt,
     ForecastWaitOpt,
     FullVerifyOpt,
+    HookOpt,
     IgnoreForecastOpt,
     LockOpt,
     NoRepairOpt,
@@ -37,6 +38,7 @@ from orchestrator.cli.common import (
     guard,
     out,
     run_controls,
+    serving,
 )
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import load_plan
@@ -120,6 +122,10 @@ def apply(
     try_ms: TryOpt = 100,
     no_repair: NoRepairOpt = False,
     full_verify: FullVerifyOpt = False,
+    hook: HookOpt = None,
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", help="HOST:PORT: serve the plan's Prometheus metrics while this runs.")]
+    = None,
 ) -> None:
     """Move tables up to a stage (verify by default: cutover is a separate, explicit step)."""
     if dry:
@@ -134,9 +140,9 @@ def apply(
             confirm("apply through cutover (the application switches to the new tables)?", yes)
         controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
                                 terminate_max_age, terminate_writers, try_ms, no_repair,
-                                full_verify)
+                                full_verify, hook)
         hold = cutover_gates(window, postpone_file, when_ready)
-        with engine(plan, fmt, controls, hold) as eng:
+        with serving(plan, metrics), engine(plan, fmt, controls, hold) as eng:
             eng.apply(table, until)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
@@ -164,6 +170,7 @@ def cutover(
     try_ms: TryOpt = 100,
     no_repair: NoRepairOpt = False,
     full_verify: FullVerifyOpt = False,
+    hook: HookOpt = None,
 ) -> None:
     """Swap the application to the new tables (one short locked transaction per unit), when
     the gates open and the stall forecast is clear."""
@@ -171,7 +178,7 @@ def cutover(
         confirm("cut over (retire the source tables behind compatibility views)?", yes)
         controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
                                 terminate_max_age, terminate_writers, try_ms, no_repair,
-                                full_verify)
+                                full_verify, hook)
         hold = cutover_gates(window, postpone_file, when_ready)
         with engine(plan, fmt, controls, hold) as eng:
             eng.cutover(table)
@@ -189,13 +196,17 @@ def finalize(
         "--drop-compat-views", help="Also drop the compatibility views in the source schema "
         "(once the application uses the new names; see compat-usage).")] = False,
     fmt: FmtOpt = Fmt.text,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Finalize even though a compatibility view was used within the "
+        "plan's finalize_quiet_period_s.")] = False,
+    hook: HookOpt = None,
 ) -> None:
     """Drop the retired tables and reverse capture. Cannot be undone."""
     dropped: list[str] = []
     with guard(fmt):
         what = "the retired tables" + (" and the compatibility views" if drop_views else "")
         confirm(f"finalize? This drops {what} and CANNOT be undone", yes)
-        with engine(plan, fmt, run_controls(lock_timeout)) as eng:
+        with engine(plan, fmt, run_controls(lock_timeout, hooks=hook, force=force)) as eng:
             eng.finalize(table)
             if drop_views:
                 dropped = eng.drop_compat_views(table)
@@ -230,6 +241,7 @@ def rollback(
     terminate_max_age: TerminateMaxAgeOpt = 600.0,
     terminate_writers: TerminateWritersOpt = False,
     try_ms: TryOpt = 100,
+    hook: HookOpt = None,
 ) -> None:
     """Reverse a table's stages (or the whole plan's), latest first, keeping every row written
     meanwhile."""
@@ -242,7 +254,7 @@ def rollback(
         what = table or "every table of the plan"
         confirm(f"roll back {what}" + (f" to {to}" if to else " entirely") + "?", yes)
         controls = run_controls(lock_timeout, forecast_wait, ignore_forecast, terminate_after,
-                                terminate_max_age, terminate_writers, try_ms)
+                                terminate_max_age, terminate_writers, try_ms, hooks=hook)
         with engine(plan, fmt, controls) as eng:
             undone = eng.rollback(table, to)
     if fmt == Fmt.json:
@@ -257,24 +269,20 @@ def set_cmd(
     key: Annotated[
         str,
         typer.Argument(
-            help="batch_size, sleep_ms, probe_max, max_replication_lag_bytes or "
-            "max_wal_bytes_per_s"
+            help="batch_size, sleep_ms, probe_max, max_replication_lag_bytes, "
+            "max_wal_bytes_per_s or paused (true/false)"
         ),
     ],
-    value: Annotated[float, typer.Argument()],
+    value: Annotated[str, typer.Argument()],
     table: Annotated[str, typer.Option("--table", "-t")] = "*",
 ) -> None:
-    """Change a running copy's batch size or throttle (read before every batch)."""
+    """Change a running copy's batch size or throttle, or pause and resume it (read before
+    every batch)."""
     with guard():
-        # Checked before the plan is read: a mistyped key needs no plan and no database.
-        if key not in store.ADJUSTABLE_SETTINGS:
-            raise OrchestratorError(
-                f"{key}: not an adjustable setting",
-                hint=f"use one of {', '.join(store.ADJUSTABLE_SETTINGS)}",
-            )
+        # Checked before the plan is read: a mistyped key or value needs no plan and no
+        # database.
+        parsed = store.parse_setting(key, value)
         loaded = load_plan(plan)
         with connect_db() as conn:
-            store.change_setting(
-                conn, loaded, key, int(value) if key != "probe_max" else value, table
-            )
-    out.print(f"{key} = {value:g} for {table if table != '*' else 'every table'}")
+            store.change_setting(conn, loaded, key, parsed, table)
+    out.print(f"{key} = {value} for {table if table != '*' else 'every table'}")

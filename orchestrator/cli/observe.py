@@ -14,14 +14,15 @@ from orchestrator.cli.common import (
     PlanArg,
     app,
     connect_db,
+    dsn,
     emit_json,
     guard,
     out,
 )
 from orchestrator.model import graph
 from orchestrator.model.validate import inspect
+from orchestrator.observe import status as status_model
 from orchestrator.plan import load_plan, plan_json_schema
-from orchestrator.stages import proof
 from orchestrator.state import store
 from orchestrator.tui import render as tui
 
@@ -85,23 +86,15 @@ def graph_cmd(
 
 @app.command()
 def status(plan: PlanArg, fmt: FmtOpt = Fmt.text) -> None:
-    """Show each table's stages as recorded in the control schema."""
+    """Where each table stands, what holds it, and the next commands (the status model)."""
     with guard(fmt):
         loaded = load_plan(plan)
         with connect_db() as conn:
-            rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
-            blockers = store.events(conn, loaded.plan.control_schema, loaded.plan.name, limit=50)
-            verified = proof.status(conn, loaded.plan)
+            ps = status_model.read(conn, loaded)
     if fmt == Fmt.json:
-        emit_json({
-            "plan": loaded.plan.name, "stages": [r.__dict__ for r in rows],
-            "waiting": [{"table": e["table_name"], "stage": e["stage"], "since": e["at"],
-                         **(e.get("detail") or {})} for e in tui.still_waiting(blockers)],
-            "suspect": tui.suspects(blockers),
-            "proofs": verified,
-        })
+        emit_json(ps.as_dict())
     else:
-        tui.print_status(out, loaded.plan, rows, blockers, verified)
+        tui.print_status(out, ps)
 
 
 @app.command()
@@ -120,11 +113,10 @@ def watch(
     with guard():
         loaded = load_plan(plan)
         with connect_db() as conn:
+            waves = status_model.waves(conn, loaded)  # the order does not change while we look
+
             def frame() -> Any:
-                rows = store.stage_rows(conn, loaded.plan.control_schema, loaded.plan.name)
-                events = store.events(conn, loaded.plan.control_schema, loaded.plan.name,
-                                      limit=20)
-                return tui.status_view(loaded.plan, rows, events, proof.status(conn, loaded.plan))
+                return tui.status_view(status_model.read(conn, loaded, waves), out.width)
 
             n = 0
             try:
@@ -135,6 +127,35 @@ def watch(
                         live.update(frame())
             except KeyboardInterrupt:
                 pass
+
+
+@app.command()
+def metrics(
+    plan: PlanArg,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to serve /metrics on.")]
+    = "127.0.0.1:9187",
+    duration: Annotated[float, typer.Option("--duration", help="Stop after this many seconds "
+                                            "(0: until Ctrl-C).")] = 0.0,
+) -> None:
+    """Serve the plan's status model as Prometheus metrics (read-only)."""
+    import time
+
+    from orchestrator.observe.metrics import Listen, serve
+
+    with guard():
+        loaded = load_plan(plan)
+        where = Listen.parse(listen)
+        server = serve(status_model.reader(dsn(), loaded), loaded.plan.name, where)
+        out.print(f"serving the metrics of plan {loaded.plan.name} on "
+                  f"http://{where.host}:{where.port}/metrics (Ctrl-C stops)", highlight=False)
+        try:
+            deadline = time.monotonic() + duration
+            while duration <= 0 or time.monotonic() < deadline:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
 
 
 @app.command()

@@ -11,7 +11,7 @@ from orchestrator.model.catalog import Catalog
 from orchestrator.model.graph import DependencyGraph, Unit
 from orchestrator.model.move import TableMove, build_move
 from orchestrator.model.validate import inspect
-from orchestrator.plan import LoadedPlan, Options, Plan, Strategy
+from orchestrator.plan import Hook, LoadedPlan, Options, Plan, Strategy
 from orchestrator.run.events import Progress, ignore
 from orchestrator.state.store import Store
 
@@ -78,6 +78,10 @@ class Controls:
     repair: bool = True
     # Cutover verifies in full before its swap, however recent the last full pass.
     full_verify: bool = False
+    # The command's --hook commands, run beside the plan's (run/hooks.py).
+    hooks: tuple[Hook, ...] = ()
+    # finalize despite recent use of the compatibility views (run/traffic.py).
+    force: bool = False
 
 
 @dataclass(frozen=True)

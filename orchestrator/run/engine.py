@@ -23,8 +23,8 @@ from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
 from orchestrator.model.partitioning import PARTITIONS_KEY
 from orchestrator.plan import LoadedPlan, Plan
-from orchestrator.run import follow, gates, rollback
-from orchestrator.run.events import Progress, StageChanged
+from orchestrator.run import follow, gates, rollback, traffic
+from orchestrator.run.events import Progress, StageChanged, StageFailed, StageStarted
 from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
 from orchestrator.stages import proof, registry
@@ -97,6 +97,8 @@ class Engine:
 
     def start(self, tables: list[str], stage: str) -> None:
         """Mark a stage running, committed on its own just before its work."""
+        for name in tables:
+            self.progress(StageStarted(name, stage))
         with self.conn.transaction():
             for name in tables:
                 self.store.start(name, stage)
@@ -153,6 +155,7 @@ class Engine:
                     self.store.fail(name, stage, error)
             self.store.log(action, "error", table=",".join(names), stage=stage,
                            statement=statement, detail={"error": error})
+        self.progress(StageFailed(",".join(names), stage, error))
 
     def advance(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None:
         """Run a stage forward for one table (or a unit, for a per-unit stage)."""
@@ -173,6 +176,7 @@ class Engine:
         """Run a stage backwards: the whole unit at once for a per-unit stage."""
         partitioning.refuse_drift(ctx.store, moves)
         for group in [moves] if stage.per_unit else [[m] for m in moves]:
+            self.progress(StageStarted(",".join(m.label for m in group), stage.name, True))
             stage.before(ctx, group, reverse=True)
             self._prelude(ctx, stage, group, reverse=True)
             self.transact(ctx, stage, stage.backward(ctx, group), group, back=True)
@@ -335,6 +339,7 @@ class Engine:
     def finalize(self, tables: list[str] | None = None) -> None:
         """Make each table's move final, once it has been swapped. Cannot be undone."""
         ctx = self.context()
+        self._refuse_recent_use(ctx, tables)
         for unit in self.units(ctx, tables):
             for m in ctx.unit_moves(unit):
                 strategy = registry.strategy_of(m)
@@ -348,6 +353,13 @@ class Engine:
                         hint=f"run `orchestrator cutover {self.loaded.path} --table {m.label}`",
                     )
                 self.advance(ctx, final, [m])
+
+    def _refuse_recent_use(self, ctx: Ctx, tables: list[str] | None) -> None:
+        """Finalize waits for the application to stop using the old names, unless forced."""
+        if self.plan.finalize_quiet_period_s > 0 and not self.controls.force:
+            traffic.refuse_recent_use(ctx, [
+                m.label for u in self.units(ctx, tables) for m in ctx.unit_moves(u)
+                if not self.done(m.label, registry.strategy_of(m).final.name)])
 
     def drop_compat_views(self, tables: list[str] | None = None) -> list[str]:
         """Drop the compatibility views of finalized tables, once nothing reads them.

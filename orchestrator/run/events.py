@@ -30,6 +30,24 @@ class StageChanged:
 
 
 @dataclass(frozen=True)
+class StageStarted:
+    """A stage is about to run (forward), or to be undone (`reverse`)."""
+
+    table: str
+    stage: str
+    reverse: bool = False
+
+
+@dataclass(frozen=True)
+class StageFailed:
+    """A stage failed and recorded it (its transaction rolled back)."""
+
+    table: str
+    stage: str
+    error: str
+
+
+@dataclass(frozen=True)
 class LockWait:
     """A locked transaction gave way after lock_timeout; these sessions held the locks."""
 
@@ -49,7 +67,7 @@ class Paused:
     reason: str
 
 
-Event = Rows | StageChanged | LockWait | Paused
+Event = Rows | StageStarted | StageChanged | StageFailed | LockWait | Paused
 Progress = Callable[[Event], None]
 
 

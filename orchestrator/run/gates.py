@@ -11,6 +11,7 @@ changed. Each new reason to wait is recorded in the event log, where `status` sh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import time as dtime
@@ -22,7 +23,7 @@ from orchestrator.model.move import TableMove
 from orchestrator.run import forecast
 from orchestrator.run.events import Paused
 from orchestrator.sql import capture
-from orchestrator.stages import cutover
+from orchestrator.stages import cutover, registry
 
 Window = tuple[dtime, dtime]
 
@@ -36,6 +37,9 @@ class Gates:
     when_ready: bool = False
     ready_max_log: int = 1000  # --when-ready: at most this many capture-log entries
     poll_s: float = 1.0
+    # The operator's own check (the before-cutover hooks, run/hooks.py): given the unit's
+    # tables and the swap stage, None to go or why to wait.
+    check: Callable[[list[str], str], str | None] | None = None
 
 
 def parse_window(text: str) -> Window:
@@ -71,6 +75,10 @@ def reasons(ctx: Ctx, gates: Gates, moves: list[TableMove], done: set[str]) -> l
         why.append(f"postponed while {gates.postpone_file} exists")
     if gates.when_ready:
         why += _unready(ctx, gates, moves, done)
+    if gates.check is not None and not why:  # the hook runs only when nothing else holds
+        held = gates.check([m.label for m in moves], registry.strategy_of(moves[0]).swap.name)
+        if held:
+            why.append(held)
     return why
 
 

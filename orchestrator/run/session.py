@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from orchestrator.db import connect
+from orchestrator.errors import OrchestratorError
 from orchestrator.model.context import Controls, build_context
 from orchestrator.plan import LoadedPlan
 from orchestrator.run.engine import Engine
 from orchestrator.run.events import Progress, ignore
 from orchestrator.run.gates import Gates
+from orchestrator.run.hooks import Hooks
 from orchestrator.state.locks import operator_lock
 from orchestrator.state.migrations import ensure_schema
 
@@ -39,13 +42,22 @@ def session(
         # collide, two plans moving same-named tables of different schemas do not.
         names = [f"{loaded.plan.source_schema}.{t.name}" for t in loaded.plan.tables]
         with operator_lock(lock_conn, loaded.plan.name, names):
-            eng = Engine(conn, loaded, progress, controls or Controls(), hold or Gates())
+            controls = controls or Controls()
+            # The plan's hooks and the command's run on every phase change; the
+            # before-cutover ones are also a gate of every swap.
+            hooks = Hooks.of(loaded.plan, controls.hooks, progress)
+            gates = replace(hold or Gates(), check=hooks.gate)
+            eng = Engine(conn, loaded, hooks, controls, gates)
             # Bad input changes nothing: check the plan against the catalog before the
             # control schema is created or the plan recorded.
             build_context(conn, loaded)
             ensure_schema(conn, loaded.plan.control_schema)
             eng.register()
-            yield eng
+            try:
+                yield eng
+            except OrchestratorError as exc:
+                hooks.failed(exc.message)
+                raise
     finally:
         conn.close()
         lock_conn.close()

@@ -368,7 +368,8 @@ def _wait_for_server(ctx: Ctx, m: TableMove, wal: WalMeter) -> tuple[dict[str, A
     while True:
         cfg = ctx.store.settings(m.label)
         t = _throttle(ctx, m, cfg)
-        reason = server_busy(ctx.conn, t, wal)
+        reason = ("paused by the operator (`orchestrator set PLAN paused false` resumes)"
+                  if cfg.get("paused") is True else server_busy(ctx.conn, t, wal))
         if reason is None:
             return cfg, t
         ctx.progress(Paused(m.label, "copy", reason))

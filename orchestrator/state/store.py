@@ -59,6 +59,7 @@ ADJUSTABLE_SETTINGS = (
     "probe_max",
     "max_replication_lag_bytes",
     "max_wal_bytes_per_s",
+    "paused",  # true holds the copy between batches until set back to false
 )
 
 
@@ -161,6 +162,26 @@ def settings(conn: Conn, schema: str, plan: str, table: str) -> dict[str, Any]:
         (plan, table),
     ).fetchall()
     return {r["key"]: r["value"] for r in rows}
+
+
+def parse_setting(key: str, text: str) -> Any:
+    """An adjustable setting's value from the operator's text: `paused` is true or false,
+    `probe_max` a number, the others whole numbers."""
+    if key not in ADJUSTABLE_SETTINGS:
+        raise StageError(
+            f"{key}: not an adjustable setting", hint=f"use one of {', '.join(ADJUSTABLE_SETTINGS)}"
+        )
+    word = text.strip().lower()
+    if key == "paused":
+        if word in ("true", "on", "yes", "1", "false", "off", "no", "0"):
+            return word in ("true", "on", "yes", "1")
+        raise StageError(f"paused = {text!r}: not true or false", hint="write true or false")
+    try:
+        number = float(word)
+    except ValueError:
+        raise StageError(f"{key} = {text!r}: not a number", hint=f"write a number for {key}"
+                         ) from None
+    return number if key == "probe_max" else int(number)
 
 
 def change_setting(conn: Conn, loaded: LoadedPlan, key: str, value: Any, table: str = "*") -> None:
@@ -417,6 +438,7 @@ __all__ = [
     "events",
     "get_stage",
     "load_saved",
+    "parse_setting",
     "schema_exists",
     "setting",
     "settings",

@@ -13,11 +13,10 @@ from rich.text import Text
 
 from orchestrator.model.graph import DependencyGraph
 from orchestrator.model.validate import Report
-from orchestrator.plan import Plan
-from orchestrator.run.events import Event, LockWait, Rows, StageChanged
-from orchestrator.stages.base import Kind, Phase, Stage
+from orchestrator.observe.status import PlanStatus, TableStatus
+from orchestrator.run.events import Event, LockWait, Paused, Rows, StageChanged, StageFailed
+from orchestrator.stages.base import Phase, Stage
 from orchestrator.stages.registry import COPY_STRATEGY, STRATEGIES, Strategy
-from orchestrator.state.store import StageRow
 
 STATUS_STYLE = {
     "pending": "dim",
@@ -80,6 +79,9 @@ def print_graph(console: Console, dg: DependencyGraph) -> None:
             console.print(Text.assemble("  ", (name, "magenta"), " (dependent view)"))
 
 
+NARROW = 100  # below this many columns, status prints one line per table
+
+
 def _column_stage(strategy: Strategy, column: Stage) -> str | None:
     """The table's stage shown in a column of the copy strategy's stages: the same stage, or
     the stage of the same phase (the rename strategy's one stage is its swap)."""
@@ -91,116 +93,131 @@ def _column_stage(strategy: Strategy, column: Stage) -> str | None:
     return None
 
 
-def _progress_cells(strategy: Strategy, stages: dict[str, StageRow]) -> tuple[str, str, str]:
-    """rows done/estimated, rate and ETA of the first loop stage (the copy), or of a later
-    one while it runs (verify)."""
-    loops = [stages[s.name] for s in strategy.stages if s.kind == Kind.loop and s.name in stages]
-    running = [r for r in loops if r.status == "running"]
-    row = running[-1] if running else (loops[0] if loops else None)
-    if row is None or not row.rows_estimated:
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return ""
+    if s < 120:
+        return f"{s:,.0f} s"
+    return f"{s / 60:,.0f} min" if s < 7200 else f"{s / 3600:,.1f} h"
+
+
+def progress_cells(t: TableStatus) -> tuple[str, str, str]:
+    """Rows done/estimated, rate and ETA of the table's loop stage."""
+    if not t.rows_estimated:
         return "", "", ""
-    done, est = row.rows_done, max(row.rows_estimated, row.rows_done)
-    rate = f"{row.rows_per_s:,.0f}/s" if row.rows_per_s else ""
-    eta = ""
-    if row.status == "running" and row.rows_per_s:
-        eta = f"{max(est - done, 0) / row.rows_per_s:,.0f} s"
-    return f"{done:,}/{est:,}", rate, eta
+    rate = f"{t.rate:,.0f}/s" if t.rate else ""
+    return f"{t.rows_done:,}/{t.rows_estimated:,}", rate, _seconds(t.eta_s)
 
 
-def status_table(plan: Plan, rows: list[StageRow]) -> Table:
-    """Tables by stages, coloured by status, with progress and the last error."""
-    by_table: dict[str, dict[str, StageRow]] = {}
-    for r in rows:
-        by_table.setdefault(r.table_name, {})[r.stage] = r
-    table = Table(title=f"plan {plan.name}", expand=False)
+def _label(t: TableStatus) -> str:
+    return t.name + ("" if t.strategy == COPY_STRATEGY.name else f" ({t.strategy})")
+
+
+def _log(t: TableStatus) -> str:
+    if t.log_depth is None:
+        return ""
+    return f"{t.log_depth:,}" + (" rev" if t.log_direction == "reverse" else "")
+
+
+def status_table(ps: PlanStatus) -> Table:
+    """Tables by stages, coloured by status, with progress, log depth and proof age (wide)."""
+    table = Table(title=f"plan {ps.plan}", expand=False)
     table.add_column("table", style="bold", no_wrap=True)
+    table.add_column("wave", justify="right")
     columns = COPY_STRATEGY.stages
     for column in columns:
         table.add_column(column.short, no_wrap=True)
-    for col in ("rows", "rate", "eta"):
+    for col in ("rows", "rate", "eta", "log", "verified"):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("last error", overflow="fold", max_width=40)
-    for spec in plan.tables:
-        stages = by_table.get(spec.name, {})
-        strategy = STRATEGIES[plan.options_for(spec).strategy]
+    for t in ps.tables:
+        strategy = STRATEGIES[t.strategy]
         cells: list[Text] = []
         for column in columns:
             key = _column_stage(strategy, column)
-            cell = stages.get(key) if key else None
             if key is None:
                 cells.append(Text("·", style="dim"))
-            elif cell is None:
-                cells.append(Text("pending", style="dim"))
-            else:
-                cells.append(Text(cell.status, style=STATUS_STYLE.get(cell.status, "")))
-        errors = [r.last_error for r in stages.values() if r.last_error]
-        label = spec.name + ("" if strategy is COPY_STRATEGY else f" ({strategy.name})")
-        table.add_row(label, *cells, *_progress_cells(strategy, stages),
-                      errors[-1] if errors else "")
+                continue
+            status = t.stages[key].status
+            cells.append(Text(status, style=STATUS_STYLE.get(status, "")))
+        verified = "" if t.verified_age_s is None else _seconds(t.verified_age_s) + " ago"
+        table.add_row(_label(t), "" if t.wave is None else str(t.wave), *cells,
+                      *progress_cells(t), _log(t), verified)
     return table
 
 
-def status_view(plan: Plan, rows: list[StageRow], events: list[dict[str, Any]],
-                proofs: dict[str, dict[str, Any]] | None = None) -> Any:
-    """The status table and, after a lock wait, who held the lock (status and watch)."""
-    from datetime import datetime
+def status_lines(ps: PlanStatus) -> list[Text]:
+    """One line per table (narrow terminals, CI logs, `status | less`)."""
+    lines = [Text(f"plan {ps.plan}", style="bold")]
+    for t in ps.tables:
+        rows, rate, eta = progress_cells(t)
+        where = (Text.assemble((t.stage, "bold"), " ", (t.state, STATUS_STYLE.get(t.state, "")))
+                 if t.stage else Text("final", style="green"))
+        extra = "  ".join(x for x in (rows, rate, f"eta {eta}" if eta else "",
+                                      f"log {_log(t)}" if t.log_depth else "") if x)
+        lines.append(Text.assemble("  ", (_label(t), "bold"), ": ", where,
+                                   f"  {extra}" if extra else ""))
+    return lines
 
+
+def status_view(ps: PlanStatus, width: int = 120) -> Any:
+    """Where the plan stands: the stage table (or, narrower than NARROW columns, a line per
+    table), then what needs the operator: errors with their hints, lock waits, gates,
+    suspects, proofs and the next steps. Long texts are their own lines, never a column."""
     from rich.console import Group
 
-    if not rows:
-        return Text(f"plan {plan.name} has not started: nothing recorded yet "
-                    f"(run `orchestrator apply PLAN`)")
-    parts: list[Any] = [status_table(plan, rows)]
-    blocked = [e for e in events if e["outcome"] == "lock_timeout"]
-    if blocked:
-        e = blocked[-1]
-        parts.append(Text.assemble(("last lock wait: ", "yellow"),
-                                   f"{e['table_name']} {e['stage']} at {e['at']:%H:%M:%S}: ",
-                                   _blockers_text(e.get("detail") or {})))
-    for table, p in (proofs or {}).items():
-        parts.append(Text.assemble(
-            ("proof: ", "cyan"), f"{table}: full pass {p['full_pass_at']:%Y-%m-%d %H:%M:%S}, "
-            f"{p['chunks']} chunks, all equal as of {p['checked_at']:%H:%M:%S}; "
-            f"{p.get('changed_keys', 0)} keys changed since, to re-check"))
-    for table, n in suspects(events).items():
-        parts.append(Text.assemble(
-            ("suspect: ", "red"), f"{table}: {n} chunk repairs by verify; some write path may "
-            "bypass the capture trigger (a session with session_replication_role = replica, "
-            "or writes straight into the new table)"))
-    for e in still_waiting(events):
-        detail = e.get("detail") or {}
-        why = "; ".join(detail.get("gates") or [detail.get("forecast") or "?"])
-        parts.append(Text.assemble(("waiting: ", "yellow"),
-                                   f"{e['table_name']} {e['stage']} since {e['at']:%H:%M:%S}: ",
-                                   why))
-    parts.append(Text(f"as of {datetime.now():%H:%M:%S}", style="dim"))
+    if not ps.started:
+        return Group(
+            Text(f"plan {ps.plan} has not started: nothing recorded yet"),
+            *_next_steps(ps))
+    parts: list[Any] = [status_table(ps) if width >= NARROW else Group(*status_lines(ps))]
+    for t in ps.tables:
+        parts += _notes(t)
+    if ps.eta_s:
+        parts.append(Text(f"plan ETA: {_seconds(ps.eta_s)}", style="cyan"))
+    parts += _next_steps(ps)
+    parts.append(Text(f"as of {ps.as_of[11:19]} UTC", style="dim"))
     return Group(*parts)
 
 
-def suspects(events: list[dict[str, Any]]) -> dict[str, int]:
-    """Tables verify had to repair more than once: a hint of a write path the capture
-    misses."""
-    counts: dict[str, int] = {}
-    for e in events:
-        if e["outcome"] == "repair" and e["table_name"]:
-            counts[e["table_name"]] = counts.get(e["table_name"], 0) + 1
-    return {t: n for t, n in counts.items() if n > 1}
+def _notes(t: TableStatus) -> list[Text]:
+    notes: list[Text] = []
+    if t.last_error:
+        notes.append(Text.assemble(("error: ", "bold red"), (t.name, "bold"), ": ",
+                                   t.last_error))
+        if t.hint:
+            notes.append(Text.assemble(("  hint: ", "cyan"), t.hint))
+    if t.last_lock_wait:
+        w = t.last_lock_wait
+        notes.append(Text.assemble(("last lock wait: ", "yellow"),
+                                   f"{t.name} {w.stage} at {w.at[11:19]}: ",
+                                   _blockers_text({"blockers": list(w.blockers)})))
+    if t.waiting:
+        notes.append(Text.assemble(("waiting: ", "yellow"), f"{t.name} {t.stage}: {t.waiting}"))
+    if t.paused:
+        notes.append(Text.assemble(("paused: ", "yellow"), f"{t.name}: the copy holds "
+                                   "between batches (`set PLAN paused false` resumes)"))
+    if t.repairs > 1:
+        notes.append(Text.assemble(
+            ("suspect: ", "red"), f"{t.name}: {t.repairs} chunk repairs by verify; some write "
+            "path may bypass the capture trigger (a session with session_replication_role = "
+            "replica, or writes straight into the new table)"))
+    if t.proof:
+        p = t.proof
+        notes.append(Text.assemble(
+            ("proof: ", "cyan"), f"{t.name}: full pass {p['full_pass_at'][:19]}, "
+            f"{p['chunks']} chunks, all equal as of {p['checked_at'][11:19]}; "
+            f"{p.get('changed_keys', 0)} keys changed since, to re-check"))
+    return notes
 
 
-def still_waiting(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per table, its latest event when that is a wait (a gate or the stall forecast): the
-    swap is holding, or was when its command stopped."""
-    latest: dict[str, dict[str, Any]] = {}
-    for e in events:  # oldest first
-        if e["table_name"]:
-            latest[e["table_name"]] = e
-    return [e for e in latest.values() if e["outcome"] == "waiting"]
+def _next_steps(ps: PlanStatus) -> list[Text]:
+    if not ps.next_steps:
+        return [Text("next: nothing; every table is final", style="green")]
+    return [Text("next:", style="bold"), *(Text(f"  {s}") for s in ps.next_steps)]
 
 
-def print_status(console: Console, plan: Plan, rows: list[StageRow],
-                 events: list[dict[str, Any]],
-                 proofs: dict[str, dict[str, Any]] | None = None) -> None:
-    console.print(status_view(plan, rows, events, proofs))
+def print_status(console: Console, ps: PlanStatus) -> None:
+    console.print(status_view(ps, console.width))
 
 
 def _blockers_text(detail: dict[str, Any]) -> str:
@@ -302,8 +319,10 @@ class Reporter:
         elif isinstance(e, LockWait):
             self.log.warning("lock wait", table=e.table, stage=e.stage, attempt=e.attempt,
                              blockers=[b.get("pid") for b in e.blockers])
-        else:
+        elif isinstance(e, Paused):
             self.log.info("throttled", table=e.table, stage=e.stage, reason=e.reason)
+        elif isinstance(e, StageFailed):
+            self.log.error("stage failed", table=e.table, stage=e.stage, error=e.error)
 
 
 def _size(n: int) -> str:

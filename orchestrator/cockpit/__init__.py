@@ -1,0 +1,1 @@
+"""The operator's cockpit: an interactive terminal (Textual) over the core."""

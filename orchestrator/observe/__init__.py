@@ -1,0 +1,1 @@
+"""Read models of a plan: its status, metrics, and where it is going."""
