@@ -69,6 +69,8 @@ def test_the_cockpit_drives_the_whole_move_by_keystrokes(cogito_dsn: str) -> Non
             await pilot.press("C", "y")
             await settle(app, pilot)
             assert all(t.stage == "finalize" for t in app.status.tables), app.message
+            # One hold per swap: 13 tables in 12 units (participants and users swap as one).
+            assert len(app.status.holds_ms) == 12, app.status.holds_ms
             assert one(cogito_dsn, "SELECT relkind FROM pg_class WHERE oid = "
                                    "'public.turns'::regclass") == "v"
 

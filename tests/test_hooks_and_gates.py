@@ -85,7 +85,7 @@ def test_a_hook_sees_every_phase_in_order(
 def test_a_failing_before_cutover_hook_holds_the_swap_until_it_passes(
     shop: tuple[str, str, Conn, Path, Path],
 ) -> None:
-    dsn, plan, db, _log, ok = shop
+    dsn, plan, db, log, ok = shop
     assert cli(dsn, "apply", plan).returncode == 0
     proc = start(dsn, "cutover", plan, "--yes")
     held = wait_for("the hook to hold the swap", lambda: [
@@ -100,6 +100,11 @@ def test_a_failing_before_cutover_hook_holds_the_swap_until_it_passes(
     code, output = finish(proc)
     assert code == 0, output
     assert relkind(db, "public.orders") == "v"
+    # The "*" hook heard the postponement, with the hook's reason, before the swap.
+    names = [e["event"] for e in seen(log)]
+    postponed = next(e for e in seen(log) if e["event"] == "cutover-postponed")
+    assert "change freeze" in postponed["reason"]
+    assert names.index("cutover-postponed") < names.index("cutover-done")
 
 
 def test_a_command_hook_hears_of_a_refusal(
@@ -133,3 +138,44 @@ def test_finalize_refuses_while_the_application_reads_the_old_name(
         reader.close()
     assert cli(dsn, "finalize", plan, "--yes").returncode == 0
     assert relkind(db, "_orchestrator_retired.orders") is None
+
+
+@pytest.fixture
+def pgss_server() -> Iterator[str]:
+    """A server of this test's own with pg_stat_statements loaded (a restart)."""
+    from conftest import own_cogito_server
+
+    from orchestrator.db import start_embedded, stop_embedded
+
+    def preload(tmp: Path, base: str) -> str:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        stop_embedded(tmp)
+        return start_embedded(tmp)
+
+    with own_cogito_server("orch-pgss-", preload) as (_, dsn):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pg_stat_statements")
+        yield dsn
+
+
+def test_finalize_waits_a_quiet_period_after_statements_used_the_old_name(
+    pgss_server: str, tmp_path: Path,
+) -> None:
+    from conftest import COGITO_PLAN
+
+    dsn = pgss_server
+    plan = tmp_path / "cogito.yaml"
+    plan.write_text(COGITO_PLAN.read_text() + "\nfinalize_quiet_period_s: 3\n")
+    assert cli(dsn, "apply", str(plan), "--table", "turns", "--until", "cutover",
+               "--yes").returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as app:  # the application, done at once
+        app.execute("SELECT count(*) FROM public.turns WHERE participant_id = 1").fetchone()
+    r = cli(dsn, "finalize", str(plan), "--table", "turns", "--yes")
+    said = " ".join(r.stdout.split() + r.stderr.split())
+    assert r.returncode == 1 and "finalize refused" in said, said
+    assert "first seen now" in said and "FROM public.turns WHERE participant_id" in said, said
+    assert "hash_record" not in said and "ALTER TABLE" not in said  # not our own statements
+    time.sleep(3.5)  # quiet: nothing used the old name since
+    r = cli(dsn, "finalize", str(plan), "--table", "turns", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr

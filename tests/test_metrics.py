@@ -89,7 +89,8 @@ def test_the_metrics_follow_a_move_and_match_the_status(
                                            table="orders") or 0) < 3000 and s))
     assert value(copying, "orchestrator_current_stage", table="orders", stage="copy",
                  status="running") == 1.0
-    assert (value(copying, "orchestrator_rows_per_second", table="orders") or 0) > 0
+    assert (value(copying, "orchestrator_rows_per_second", table="orders", stage="copy")
+            or 0) > 0
     assert apply.wait(timeout=120) == 0
 
     # Between stages: the application wrote three rows, waiting in the capture log.

@@ -138,6 +138,7 @@ def metrics(
                                             "(0: until Ctrl-C).")] = 0.0,
 ) -> None:
     """Serve the plan's status model as Prometheus metrics (read-only)."""
+    import signal
     import time
 
     from orchestrator.observe.metrics import Listen, serve
@@ -148,6 +149,9 @@ def metrics(
         server = serve(status_model.reader(dsn(), loaded), loaded.plan.name, where)
         out.print(f"serving the metrics of plan {loaded.plan.name} on "
                   f"http://{where.host}:{where.port}/metrics (Ctrl-C stops)", highlight=False)
+        # A service manager stops it with SIGTERM (a background job of a script ignores
+        # SIGINT): both end it the same way.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             deadline = time.monotonic() + duration
             while duration <= 0 or time.monotonic() < deadline:

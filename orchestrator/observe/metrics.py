@@ -66,12 +66,6 @@ def families(ps: PlanStatus) -> list[Metric]:
     copied = CounterMetricFamily("orchestrator_rows_copied", "Rows the copy stage has copied "
                                  "(reset by a rollback of the copy).", labels=["plan", "table"])
     per_table: dict[str, tuple[GaugeMetricFamily, Callable[[TableStatus], float | None]]] = {
-        "estimated": (_gauge("orchestrator_rows_estimated", "Rows the running loop stage "
-                             "expects.", ["table"]), lambda t: t.rows_estimated),
-        "rate": (_gauge("orchestrator_rows_per_second", "Rows per second of the running loop "
-                        "stage.", ["table"]), lambda t: t.rate),
-        "eta": (_gauge("orchestrator_eta_seconds", "Seconds left in the running loop stage.",
-                       ["table"]), lambda t: t.eta_s),
         "log": (_gauge("orchestrator_capture_log_depth", "Captured changes waiting to be "
                        "replayed.", ["table"]), lambda t: t.log_depth),
         "verified": (_gauge("orchestrator_seconds_since_verified", "Seconds since every chunk "
@@ -80,6 +74,17 @@ def families(ps: PlanStatus) -> list[Metric]:
                           ["table"]), lambda t: float(t.paused)),
         "error": (_gauge("orchestrator_failed", "1 while the table's current stage failed.",
                          ["table"]), lambda t: float(t.state == "failed")),
+        "waiting": (_gauge("orchestrator_waiting", "1 while a gate or the stall forecast "
+                           "holds the table's swap.", ["table"]), lambda t: float(bool(t.waiting))),
+    }
+    # Of the loop stage at work (copy, then verify), labelled with it.
+    loop: dict[str, tuple[GaugeMetricFamily, Callable[[TableStatus], float | None]]] = {
+        "estimated": (_gauge("orchestrator_rows_estimated", "Rows the loop stage expects.",
+                             ["table", "stage"]), lambda t: t.rows_estimated),
+        "rate": (_gauge("orchestrator_rows_per_second", "Rows per second of the running loop "
+                        "stage.", ["table", "stage"]), lambda t: t.rate),
+        "eta": (_gauge("orchestrator_eta_seconds", "Seconds left in the running loop stage.",
+                       ["table", "stage"]), lambda t: t.eta_s),
     }
     waits = CounterMetricFamily("orchestrator_lock_waits", "Tries that gave way on their "
                                 "locks after lock_timeout.", labels=["plan", "table"])
@@ -95,19 +100,24 @@ def families(ps: PlanStatus) -> list[Metric]:
             v = value(t)
             if v is not None:
                 family.add_metric([p, t.name], float(v))
+        for family, value in loop.values():
+            v = value(t)
+            if v is not None and t.progress_stage:
+                family.add_metric([p, t.name, t.progress_stage], float(v))
         waits.add_metric([p, t.name], float(t.lock_waits))
         retries.add_metric([p, t.name], float(t.retries))
     plan_eta = _gauge("orchestrator_plan_eta_seconds", "Seconds left in the plan's running "
                       "loop stages.", [])
     if ps.eta_s is not None:
         plan_eta.add_metric([p], ps.eta_s)
-    return [stage, current, copied, *(f for f, _ in per_table.values()), waits, retries,
-            plan_eta, hold_histogram(ps)]
+    return [stage, current, copied, *(f for f, _ in per_table.values()),
+            *(f for f, _ in loop.values()), waits, retries, plan_eta, hold_histogram(ps)]
 
 
 def hold_histogram(ps: PlanStatus) -> HistogramMetricFamily:
-    """Every swap's lock hold (its transaction's time after the lock was granted)."""
-    holds = [h for t in ps.tables for h in t.holds_ms]
+    """Every swap's lock hold (its transaction's time after the lock was granted), a
+    unit's swap once."""
+    holds = list(ps.holds_ms)
     buckets: list[tuple[str, float]] = [
         (str(le), float(sum(h <= le for h in holds))) for le in HOLD_BUCKETS_MS]
     buckets.append(("+Inf", float(len(holds))))

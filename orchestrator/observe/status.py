@@ -44,9 +44,18 @@ SELECT t,
                                 'detail', detail) ORDER BY id DESC))[1] AS last_event,
   coalesce(array_agg(round((duration_ms - (detail->>'lock_wait_ms')::float)::numeric, 1)
                      ORDER BY id) FILTER (WHERE outcome = 'ok' AND stage = ANY(%(swaps)s)
-                       AND detail ? 'lock_wait_ms' AND action NOT LIKE 'rollback%%'),
+                       AND action = stage AND detail ? 'lock_wait_ms'),
            '{{}}') AS holds_ms
 FROM e GROUP BY t
+"""
+
+# Each swap once (a unit's swap is one event naming every member): its transaction's time
+# after the lock was granted. The swap's own action only: not the foreign-key validations
+# after it, which run under a lock that lets reads and writes go on.
+_HOLDS = """
+SELECT round((duration_ms - (detail->>'lock_wait_ms')::float)::numeric, 1) AS hold_ms
+FROM {s}.events WHERE plan = %(plan)s AND outcome = 'ok' AND stage = ANY(%(swaps)s)
+  AND action = stage AND detail ? 'lock_wait_ms' ORDER BY id
 """
 
 
@@ -80,6 +89,7 @@ class TableStatus:
     state: str  # its status
     rows_done: int
     rows_estimated: int | None
+    progress_stage: str | None  # the loop stage the rows, rate and ETA are of
     rate: float | None  # rows per second of the running loop stage
     eta_s: float | None
     log_depth: int | None  # capture-log entries waiting to be replayed
@@ -91,7 +101,7 @@ class TableStatus:
     lock_waits: int
     retries: int
     last_lock_wait: LockWait | None
-    holds_ms: tuple[float, ...]  # each swap's time holding its locks, oldest first
+    holds_ms: tuple[float, ...]  # its swaps' time holding their locks, oldest first
     waiting: str | None  # what holds its swap (a gate, the stall forecast)
     paused: bool
     last_error: str | None
@@ -109,6 +119,7 @@ class PlanStatus:
     eta_s: float | None
     next_steps: tuple[str, ...]
     counts: dict[str, int] = field(default_factory=dict)  # tables per current stage
+    holds_ms: tuple[float, ...] = ()  # every swap of the plan once (a unit's counts once)
 
     def table(self, name: str) -> TableStatus:
         return next(t for t in self.tables if t.name == name)
@@ -141,6 +152,7 @@ def read(conn: Conn, loaded: LoadedPlan, wave_of: dict[str, int] | None = None) 
         depths=_log_depths(conn, plan) if exists else {},
         # `set` may pause a table before the plan has started.
         paused=_paused(conn, plan) if schema_exists(conn, schema) else set(),
+        holds=_holds(conn, plan) if exists else (),
     )
 
 
@@ -150,6 +162,7 @@ def assemble(
     proofs: dict[str, dict[str, Any]] | None = None,
     depths: dict[str, tuple[int, str]] | None = None,
     paused: set[str] | None = None,
+    holds: tuple[float, ...] = (),
 ) -> PlanStatus:
     """The model from what was read (a pure function: the renderers' tests build it)."""
     plan = loaded.plan
@@ -172,7 +185,7 @@ def assemble(
     return PlanStatus(
         plan=plan.name, path=str(loaded.path), started=bool(rows), as_of=now.isoformat(),
         tables=tables, eta_s=sum(etas) if etas else None,  # tables copy one after another
-        next_steps=_plan_steps(loaded, tables, bool(rows)), counts=counts,
+        next_steps=_plan_steps(loaded, tables, bool(rows)), counts=counts, holds_ms=holds,
     )
 
 
@@ -181,6 +194,13 @@ def _events(conn: Conn, plan: Plan) -> dict[str, dict[str, Any]]:
     found = conn.execute(q(plan.control_schema, _EVENTS),
                          {"plan": plan.name, "swaps": swaps}).fetchall()
     return {str(r["t"]): dict(r) for r in found}
+
+
+def _holds(conn: Conn, plan: Plan) -> tuple[float, ...]:
+    swaps = sorted({s.swap.name for s in STRATEGIES.values()})
+    found = conn.execute(q(plan.control_schema, _HOLDS),
+                         {"plan": plan.name, "swaps": swaps}).fetchall()
+    return tuple(float(r["hold_ms"]) for r in found)
 
 
 def _log_depths(conn: Conn, plan: Plan) -> dict[str, tuple[int, str]]:
@@ -230,18 +250,20 @@ def _current(strategy: Strategy, stages: dict[str, StageRow]) -> tuple[str, str]
 
 
 def _progress(strategy: Strategy, stages: dict[str, StageRow]
-              ) -> tuple[int, int | None, float | None, float | None]:
-    """Rows, estimate, rate and ETA of the running loop stage, else of the copy."""
+              ) -> tuple[str | None, int, int | None, float | None, float | None]:
+    """The stage, rows, estimate, rate and ETA of the running loop stage, else of the
+    copy."""
     loops = [stages[s.name] for s in strategy.stages if s.kind == Kind.loop and s.name in stages]
     running = [r for r in loops if r.status == Status.running]
     row = running[-1] if running else (loops[0] if loops else None)
     if row is None:
-        return 0, None, None, None
+        return None, 0, None, None, None
     est = max(row.rows_estimated, row.rows_done) if row.rows_estimated is not None else None
     eta = None
     if row.status == Status.running and row.rows_per_s and est is not None:
         eta = max(est - row.rows_done, 0) / row.rows_per_s
-    return row.rows_done, est, row.rows_per_s if row.status == Status.running else None, eta
+    rate = row.rows_per_s if row.status == Status.running else None
+    return row.stage, row.rows_done, est, rate, eta
 
 
 def _table(loaded: LoadedPlan, name: str, strategy_name: str, wave: int | None,
@@ -249,7 +271,7 @@ def _table(loaded: LoadedPlan, name: str, strategy_name: str, wave: int | None,
            depth: tuple[int, str] | None, paused: bool, now: datetime) -> TableStatus:
     strategy = STRATEGIES[strategy_name]
     stage, state = _current(strategy, stages)
-    rows_done, est, rate, eta = _progress(strategy, stages)
+    progress_stage, rows_done, est, rate, eta = _progress(strategy, stages)
     lw = ev.get("last_lock_wait")
     last_wait = None if lw is None else LockWait(
         at=str(lw["at"]), stage=str(lw["stage"]), waited_ms=lw.get("waited_ms"),
@@ -266,7 +288,8 @@ def _table(loaded: LoadedPlan, name: str, strategy_name: str, wave: int | None,
     return TableStatus(
         name=name, strategy=strategy_name, wave=wave,
         stages={s.name: _stage_state(stages.get(s.name)) for s in strategy.stages},
-        stage=stage, state=str(state), rows_done=rows_done, rows_estimated=est, rate=rate,
+        stage=stage, state=str(state), rows_done=rows_done, rows_estimated=est,
+        progress_stage=progress_stage, rate=rate,
         eta_s=eta, log_depth=depth[0] if depth else None,
         log_direction=depth[1] if depth else None,
         verified_at=checked.isoformat() if checked else None,

@@ -308,6 +308,8 @@ class Engine:
                     if m.strategy == "copy" and self.done(m.label, "verify")}
         gates.wait(ctx, self.hold, moves, verified)
         self.advance(ctx, swap, moves)
+        # What named the old names until now is not evidence against finalize later.
+        traffic.record_baseline(ctx, [m.label for m in moves])
 
     def create_views(self, ctx: Ctx) -> None:
         """Create plan views whose tables have all moved (idempotent)."""
@@ -339,7 +341,11 @@ class Engine:
     def finalize(self, tables: list[str] | None = None) -> None:
         """Make each table's move final, once it has been swapped. Cannot be undone."""
         ctx = self.context()
-        self._refuse_recent_use(ctx, tables)
+        if self.plan.finalize_quiet_period_s > 0 and not self.controls.force:
+            # Not while the application still uses the old names (run/traffic.py).
+            traffic.refuse_recent_use(ctx, [
+                m.label for u in self.units(ctx, tables) for m in ctx.unit_moves(u)
+                if not self.done(m.label, registry.strategy_of(m).final.name)])
         for unit in self.units(ctx, tables):
             for m in ctx.unit_moves(unit):
                 strategy = registry.strategy_of(m)
@@ -353,13 +359,6 @@ class Engine:
                         hint=f"run `orchestrator cutover {self.loaded.path} --table {m.label}`",
                     )
                 self.advance(ctx, final, [m])
-
-    def _refuse_recent_use(self, ctx: Ctx, tables: list[str] | None) -> None:
-        """Finalize waits for the application to stop using the old names, unless forced."""
-        if self.plan.finalize_quiet_period_s > 0 and not self.controls.force:
-            traffic.refuse_recent_use(ctx, [
-                m.label for u in self.units(ctx, tables) for m in ctx.unit_moves(u)
-                if not self.done(m.label, registry.strategy_of(m).final.name)])
 
     def drop_compat_views(self, tables: list[str] | None = None) -> list[str]:
         """Drop the compatibility views of finalized tables, once nothing reads them.

@@ -3,30 +3,52 @@ names through the compatibility views, unless the operator forces it.
 
 Finalize removes the way back (the retired table, the reverse capture). An application that
 still reads or writes the old names has not finished its own move, so finalize asks
-compat-usage's evidence (tools/scan.py) first: sessions holding a lock on a compatibility view
-right now, and pg_stat_statements' counts of statements naming the old names. Counts are
-cumulative, so each look records them in the control store (`compat_seen`: the count and when
-it last changed); a view whose count changed within the plan's `finalize_quiet_period_s` was
-used within it. The first look at a count above zero cannot tell when it grew, so it counts as
-now: the quiet period starts at the first finalize that sees it.
+compat-usage's evidence (tools/scan.py) first:
+
+- sessions holding a lock on a compatibility view right now;
+- with pg_stat_statements, statements naming the old name whose count grew since the swap.
+  Each swap records a baseline of those counts just after it commits (`compat_baseline`):
+  what ran before it (the application's reads of the old table, and the orchestrator's own
+  copy, verify and DDL) is not evidence. Counts say how much, not when, so each look records
+  the statements that grew and when that set last changed (`compat_seen`); finalize refuses
+  while that is within the plan's `finalize_quiet_period_s`. The first look at a growth
+  cannot tell when it happened, so it counts as now: the quiet period starts there.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 from orchestrator.errors import StageError
 from orchestrator.model.context import Ctx
-from orchestrator.tools.scan import compat_usage
+from orchestrator.tools.scan import compat_usage, statement_counts
 
+BASELINE_KEY = "compat_baseline"
 SEEN_KEY = "compat_seen"
 LOOK_S = 0.05  # one look at pg_locks (sessions using a view now)
 
 
+def _key(query: str) -> str:
+    return hashlib.sha1(query.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+def record_baseline(ctx: Ctx, tables: list[str]) -> None:
+    """Just after a swap: the counts so far of statements naming the tables' old names."""
+    counts = statement_counts(ctx.conn, ctx.plan, set(tables))
+    if counts is None:
+        return
+    with ctx.conn.transaction():
+        for t in tables:
+            ctx.store.save(t, BASELINE_KEY, {_key(q): c for c, q in counts.get(t, [])})
+            ctx.store.unsave(t, SEEN_KEY)
+
+
 def recent_use(ctx: Ctx, tables: list[str], quiet_s: float) -> list[str]:
-    """What used the compatibility views of `tables` within the last `quiet_s` seconds,
-    as sentences naming the view and the statements or sessions seen. Records the counts."""
+    """What used the compatibility views of `tables` within the last `quiet_s` seconds, as
+    sentences naming the view and the statements or sessions seen. Records what it saw."""
     usage = compat_usage(ctx.conn, ctx.loaded, LOOK_S)
+    counts = statement_counts(ctx.conn, ctx.plan, set(tables)) or {}
     now = datetime.now(UTC)
     seen: list[str] = []
     for v in usage.views:
@@ -34,19 +56,23 @@ def recent_use(ctx: Ctx, tables: list[str], quiet_s: float) -> list[str]:
             continue
         if v.live:
             seen.append(f"{v.view} is in use now by {', '.join(v.live)}")
-        if v.calls is None:
+        if usage.pg_stat_statements != "available":
             continue
+        base = ctx.store.load(v.table, BASELINE_KEY) or {}
+        grown = {_key(q): (c, q) for c, q in counts.get(v.table, []) if c > base.get(_key(q), 0)}
         before = ctx.store.load(v.table, SEEN_KEY) or {}
-        changed = now if v.calls > 0 and before.get("calls") != v.calls else (
+        now_seen = {k: c for k, (c, _) in grown.items()}
+        changed = now if now_seen and before.get("grown") != now_seen else (
             datetime.fromisoformat(before["changed_at"]) if before.get("changed_at") else None)
         with ctx.conn.transaction():
             ctx.store.save(v.table, SEEN_KEY, {
-                "calls": v.calls, "changed_at": changed.isoformat() if changed else None})
-        if changed is not None and (now - changed).total_seconds() < quiet_s:
-            statements = "; ".join(" ".join(s.split())[:120] for s in v.statements[:3])
+                "grown": now_seen, "changed_at": changed.isoformat() if changed else None})
+        if grown and changed is not None and (now - changed).total_seconds() < quiet_s:
+            top = sorted(grown.values(), key=lambda x: -x[0])[:3]
+            statements = "; ".join(" ".join(q.split())[:120] for _, q in top)
             since = ("first seen now" if changed == now
                      else f"last grew {changed:%Y-%m-%d %H:%M:%S} UTC")
-            seen.append(f"{v.view}: {v.calls} statement calls ({since}): {statements}")
+            seen.append(f"{v.view}: statements since the swap ({since}): {statements}")
     return seen
 
 

@@ -498,14 +498,40 @@ def _stat_rows(conn: Conn) -> tuple[str, list[dict[str, Any]], str | None]:
     return "available", list(rows), since
 
 
+def statement_counts(conn: Conn, plan: Plan, tables: set[str]
+                     ) -> dict[str, list[tuple[int, str]]] | None:
+    """pg_stat_statements' calls of each recorded statement naming a table's old name
+    (None: pg_stat_statements is not available)."""
+    state, rows, _ = _stat_rows(conn)
+    return statements_using(rows, plan, tables) if state == "available" else None
+
+
+def _ours(query: str, plan: Plan) -> bool:
+    """A statement the orchestrator ran, not the application: it names the control or the
+    retired schema (logs, proofs, the retired table), or a moved table's new name beside
+    its old one (the copy, verify and replay read one and write the other). A heuristic on
+    the text: an application statement naming both names would be left out too."""
+    flat = query.replace('"', "").lower()
+    if f"{plan.control_schema}.".lower() in flat or f"{plan.retired_schema}.".lower() in flat:
+        return True
+    return any(
+        f"{t.schema_}.{t.target_name}".lower() in flat
+        and f"{plan.source_schema}.{t.name}".lower() in flat
+        for t in plan.tables)
+
+
 def statements_using(
     rows: Iterable[dict[str, Any]], plan: Plan, tables: set[str]
 ) -> dict[str, list[tuple[int, str]]]:
-    """Plan table -> [(calls, query)] of recorded statements that name its old name."""
+    """Plan table -> [(calls, query)] of recorded statements that name its old name, leaving
+    out the orchestrator's own (see `_ours`)."""
     out: dict[str, list[tuple[int, str]]] = {}
+    names = [t.lower() for t in tables]
     for r in rows:
         query = str(r["query"])
-        if not _looks_like_sql(query):
+        low = query.lower()
+        # Parsing is the cost (thousands of recorded statements): only texts naming a table.
+        if not any(n in low for n in names) or not _looks_like_sql(query) or _ours(query, plan):
             continue
         try:
             refs, _, _ = references(query, plan)
