@@ -1,4 +1,5 @@
-"""python -m bench [--only copy|dualwrite|cutover|planning] [--rows N] [--quick] [--no-report]
+"""python -m bench [--only copy|dualwrite|cutover|planning|memory] [--rows N] [--quick]
+[--no-report]
 
 Runs the benchmarks (all by default), writes bench/results/<name>.json (bench/results/quick/
 for --quick smoke runs) and regenerates docs/benchmarks.md from the full results present.
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-NAMES = ("copy", "dualwrite", "cutover", "planning")
+NAMES = ("copy", "dualwrite", "cutover", "planning", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from bench import copy_speed, cutover, dualwrite, planning, report
+    from bench import copy_speed, cutover, dualwrite, memory, planning, report
     from bench.common import RESULTS, say, write_result
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         "dualwrite": lambda: dualwrite.run(quick=args.quick),
         "cutover": lambda: cutover.run(quick=args.quick),
         "planning": lambda: planning.run(quick=args.quick),
+        "memory": lambda: memory.run(quick=args.quick),
     }
     chosen = args.only or list(NAMES)
     t0 = time.monotonic()

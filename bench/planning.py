@@ -1,4 +1,5 @@
-"""Planning scale: validate + graph + dry-run on 2,000 tables and 4,000 foreign keys.
+"""Planning scale: validate + graph + dry-run on 2,000 and 10,000 tables (4,000 and 20,000
+foreign keys).
 
 The schema is generated server-side by one DO block (committing every 100 tables, so the lock
 table never fills). Table i has two foreign keys: a_id to table i-1 and b_id to a pseudo-random
@@ -13,7 +14,7 @@ statement the process sends, twice over:
   (BEGIN, COMMIT, SAVEPOINT ... sent by `conn.transaction()`), attributed to the orchestrator
   function that sent them;
 - in the server: log_statement = 'all' on the database, lines counted in the server log.
-The counts at 200 and at 2,000 tables must be equal.
+The counts at both sizes must be equal.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from psycopg import sql
 
 from bench.common import Server, embedded_server, machine, median, say, wait_quiet
 
-TARGET_S = 5.0
+TARGET_S = 10.0  # at the larger size (issue 14: 10,000 tables in < 10 s)
 
 _GENERATE = """
 DO $gen$
@@ -323,7 +324,7 @@ def _top(prof: cProfile.Profile, n: int = 12) -> list[dict[str, Any]]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    sizes = (20, 200) if quick else (200, 2000)
+    sizes = (20, 200) if quick else (2000, 10000)
     repeats = 1 if quick else 3
     result: dict[str, Any] = {"benchmark": "planning", "machine": machine(), "quick": quick}
     with embedded_server() as srv:
@@ -346,7 +347,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     result["runs"] = runs
     big = runs[str(sizes[-1])]
     result["targets"] = {
-        "total_under_5s": {
+        "total_under_target": {
             "target": f"< {TARGET_S} s at {sizes[-1]} tables",
             "value": big["seconds"]["total"],
             "met": big["seconds"]["total"] < TARGET_S,

@@ -121,11 +121,13 @@ def _copy(r: dict[str, Any]) -> list[str]:
     out += [
         f"A table of {t['rows']:,} rows, {t['heap_mb']} MB heap ({t['indexes_mb']} MB of "
         "indexes): bigint identity key, a UNIQUE email, an index on account_id. One-table "
-        "plan, copy strategy, batches of 10,000. Each round times three variants in rotating "
+        "plan, copy strategy, batches of 10,000. Each round times every variant in rotating "
         "order, a CHECKPOINT before each; the figure is the median of "
         f"{e['rounds']} rounds. The orchestrator's time is the copy stage from the event log "
-        "(`copy started` → `copy ok`: the keyset batches, then the drain and the two index "
-        "builds in one REPEATABLE READ transaction); the limit is `INSERT INTO` a key-only "
+        "(`copy started` → `copy ok`: the batches, then the drain and the two index "
+        "builds in one REPEATABLE READ transaction): `orchestrator` copies in heap order "
+        "with two workers, `orchestrator_1w` in heap order with one, `orchestrator_key` in "
+        "keyset batches (the order before issue 14); the limit is `INSERT INTO` a key-only "
         "table `SELECT *`, then the same two index builds; pg_repack is `pg_repack --table` "
         "(log trigger, copy, three index builds, log replay, swap) on an identical table. "
         "Servers: max_wal_size 8GB, autovacuum off (so a background vacuum of the last "
@@ -140,7 +142,7 @@ def _copy(r: dict[str, Any]) -> list[str]:
             continue
         ver = s["server"]["version"]
         med = s["median_s"]
-        for v in ("limit", "orchestrator", "pg_repack"):
+        for v in ("limit", "orchestrator", "orchestrator_1w", "orchestrator_key", "pg_repack"):
             if v not in med:
                 continue
             rounds = ", ".join(f"{x['seconds']:.2f}" for x in s["runs"][v])
@@ -362,6 +364,27 @@ def _cutover_controls(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _memory(r: dict[str, Any]) -> list[str]:
+    out = [
+        "## Memory of the orchestrator",
+        "",
+        "Peak resident set size of the orchestrator process (`python -m orchestrator apply "
+        "--until copy`, a child process, read from the kernel with `os.wait4`) while it "
+        "copies the copy benchmark's table in heap order with the default workers; the rows "
+        "never pass through it (each batch is one `INSERT ... SELECT` in the server). "
+        "For scale, the same process running `status --format json` is given too.",
+        "",
+        "| rows | heap MB | copy (s) | peak RSS (MB) | `status` peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["runs"]:
+        out.append(f"| {x['rows']:,} | {_f(x['heap_mb'], 0)} | {x['copy_seconds']:.1f} | "
+                   f"**{x['peak_rss_mb']:.1f}** | {x['status_command_peak_rss_mb']:.1f} |")
+    t = r["targets"]["peak_rss"]
+    out += ["", f"Target {t['target']}: {_met(t['met'])}.", ""]
+    return out
+
+
 def _planning(r: dict[str, Any]) -> list[str]:
     out = [
         "## Planning scale",
@@ -504,7 +527,7 @@ def _history(results: Path) -> list[str]:
 
 
 def write_markdown(results: Path) -> Path:
-    order = ("copy", "dualwrite", "cutover", "planning")
+    order = ("copy", "dualwrite", "cutover", "planning", "memory")
     loaded = {n: _load(results, n) for n in order}
     present = [r for r in loaded.values() if r is not None]
     lines = [
@@ -536,6 +559,8 @@ def write_markdown(results: Path) -> Path:
         lines += _cutover(loaded["cutover"])
     if loaded["planning"]:
         lines += _planning(loaded["planning"])
+    if loaded["memory"]:
+        lines += _memory(loaded["memory"])
     lines += _history(results)
     DOC.write_text("\n".join(lines).rstrip() + "\n")
     return DOC

@@ -131,6 +131,15 @@ def connect(dsn: str, *, autocommit: bool = False, application: str = APP_NAME) 
     return conn
 
 
+def sibling(conn: Conn, application: str = APP_NAME) -> Conn:
+    """Another autocommit session to the same database as `conn`, as the same role (the
+    connection string it was opened with, and the password it used)."""
+    password = conn.pgconn.password
+    dsn = psycopg.conninfo.make_conninfo(
+        conn.info.dsn, **({"password": password.decode()} if password else {}))
+    return connect(dsn, autocommit=True, application=application)
+
+
 @contextmanager
 def _nullctx() -> Iterator[None]:
     yield

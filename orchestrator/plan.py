@@ -54,6 +54,11 @@ class Strategy(StrEnum):
     rename = "rename"
 
 
+class CopyOrder(StrEnum):
+    heap = "heap"
+    key = "key"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -93,6 +98,15 @@ class Options(_Model):
 
     strategy: Strategy = Field(Strategy.copy, description="copy | rename")
     batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Rows per copy batch.")
+    copy_order: CopyOrder = Field(
+        CopyOrder.heap, description="heap: batches are ranges of the source's heap blocks, "
+        "read in file order and split between copy_workers; key: batches in key order, one "
+        "worker (always used for partitioned tables and past 2^32 transaction ids).",
+    )
+    copy_workers: int | None = Field(
+        None, ge=1, le=64, description="Sessions copying one table side by side (heap order "
+        "only); default: the server's max_parallel_workers, at most the CPUs of this machine.",
+    )
     lock_timeout_ms: int = Field(500, ge=1, description="lock_timeout for every DDL statement.")
     statement_timeout_ms: int = Field(
         0, ge=0, description="statement_timeout for our statements (0: none)."
@@ -151,6 +165,11 @@ class Hook(_Model):
 
 class TableOptions(_Model):
     """The subset of options a single table may override."""
+
+    copy_order: CopyOrder | None = Field(None, description="heap | key (default: the plan's).")
+    copy_workers: int | None = Field(
+        None, ge=1, le=64, description="Copy sessions for this table (default: the plan's)."
+    )
 
     strategy: Strategy | None = Field(None, description="copy | rename (default: the plan's).")
     batch_size: int | None = Field(

@@ -127,7 +127,9 @@ def test_work_session_terminated_mid_batch_stops_cleanly_and_the_rerun_resumes(
             output = stopped_cleanly(proc, LOST, RERUN, "terminating connection")
     finally:
         proc.close()
-    assert "INSERT INTO" in output  # the statement it was in
+    # With two copy workers the error shown is the first worker's: inside its INSERT (the
+    # statement is then quoted) or between batches.
+    assert "terminating connection due to administrator command" in output
     copy_is_consistent(db)
 
     application_writes(db)

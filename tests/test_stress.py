@@ -9,7 +9,9 @@ moment); `make stress` runs many (ORCHESTRATOR_STRESS_RUNS from ORCHESTRATOR_STR
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -111,10 +113,23 @@ def test_the_end_state_checks_catch_a_changed_row_a_lost_row_and_a_stray_object(
     db.close()
 
 
+def key_order_plan() -> str:
+    """The Cogito plan with keyset batches: a throttle of one row per batch then copies one
+    row at a time (in heap order a batch is at least one block)."""
+    text = Path(stress.PLAN).read_text(encoding="utf-8").replace(
+        "  batch_size: 5000\n", "  batch_size: 5000\n  copy_order: key\n")
+    assert "copy_order: key" in text
+    path = Path(tempfile.mkdtemp(prefix="orch-key-plan-")) / "cogito.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
 def signups_during_a_throttled_copy(dsn: str) -> dict[str, object]:
-    """One account at a far key (nothing refers to it), a copy throttled to ~15 rows a second,
-    and an application signing up ~100 accounts a second below that key all along. The copy
-    must end while the sign-ups go on, and the new table must then hold every account."""
+    """One account at a far key (nothing refers to it), a keyset copy throttled to ~15 rows a
+    second, and an application signing up ~100 accounts a second below that key all along.
+    The copy must end while the sign-ups go on, and the new table must then hold every
+    account."""
+    plan = key_order_plan()
     db = stress.connect(dsn)
     row = db.execute(
         "INSERT INTO public.users (email, auth_info, client_id) "
@@ -140,7 +155,7 @@ def signups_during_a_throttled_copy(dsn: str) -> dict[str, object]:
 
     signups = threading.Thread(target=application, daemon=True)
     signups.start()
-    proc = stress.Proc(dsn, "apply", stress.PLAN, "--table", "users", "--until", "copy")
+    proc = stress.Proc(dsn, "apply", plan, "--table", "users", "--until", "copy")
     try:
         deadline = time.monotonic() + 15
         while proc.running() and time.monotonic() < deadline:
@@ -158,7 +173,8 @@ def signups_during_a_throttled_copy(dsn: str) -> dict[str, object]:
         stop.set()
         signups.join(timeout=10)
         proc.close()
-    stress.ok(dsn, "apply", stress.PLAN, "--table", "users", "--until", "verify")
+    stress.ok(dsn, "apply", plan, "--table", "users", "--until", "verify")
+    shutil.rmtree(Path(plan).parent)
     extra, lost, n_new, n_old = stress.except_both_ways(db, "users", source_schema="public")
     assert (extra, lost) == (0, 0), f"{extra} invented, {lost} lost"
     assert n_new == n_old > at_start

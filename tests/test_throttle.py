@@ -27,8 +27,16 @@ def _plan(tmp_path: Path, throttle: dict[str, Any]) -> Any:
     return parse_plan(path.read_text(encoding="utf-8"), str(path))
 
 
+PAUSED = threading.Event()
+
+
 def _raise_later(dsn: str, key: str, value: float, after_s: float) -> threading.Thread:
+    """The operator raises the limit `after_s` after the copy first paused (a machine under
+    load may take longer than that to reach its first measured batch)."""
+    PAUSED.clear()
+
     def work() -> None:
+        PAUSED.wait(timeout=60)
         time.sleep(after_s)
         with connect(dsn, autocommit=True) as conn, conn.transaction():
             Store(conn, "_orchestrator", "cogito").put_setting(key, value)
@@ -40,7 +48,13 @@ def _raise_later(dsn: str, key: str, value: float, after_s: float) -> threading.
 
 def _copy_with_events(dsn: str, loaded: Any) -> list[Event]:
     events: list[Event] = []
-    with session(dsn, loaded, events.append) as eng:
+
+    def seen(e: Event) -> None:
+        events.append(e)
+        if isinstance(e, Paused):
+            PAUSED.set()
+
+    with session(dsn, loaded, seen) as eng:
         eng.apply(["turns"], "copy")
         assert eng.done("turns", "copy")
     return events

@@ -652,9 +652,9 @@ def draw_timeseries(fr: Frame) -> None:
         props = {**{f"custom.{k}": v for k, v in custom.items()}, **overridden(s.name, overrides)}
         c = colour(props.get("color", {}).get("fixedColor")
                    or fr.table_colours.get(s.labels.get("table", ""), PALETTE[n % len(PALETTE)]))
-        dashed = props.get("custom.lineStyle", {}).get("fill") in ("dash", "dot")
+        style = {"dash": "--", "dot": ":"}.get(props.get("custom.lineStyle", {}).get("fill"), "-")
         step = props.get("custom.lineInterpolation") == "stepAfter"
-        ax.plot(xs, s.values, "--" if dashed else "-", color=c, linewidth=1.4, label=s.name,
+        ax.plot(xs, s.values, style, color=c, linewidth=1.4, label=s.name,
                 drawstyle="steps-post" if step else "default")
         if props.get("custom.fillOpacity"):
             ax.fill_between(xs, s.values, alpha=props["custom.fillOpacity"] / 100, color=c,

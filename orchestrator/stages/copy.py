@@ -1,5 +1,9 @@
-"""copy: keyset batches from source to target, each committed with its checkpoint; then the
-log backlog drained and the secondary indexes built, in one transaction that marks it done.
+"""copy: batches from source to target, each committed with its checkpoint; then the log
+backlog drained and the secondary indexes built, in one transaction that marks it done.
+
+Batches are ranges of heap blocks split between workers (stages/heap_copy.py) by default;
+this module holds the keyset order (partitioned tables, clusters past 2^32 transaction ids,
+`copy_order: key`), the start, and the finish both orders share.
 
 No row locks and no ON CONFLICT: only the orchestrator writes the target, and no replay runs
 until the copy ends, so every batch is a plain INSERT ... SELECT ... RETURNING its keys. A row
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from psycopg import sql
@@ -29,11 +33,13 @@ from orchestrator.db import Conn, snapshot_txn
 from orchestrator.model.catalog import Constraint, Index, Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
-from orchestrator.run.events import Paused, Rows
+from orchestrator.run.events import Rows
 from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
+from orchestrator.stages import heap_copy
 from orchestrator.stages.base import Action, LoopStage, Step
 from orchestrator.stages.prepare import constraint_text, key_index
+from orchestrator.stages.throttle import WalMeter, wait_for_server
 
 
 def _typed_key(m: TableMove, param: str) -> sql.Composed:
@@ -232,8 +238,11 @@ def drop_index_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()
 
 def forward_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
     d = capture.forward(m)
-    # One keyset loop per segment: the table, or each leaf partition into its counterpart.
-    loops = [
+    # Heap order (heap_copy.py), or one keyset loop per segment: the table, or each leaf
+    # partition into its counterpart.
+    loops = [Step(heap_copy.batch_sql(m), "ROW EXCLUSIVE on the target; plain reads of the "
+                  "source by heap block range, one range per worker")] if (
+        m.options.copy_order == "heap" and not m.partitioned) else [
         step
         for seg in m.segments()
         for step in (
@@ -261,73 +270,6 @@ def rollback_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) 
     ]
 
 
-@dataclass
-class Throttle:
-    """Pauses between batches and while the server is loaded; re-read every batch."""
-
-    sleep_ms: int
-    max_lag_bytes: int | None
-    max_wal_rate: int | None
-    probe_sql: str | None
-    probe_max: float | None
-    check_every_s: float
-
-
-@dataclass
-class WalMeter:
-    """The server's WAL write rate between two looks (bytes per second)."""
-
-    at: float = 0.0
-    lsn: int = 0
-
-    def rate(self, conn: Conn) -> float | None:
-        r = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn").fetchone()
-        now, lsn = time.monotonic(), int(r["lsn"]) if r else 0
-        if self.at == 0.0:
-            self.at, self.lsn = now, lsn
-            return None
-        if now - self.at < 0.05:
-            return None  # too short a window to measure: keep the older sample
-        rate = (lsn - self.lsn) / (now - self.at)
-        self.at, self.lsn = now, lsn
-        return rate
-
-
-def _throttle(ctx: Ctx, m: TableMove, cfg: dict[str, Any]) -> Throttle:
-    """The throttle from the plan, with the operator's `set` values (`cfg`) over it."""
-    t = ctx.plan.defaults.throttle
-    return Throttle(
-        sleep_ms=int(cfg.get("sleep_ms", t.sleep_ms)),
-        max_lag_bytes=cfg.get("max_replication_lag_bytes", t.max_replication_lag_bytes),
-        max_wal_rate=cfg.get("max_wal_bytes_per_s", t.max_wal_bytes_per_s),
-        probe_sql=t.probe_sql,
-        probe_max=cfg.get("probe_max", t.probe_max),
-        check_every_s=t.check_every_s,
-    )
-
-
-def server_busy(conn: Conn, t: Throttle, wal: WalMeter | None = None) -> str | None:
-    """Why the copy should pause now, or None."""
-    if t.max_wal_rate is not None and wal is not None:
-        rate = wal.rate(conn)
-        if rate is not None and rate > t.max_wal_rate:
-            return f"WAL rate {rate:,.0f} bytes/s > {t.max_wal_rate:,}"
-    if t.max_lag_bytes is not None:
-        r = conn.execute(
-            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint AS lag "
-            "FROM pg_stat_replication"
-        ).fetchone()
-        if r and r["lag"] is not None and r["lag"] > t.max_lag_bytes:
-            return f"replication lag {r['lag']} bytes > {t.max_lag_bytes}"
-    if t.probe_sql is not None and t.probe_max is not None:
-        # The probe is the plan author's own monitoring query, run read-only.
-        r = conn.execute(sql.SQL(t.probe_sql)).fetchone()
-        value = float(next(iter(r.values()))) if r else 0.0
-        if value > t.probe_max:
-            return f"load probe {value} > {t.probe_max}"
-    return None
-
-
 def _bounds(ctx: Ctx, seg: TableMove, rel: Relation) -> dict[str, Any]:
     """One segment's bounds, fixed when its copy starts: the upper key and what tells a row
     written since."""
@@ -344,11 +286,14 @@ def _start(ctx: Ctx, m: TableMove, rel: Relation, parts: Sequence[Relation]) -> 
             cp: dict[str, Any] = {"parts": {}}
         else:
             est = max(rel.row_estimate, 0)
-            cp = _bounds(ctx, m, rel)
+            fresh = fresh_bound(ctx.conn, rel)
+            cp = (heap_copy.start(ctx, m, rel, fresh) if heap_copy.applies(ctx, m, fresh)
+                  else _bounds(ctx, m, rel))
         ctx.store.checkpoint(m.label, "copy", rows_done=0, checkpoint=cp, rows_estimated=est)
         ctx.store.log(
             "copy", "started", table=m.label, stage="copy",
-            detail={"upper_bound": cp.get("hi"), "estimate": est,
+            detail={"upper_bound": cp.get("hi"), "estimate": est, "order": cp.get("mode", "key"),
+                    "workers": len(cp.get("ranges", [])) or 1,
                     "partitions": [s.part for s in m.segments() if s.part]},
         )
     return cp
@@ -361,19 +306,6 @@ def _batch_params(cp: dict[str, Any], limit: int) -> dict[str, Any]:
     for i, v in enumerate(cp["last"] or []):
         params[f"lo{i}"] = v
     return params
-
-
-def _wait_for_server(ctx: Ctx, m: TableMove, wal: WalMeter) -> tuple[dict[str, Any], Throttle]:
-    """The operator's current settings, once the server is not too busy for a batch."""
-    while True:
-        cfg = ctx.store.settings(m.label)
-        t = _throttle(ctx, m, cfg)
-        reason = ("paused by the operator (`orchestrator set PLAN paused false` resumes)"
-                  if cfg.get("paused") is True else server_busy(ctx.conn, t, wal))
-        if reason is None:
-            return cfg, t
-        ctx.progress(Paused(m.label, "copy", reason))
-        time.sleep(t.check_every_s)
 
 
 Wrap = Callable[[dict[str, Any]], dict[str, Any]]
@@ -391,7 +323,7 @@ def _batches(
     done_here = 0
     wal = WalMeter()
     while cp["hi"] is not None:
-        cfg, t = _wait_for_server(ctx, m, wal)
+        cfg, t = wait_for_server(ctx, m, wal)
         limit = int(cfg.get("batch_size", m.options.batch_size))
         with conn.transaction():
             r = conn.execute(batch_sql(m, cp["last"] is None), _batch_params(cp, limit)).fetchone()
@@ -501,7 +433,7 @@ class Copy(LoopStage):
         cp: dict[str, Any] = dict(st.checkpoint or {})
         rows_done = st.rows_done
         parts = self._parts(ctx, m)
-        if "hi" not in cp and "parts" not in cp:
+        if "hi" not in cp and "parts" not in cp and "mode" not in cp:
             cp, rows_done = _start(ctx, m, rel, parts), 0
         estimate = ctx.store.row(m.label, self.name).rows_estimated or 0
         conn = ctx.conn
@@ -512,6 +444,8 @@ class Copy(LoopStage):
         try:
             if m.partitioned:
                 copied = _partitions(ctx, m, cp, rows_done, estimate)
+            elif cp.get("mode") == "heap":
+                copied = heap_copy.run(ctx, m, rel, cp, rows_done, estimate)
             else:
                 copied, _ = _batches(ctx, m, cp, rows_done, estimate)
         finally:

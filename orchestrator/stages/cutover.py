@@ -220,6 +220,12 @@ def lock_targets(
             views += [(m.source_schema, name) for name in m.names]
         key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
         tables.append(key)
+        # The table that takes over: foreign keys are re-pointed at it and capture triggers
+        # put on it, which conflict with an autovacuum of it (likely on a table just filled).
+        # Locked up front, a vacuum in the way is seen and cancelled before the try, instead
+        # of holding the swap, with every lock it already took, past lock_timeout.
+        tables.append((m.retired_schema, m.source_name) if reverse
+                      else (m.target_schema, m.target_name))
     for m in moves:
         key = (m.target_schema, m.target_name) if reverse else (m.source_schema, m.source_name)
         for fk in cat.fks_to(*key):

@@ -344,6 +344,34 @@ class Store:
                 hint="another session may have changed it: `orchestrator status PLAN`",
             )
 
+    def advance_range(
+        self, table: str, stage: str, index: int, next_block: int, rows: int,
+        rows_per_s: float | None,
+    ) -> int:
+        """One worker of a heap-order copy committed a batch: its range's next block and the
+        rows it added (in the same transaction as the batch); returns the rows done in all.
+        Each worker touches only its own range, so concurrent workers never lose each
+        other's progress (the row lock orders their commits)."""
+        row = self.conn.execute(
+            q(
+                self.schema,
+                """UPDATE {s}.stages SET
+                      checkpoint = jsonb_set(checkpoint, ARRAY['ranges', %s::text, 'next'],
+                                             to_jsonb(%s::bigint)),
+                      rows_done = rows_done + %s, rows_per_s = coalesce(%s, rows_per_s),
+                      updated_at = now()
+                      WHERE plan = %s AND table_name = %s AND stage = %s AND status = 'running'
+                      RETURNING rows_done""",
+            ),
+            (index, next_block, rows, rows_per_s, self.plan, table, stage),
+        ).fetchone()
+        if row is None:
+            raise IllegalTransition(
+                f"{table}: {stage} is {self.status(table, stage)}, not running: no checkpoint",
+                hint="another session may have changed it: `orchestrator status PLAN`",
+            )
+        return int(row["rows_done"])
+
     def note_error(self, table: str, stage: str, error: str) -> None:
         """A failed rollback leaves the stage as it was: only the error is new."""
         self.conn.execute(
