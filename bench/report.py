@@ -164,6 +164,17 @@ def _copy(r: dict[str, Any]) -> list[str]:
             f"{rpr or '-'} |"
         )
     out.append("")
+    out += ["Verify after each copy (the full pass, from its event; with two workers the "
+            "target side is read by a second session under the same snapshot):", "",
+            "| server | variant | verify median s | verify / copy |", "|---|---|---|---|"]
+    for key in ("embedded", "pg15"):
+        s = r.get(key)
+        if not s or "verify_median_s" not in s:
+            continue
+        for v, secs in s["verify_median_s"].items():
+            out.append(f"| {s['server']['version']} | {v} | {secs:.2f} | "
+                       f"{s['verify_over_copy'][v]:.2f} |")
+    out.append("")
     out += ["Where the time goes (medians, seconds):", "",
             "| server | orchestrator: batches | orchestrator: drain + indexes | "
             "whole `apply --until copy` call | limit: INSERT … SELECT | limit: indexes |",

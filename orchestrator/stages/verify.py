@@ -1,20 +1,23 @@
 """verify: counts and checksums per key range, source against target, while writes continue.
 
 Each chunk is read in one REPEATABLE READ snapshot that covers source, target and capture log
-together. A key whose change is still in the log is legitimately different and is left out on
-both sides; every other row must be equal. A differing chunk is re-checked after a replay
-before it is declared different, and the first differing key range is named.
+together; with two cores the target side is read by a second session that imports that
+snapshot (`Pair`), beside the first reading the source side. A key whose change is still in
+the log is legitimately different and is left out on both sides; every other row must be
+equal. A differing chunk is re-checked after a replay before it is declared different, and
+the first differing key range is named.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg import errors, sql
 
-from orchestrator.db import snapshot_txn
+from orchestrator.db import sibling, snapshot_txn
 from orchestrator.errors import StageError
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
@@ -65,33 +68,70 @@ def row_hash(row: sql.Composable, fast: bool) -> sql.Composed:
     return sql.SQL("hashtextextended(row({})::text, 0)").format(row)
 
 
+def side_sql(m: TableMove, target: bool, lo: bool, hi: bool, fast: bool = True) -> sql.Composed:
+    """One side's count and order-free sum of row hashes over a key range, pending keys (in
+    the capture log) left out."""
+    d = capture.forward(m)
+    alias, keys = ("t", m.key_target) if target else ("s", m.key_source)
+    row = (sql.SQL(", ").join(sql.Identifier("t", c.target) for c in m.copied) if target
+           else sql.SQL(", ").join(c.up_sql("s") for c in m.copied))
+    pending = sql.SQL(" AND ").join(
+        sql.SQL("l.{} = {}.{}").format(sql.Identifier(a), sql.Identifier(alias),
+                                       sql.Identifier(b))
+        for a, b in zip(m.key_source, keys, strict=True))
+    return sql.SQL("SELECT count(*) AS n, coalesce(sum({hash}), 0) AS h FROM {rel} {alias} "
+                   "WHERE {bounds} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {pending})"
+                   ).format(hash=row_hash(row, fast), rel=m.target if target else m.source,
+                            alias=sql.Identifier(alias), bounds=_bounds(m, alias, keys, lo, hi),
+                            log=d.log, pending=pending)
+
+
 def checksum_sql(m: TableMove, lo: bool, hi: bool, fast: bool = True) -> sql.Composed:
     """Count and an order-free sum of row hashes on both sides, pending keys left out."""
-    d = capture.forward(m)
-    src_row = sql.SQL(", ").join(c.up_sql("s") for c in m.copied)
-    tgt_row = sql.SQL(", ").join(sql.Identifier("t", c.target) for c in m.copied)
-    src_pending = sql.SQL(" AND ").join(
-        sql.SQL("l.{} = s.{}").format(sql.Identifier(k), sql.Identifier(k)) for k in m.key_source
-    )
-    tgt_pending = sql.SQL(" AND ").join(
-        sql.SQL("l.{} = t.{}").format(sql.Identifier(a), sql.Identifier(b))
-        for a, b in zip(m.key_source, m.key_target, strict=True)
-    )
-    return sql.SQL("""SELECT a.n AS rows, a.n || ':' || a.h AS source, b.n || ':' || b.h AS target
-FROM (SELECT count(*) AS n, coalesce(sum({src_hash}), 0) AS h
-      FROM {src} s WHERE {sb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {sp})) a,
-     (SELECT count(*) AS n, coalesce(sum({tgt_hash}), 0) AS h
-      FROM {tgt} t WHERE {tb} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {tp})) b""").format(
-        src_hash=row_hash(src_row, fast),
-        tgt_hash=row_hash(tgt_row, fast),
-        src=m.source,
-        tgt=m.target,
-        log=d.log,
-        sb=_bounds(m, "s", m.key_source, lo, hi),
-        tb=_bounds(m, "t", m.key_target, lo, hi),
-        sp=src_pending,
-        tp=tgt_pending,
-    )
+    return sql.SQL("SELECT a.n AS rows, a.n || ':' || a.h AS source, b.n || ':' || b.h AS "
+                   "target FROM ({}) a, ({}) b").format(
+        side_sql(m, False, lo, hi, fast), side_sql(m, True, lo, hi, fast))
+
+
+class Pair:
+    """A second session that reads the target side of each chunk while the first reads the
+    source side, in the same snapshot (exported by the first, imported by the second): each
+    chunk costs the slower side instead of both, on two cores."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.conn = sibling(ctx.conn)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-target")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.conn.close()
+
+    def target(self, m: TableMove, snapshot: str, lo: list[str] | None,
+               hi: list[str] | None, fast: bool) -> dict[str, Any]:
+        with snapshot_txn(self.conn, read_only=True):
+            # The first statement of the transaction: it then sees what the exporter sees.
+            self.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                sql.Literal(snapshot)))
+            r = self.conn.execute(side_sql(m, True, lo is not None, hi is not None, fast),
+                                  _params(lo, hi)).fetchone()
+        assert r is not None
+        return dict(r)
+
+
+def _split_checksum(ctx: Ctx, pair: Pair, m: TableMove, lo: list[str] | None,
+                    hi: list[str] | None, fast: bool) -> dict[str, Any]:
+    """Both sides of one chunk on two sessions (call inside the first's snapshot)."""
+    snap = ctx.conn.execute("SELECT pg_export_snapshot() AS s").fetchone()
+    assert snap is not None
+    future = pair.pool.submit(pair.target, m, str(snap["s"]), lo, hi, fast)
+    src = ctx.conn.execute(side_sql(m, False, lo is not None, hi is not None, fast),
+                           _params(lo, hi)).fetchone()
+    tgt = future.result()
+    assert src is not None
+    return {"rows": src["n"], "source": f"{src['n']}:{src['h']}",
+            "target": f"{tgt['n']}:{tgt['h']}"}
 
 
 def fast_hash_works(ctx: Ctx, m: TableMove) -> bool:
@@ -143,11 +183,14 @@ def _check_chunk(
     m: TableMove,
     lo: list[str] | None,
     fast: bool,
+    pair: Pair | None = None,
 ) -> tuple[list[str] | None, dict[str, Any]]:
     conn = ctx.conn
     with snapshot_txn(conn, read_only=True):
         r = conn.execute(chunk_end_sql(m, lo is not None), _params(lo, None)).fetchone()
         hi = r["hi"] if r else None
+        if pair is not None:
+            return hi, _split_checksum(ctx, pair, m, lo, hi, fast)
         return hi, checksum(ctx, m, lo, hi, fast)
 
 
@@ -232,7 +275,8 @@ def settle(
 
 
 def _scan(
-    ctx: Ctx, m: TableMove, estimate: int, checked: int = 0, proven: Proven | None = None
+    ctx: Ctx, m: TableMove, estimate: int, checked: int = 0, proven: Proven | None = None,
+    pair: Pair | None = None,
 ) -> tuple[int, Mismatch | None]:
     """Check every chunk of one segment (the table, or one leaf partition) in key order, each
     committed with its checkpoint; stop at the first chunk that still differs after its
@@ -243,7 +287,7 @@ def _scan(
     first = checked
     fast = fast_hash_works(ctx, m)
     while True:
-        hi, res = _check_chunk(ctx, m, lo, fast)
+        hi, res = _check_chunk(ctx, m, lo, fast, pair)
         res, bad = settle(ctx, m, lo, hi, res, fast)
         if bad is not None:
             return checked, bad
@@ -317,7 +361,7 @@ def _describe(m: TableMove, mismatch: Mismatch) -> str:
 
 
 def _scan_all(
-    ctx: Ctx, m: TableMove, estimate: int, proven: dict[str, Proven]
+    ctx: Ctx, m: TableMove, estimate: int, proven: dict[str, Proven], pair: Pair | None = None
 ) -> tuple[int, TableMove, Mismatch | None]:
     """Every segment in turn (each leaf partition against its counterpart); the rows checked,
     and the segment and range of the first difference, if any. `proven` gets each segment's
@@ -325,7 +369,7 @@ def _scan_all(
     checked = 0
     for seg in m.segments():
         proven[seg.part or ""] = []
-        checked, mismatch = _scan(ctx, seg, estimate, checked, proven[seg.part or ""])
+        checked, mismatch = _scan(ctx, seg, estimate, checked, proven[seg.part or ""], pair)
         if mismatch is not None:
             return checked, seg, mismatch
     return checked, m, None
@@ -354,8 +398,14 @@ class Verify(LoopStage):
         drain(ctx, m)
         t0 = time.monotonic()
         proven: dict[str, Proven] = {}
-        checked, seg, mismatch = _scan_all(
-            ctx, m, ctx.store.row(m.label, "copy").rows_done, proven)
+        # Two sessions, source and target side by side, where there are cores for both.
+        pair = Pair(ctx) if (m.options.copy_workers or os.cpu_count() or 1) > 1 else None
+        try:
+            checked, seg, mismatch = _scan_all(
+                ctx, m, ctx.store.row(m.label, "copy").rows_done, proven, pair)
+        finally:
+            if pair is not None:
+                pair.close()
         duration = (time.monotonic() - t0) * 1000
         if mismatch is not None:
             fail(ctx, m, seg, mismatch, duration)
