@@ -263,62 +263,65 @@ def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dic
         loaded = parse_plan(plan_text(PLAN, ["big"]), "bench:copy.yaml")
         plans = {v: parse_plan(plan_text(PLAN, ["big"], **opts), f"bench:copy-{v}.yaml")
                  for v, opts in VARIANTS.items()}
+        # dual_write once; each variant then runs in a session of its own (one plan name:
+        # its advisory lock admits one session at a time).
         with session(dsn, loaded) as eng:
             eng.apply(["big"], "dual_write")
-            names = ["limit", *VARIANTS] + (["pg_repack"] if repack else [])
-            times: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-            out["load"] = [wait_quiet(f"copy {srv.kind}")]
-            loads = []
-            for r in range(rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
-                for name in order:
-                    loads.append(round(_load1(), 2))
-                    if name == "limit":
-                        res = _limit(conn)
-                    elif name in VARIANTS:
-                        with session(dsn, plans[name]) as variant:
-                            res = _orchestrator(conn, variant)
-                    else:
-                        res = _repack(srv, conn, db)
-                    times[name].append(res)
-                    say(f"copy ({srv.kind}) round {r + 1}: {name} {res['seconds']:.2f} s")
-            out["load_1m_per_run"] = loads
-            out["runs"] = times
-            med = {n: median([x["seconds"] for x in times[n]]) for n in names}
-            out["variants"] = VARIANTS
-            out["verify_median_s"] = {v: median([x["verify_s"] for x in times[v]])
-                                      for v in VARIANTS}
-            out["verify_over_copy"] = {v: out["verify_median_s"][v] / med[v] for v in VARIANTS}
-            out["median_s"] = med
-            out["orchestrator_breakdown_median_s"] = {
-                k: median([x[k] for x in times["orchestrator"]])
-                for k in ("batches_s", "finish_s", "apply_s")
-            }
-            out["limit_breakdown_median_s"] = {
-                k: median([x[k] for x in times["limit"]]) for k in ("insert_s", "indexes_s")
-            }
-            out["ratio_to_limit"] = med["orchestrator"] / med["limit"]
-            out["ratio_to_limit_per_round"] = [
+        names = ["limit", *VARIANTS] + (["pg_repack"] if repack else [])
+        times: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        out["load"] = [wait_quiet(f"copy {srv.kind}")]
+        loads = []
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                loads.append(round(_load1(), 2))
+                if name == "limit":
+                    res = _limit(conn)
+                elif name in VARIANTS:
+                    with session(dsn, plans[name]) as variant:
+                        res = _orchestrator(conn, variant)
+                else:
+                    res = _repack(srv, conn, db)
+                times[name].append(res)
+                say(f"copy ({srv.kind}) round {r + 1}: {name} {res['seconds']:.2f} s")
+        out["load_1m_per_run"] = loads
+        out["runs"] = times
+        med = {n: median([x["seconds"] for x in times[n]]) for n in names}
+        out["variants"] = VARIANTS
+        out["verify_median_s"] = {v: median([x["verify_s"] for x in times[v]])
+                                  for v in VARIANTS}
+        out["verify_over_copy"] = {v: out["verify_median_s"][v] / med[v] for v in VARIANTS}
+        out["median_s"] = med
+        out["orchestrator_breakdown_median_s"] = {
+            k: median([x[k] for x in times["orchestrator"]])
+            for k in ("batches_s", "finish_s", "apply_s")
+        }
+        out["limit_breakdown_median_s"] = {
+            k: median([x[k] for x in times["limit"]]) for k in ("insert_s", "indexes_s")
+        }
+        out["ratio_to_limit"] = med["orchestrator"] / med["limit"]
+        out["ratio_to_limit_per_round"] = [
+            o["seconds"] / x["seconds"]
+            for o, x in zip(times["orchestrator"], times["limit"], strict=True)
+        ]
+        if repack:
+            out["ratio_to_pg_repack"] = med["orchestrator"] / med["pg_repack"]
+            out["pg_repack_over_limit"] = med["pg_repack"] / med["limit"]
+            out["ratio_to_pg_repack_per_round"] = [
                 o["seconds"] / x["seconds"]
-                for o, x in zip(times["orchestrator"], times["limit"], strict=True)
+                for o, x in zip(times["orchestrator"], times["pg_repack"], strict=True)
             ]
-            if repack:
-                out["ratio_to_pg_repack"] = med["orchestrator"] / med["pg_repack"]
-                out["pg_repack_over_limit"] = med["pg_repack"] / med["limit"]
-                out["ratio_to_pg_repack_per_round"] = [
-                    o["seconds"] / x["seconds"]
-                    for o, x in zip(times["orchestrator"], times["pg_repack"], strict=True)
-                ]
-            out["batch_statement"] = batch_check(conn, eng, rows)
-            if load:
-                out["load"].append(wait_quiet(f"copy under load {srv.kind}"))
-                with session(dsn, plans["orchestrator"]) as variant:
-                    out["under_load"] = _under_load(srv, conn, variant, db, rows, tmp)
-                u = out["under_load"]
-                say(
-                    f"copy under load: {u['copy_seconds']:.2f} s; pgbench tps before "
-                    f"{u['tps_before']}, during {u['tps_during']}, after {u['tps_after']}"
-                )
+        with session(dsn, plans["orchestrator_key"]) as keyed:
+            out["batch_statement"] = batch_check(conn, keyed, rows)
+        if load:
+            out["load"].append(wait_quiet(f"copy under load {srv.kind}"))
+            with session(dsn, plans["orchestrator"]) as variant:
+                out["under_load"] = _under_load(srv, conn, variant, db, rows, tmp)
+            u = out["under_load"]
+            say(
+                f"copy under load: {u['copy_seconds']:.2f} s; pgbench tps before "
+                f"{u['tps_before']}, during {u['tps_during']}, after {u['tps_after']}"
+            )
     return out
 
 
