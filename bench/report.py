@@ -4,6 +4,7 @@ versions, the date, and every target with its figure, met or missed, and what li
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,11 @@ def _cutover_controls(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _where(function: str) -> str:
+    """A profiled function's file, relative to the repository whatever directory ran it."""
+    return re.sub(r"^/.*?/(orchestrator/)", r"\1", function)
+
+
 def _memory(r: dict[str, Any]) -> list[str]:
     out = [
         "## Memory of the orchestrator",
@@ -455,7 +461,9 @@ def _planning(r: dict[str, Any]) -> list[str]:
             "| function | calls | own s |",
             "|---|---|---|",
         ]
-        out += [f"| `{p['function']}` | {p['calls']:,} | {p['tottime']:.2f} |" for p in prof]
+        # A run from a scratch worktree names its files under that directory.
+        out += [f"| `{_where(p['function'])}` | {p['calls']:,} | {p['tottime']:.2f} |"
+                for p in prof]
         out.append("")
     return out
 

@@ -299,7 +299,7 @@ def _scan(
             ctx.store.checkpoint(
                 m.label, "verify", rows_done=checked,
                 checkpoint={"last": hi, "part": m.part} if m.part else {"last": hi},
-                rows_per_s=rate,
+                rows_per_s=rate, rows_estimated=estimate,  # so status shows verify's ETA
             )
         ctx.progress(Rows(m.label, "verify", checked, max(estimate, checked), rate, m.part))
         if hi is None:
