@@ -20,7 +20,9 @@ from orchestrator.state.store import Store
 
 def _plan(tmp_path: Path, throttle: dict[str, Any]) -> Any:
     data = yaml.safe_load(COGITO_PLAN.read_text(encoding="utf-8"))
-    data["defaults"]["batch_size"] = 500
+    data["defaults"]["batch_size"] = 200
+    # One worker, many batches: the WAL meter needs two looks between batches to measure.
+    data["defaults"]["copy_workers"] = 1
     data["defaults"]["throttle"] = {"check_every_s": 0.1, **throttle}
     path = tmp_path / "throttled.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
