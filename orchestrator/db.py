@@ -137,7 +137,11 @@ def sibling(conn: Conn, application: str = APP_NAME) -> Conn:
     password = conn.pgconn.password
     dsn = psycopg.conninfo.make_conninfo(
         conn.info.dsn, **({"password": password.decode()} if password else {}))
-    return connect(dsn, autocommit=True, application=application)
+    other = connect(dsn, autocommit=True, application=application)
+    # Names resolve as on the first session (ours run with search_path = '').
+    path = conn.execute("SELECT current_setting('search_path') AS p").fetchone()
+    other.execute("SELECT set_config('search_path', %s, false)", (path["p"] if path else "",))
+    return other
 
 
 @contextmanager
