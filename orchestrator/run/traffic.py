@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 
 from orchestrator.errors import StageError
 from orchestrator.model.context import Ctx
-from orchestrator.tools.scan import compat_usage, statement_counts
+from orchestrator.tools.audit import qualified
+from orchestrator.tools.scan import compat_views, live_users, statement_counts
 
 BASELINE_KEY = "compat_baseline"
 SEEN_KEY = "compat_seen"
@@ -47,32 +48,32 @@ def record_baseline(ctx: Ctx, tables: list[str]) -> None:
 def recent_use(ctx: Ctx, tables: list[str], quiet_s: float) -> list[str]:
     """What used the compatibility views of `tables` within the last `quiet_s` seconds, as
     sentences naming the view and the statements or sessions seen. Records what it saw."""
-    usage = compat_usage(ctx.conn, ctx.loaded, LOOK_S)
-    counts = statement_counts(ctx.conn, ctx.plan, set(tables)) or {}
+    views = {t: oid for t, oid in compat_views(ctx.conn, ctx.plan).items() if t in tables}
+    live = live_users(ctx.conn, views, LOOK_S)
+    counts = statement_counts(ctx.conn, ctx.plan, set(views))
     now = datetime.now(UTC)
     seen: list[str] = []
-    for v in usage.views:
-        if v.table not in tables or not v.exists:
-            continue
-        if v.live:
-            seen.append(f"{v.view} is in use now by {', '.join(v.live)}")
-        if usage.pg_stat_statements != "available":
-            continue
-        base = ctx.store.load(v.table, BASELINE_KEY) or {}
-        grown = {_key(q): (c, q) for c, q in counts.get(v.table, []) if c > base.get(_key(q), 0)}
-        before = ctx.store.load(v.table, SEEN_KEY) or {}
+    for table in views:
+        view = qualified(ctx.plan.source_schema, table)
+        if live.get(table):
+            seen.append(f"{view} is in use now by {', '.join(sorted(live[table]))}")
+        if counts is None:
+            continue  # no pg_stat_statements: the live look is all the evidence
+        base = ctx.store.load(table, BASELINE_KEY) or {}
+        grown = {_key(q): (c, q) for c, q in counts.get(table, []) if c > base.get(_key(q), 0)}
+        before = ctx.store.load(table, SEEN_KEY) or {}
         now_seen = {k: c for k, (c, _) in grown.items()}
         changed = now if now_seen and before.get("grown") != now_seen else (
             datetime.fromisoformat(before["changed_at"]) if before.get("changed_at") else None)
         with ctx.conn.transaction():
-            ctx.store.save(v.table, SEEN_KEY, {
+            ctx.store.save(table, SEEN_KEY, {
                 "grown": now_seen, "changed_at": changed.isoformat() if changed else None})
         if grown and changed is not None and (now - changed).total_seconds() < quiet_s:
             top = sorted(grown.values(), key=lambda x: -x[0])[:3]
             statements = "; ".join(" ".join(q.split())[:120] for _, q in top)
             since = ("first seen now" if changed == now
                      else f"last grew {changed:%Y-%m-%d %H:%M:%S} UTC")
-            seen.append(f"{v.view}: statements since the swap ({since}): {statements}")
+            seen.append(f"{view}: statements since the swap ({since}): {statements}")
     return seen
 
 

@@ -542,7 +542,21 @@ def statements_using(
     return out
 
 
-def _sample(conn: Conn, oids: dict[int, str], seconds: float) -> dict[str, set[str]]:
+def compat_views(conn: Conn, plan: Plan) -> dict[str, int]:
+    """The plan tables whose old name is a view now (its oid): the compatibility views."""
+    rows = conn.execute(
+        "SELECT c.oid::bigint AS oid, c.relname FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind = 'v' AND c.relname = ANY(%s)",
+        (plan.source_schema, [t.name for t in plan.tables]),
+    ).fetchall()
+    return {str(r["relname"]): int(r["oid"]) for r in rows}
+
+
+def live_users(conn: Conn, views: dict[str, int], seconds: float) -> dict[str, set[str]]:
+    """The sessions seen holding a lock on each view (name -> oid) while watching for
+    `seconds` (none when 0; one look when shorter than a tenth of a second)."""
+    oids = {oid: name for name, oid in views.items()}
     seen: dict[str, set[str]] = {}
     if seconds <= 0 or not oids:
         return seen
@@ -565,16 +579,10 @@ def compat_usage(conn: Conn, loaded: LoadedPlan, sample_s: float = 0.0) -> Compa
     """Whether the compatibility views of a plan are still used (read-only)."""
     plan = loaded.plan
     src = plan.source_schema
-    rows = conn.execute(
-        "SELECT c.oid::bigint AS oid, c.relname FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind = 'v' AND c.relname = ANY(%s)",
-        (src, [t.name for t in plan.tables]),
-    ).fetchall()
-    views = {str(r["relname"]): int(r["oid"]) for r in rows}
+    views = compat_views(conn, plan)
     state, stat_rows, since = _stat_rows(conn)
     used = statements_using(stat_rows, plan, set(views)) if state == "available" else {}
-    live = _sample(conn, {oid: name for name, oid in views.items()}, sample_s)
+    live = live_users(conn, views, sample_s)
     out = []
     for t in plan.tables:
         if not plan.options_for(t).compat_view:
