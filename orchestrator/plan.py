@@ -85,6 +85,20 @@ class Throttle(_Model):
     check_every_s: float = Field(
         1.0, gt=0, description="How often the load check runs while paused."
     )
+    adaptive: bool = Field(
+        False, description="The copy yields to the application: it works a shrinking share "
+        "of the time while the application's write rate (transactions per second) falls "
+        "below yield_goal of its rate while the copy rests, and flat out while the "
+        "application is idle. The copy takes longer in exchange.",
+    )
+    yield_goal: float = Field(
+        0.85, gt=0, lt=1, description="The share of its own write rate the application keeps "
+        "while the copy (when adaptive) or the replayer (apply --follow) yields to it.",
+    )
+    replay_rate: int | None = Field(
+        None, ge=1, description="apply --follow replays at most this many logged keys per "
+        "second; unset: it yields to the application as `adaptive` does for the copy.",
+    )
 
     @model_validator(mode="after")
     def _probe_pair(self) -> Throttle:

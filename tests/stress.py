@@ -294,6 +294,30 @@ class Proc:
         self.out.close()
 
 
+class Writer(threading.Thread):
+    """The application: inserts, updates, key updates and deletes on public.turns."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.stop = threading.Event()
+        self.writes = 0
+
+    def run(self) -> None:
+        with connect(self.dsn, "app-writer") as app:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                app.execute("INSERT INTO public.turns (participant_id, content) "
+                            "VALUES (1, %s)", (f"new {n}",))
+                app.execute("UPDATE public.turns SET content = content || '.' "
+                            "WHERE id = (SELECT id FROM public.turns ORDER BY random() LIMIT 1)")
+                app.execute("DELETE FROM public.turns WHERE id = (SELECT max(id) FROM "
+                            "public.turns) AND content LIKE 'new %%'")
+                self.writes += 3
+                time.sleep(0.005)
+
+
 def rerun(dsn: str, *args: str, within: float = 180) -> int:
     """Run to completion. Retried for up to `within` seconds: a refusal while the server frees
     the dead session's advisory locks, and a step that gave up waiting for the application's

@@ -4,8 +4,6 @@ rewritten under it, nothing is lost and nothing is invented."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,33 +32,9 @@ def plan(tmp_path: Path) -> str:
     return str(path)
 
 
-class Writer(threading.Thread):
-    """The application: inserts, updates, key updates and deletes on public.turns."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.dsn = dsn
-        self.stop = threading.Event()
-        self.writes = 0
-
-    def run(self) -> None:
-        with stress.connect(self.dsn, "app-writer") as app:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                app.execute("INSERT INTO public.turns (participant_id, content) "
-                            "VALUES (1, %s)", (f"new {n}",))
-                app.execute("UPDATE public.turns SET content = content || '.' "
-                            "WHERE id = (SELECT id FROM public.turns ORDER BY random() LIMIT 1)")
-                app.execute("DELETE FROM public.turns WHERE id = (SELECT max(id) FROM "
-                            "public.turns) AND content LIKE 'new %%'")
-                self.writes += 3
-                time.sleep(0.005)
-
-
 @pytest.fixture
-def writer(cogito_dsn: str) -> Iterator[Writer]:
-    w = Writer(cogito_dsn)
+def writer(cogito_dsn: str) -> Iterator[stress.Writer]:
+    w = stress.Writer(cogito_dsn)
     w.start()
     yield w
     w.stop.set()
@@ -68,7 +42,7 @@ def writer(cogito_dsn: str) -> Iterator[Writer]:
 
 
 def test_two_workers_copy_their_own_ranges_under_writes(
-    cogito_dsn: str, plan: str, writer: Writer,
+    cogito_dsn: str, plan: str, writer: stress.Writer,
 ) -> None:
     stress.throttle(cogito_dsn, "turns", 200, 20)  # many batches, interleaved with writes
     stress.ok(cogito_dsn, "apply", plan, "--table", "turns", "--until", "copy")
@@ -88,7 +62,7 @@ def test_two_workers_copy_their_own_ranges_under_writes(
 
 
 def test_a_sigkill_mid_copy_resumes_each_range_to_equality(
-    cogito_dsn: str, plan: str, writer: Writer,
+    cogito_dsn: str, plan: str, writer: stress.Writer,
 ) -> None:
     stress.throttle(cogito_dsn, "turns", 100, 100)
     db = stress.connect(cogito_dsn)

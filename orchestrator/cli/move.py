@@ -104,8 +104,13 @@ def apply(
     ] = "verify",
     follow: Annotated[
         bool,
-        typer.Option("--follow", help="Then keep replaying captured changes until interrupted."),
+        typer.Option("--follow", help="Then keep replaying captured changes until interrupted "
+                     "(yielding to the application unless --replay-rate is given)."),
     ] = False,
+    replay_rate: Annotated[int | None, typer.Option(
+        "--replay-rate", min=1, help="With --follow: replay at most this many logged keys per "
+        "second (default: the plan's throttle.replay_rate, else yield to the application).")]
+    = None,
     yes: YesOpt = False,
     lock_timeout: LockOpt = None,
     dry: Annotated[bool, typer.Option("--dry-run", help="Show what would run; change "
@@ -147,7 +152,7 @@ def apply(
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
                 with contextlib.suppress(KeyboardInterrupt):
-                    eng.follow()
+                    eng.follow(rate=replay_rate)
     if fmt == Fmt.json:
         emit_json({"plan": str(plan), "until": until, "ok": True})
 
@@ -270,14 +275,16 @@ def set_cmd(
         str,
         typer.Argument(
             help="batch_size, sleep_ms, probe_max, max_replication_lag_bytes, "
-            "max_wal_bytes_per_s or paused (true/false)"
+            "max_wal_bytes_per_s, paused (true/false), adaptive (true/false: the copy yields "
+            "to the application), yield_goal (0-1) or replay_rate (keys/s for apply --follow; "
+            "0: yield)"
         ),
     ],
     value: Annotated[str, typer.Argument()],
     table: Annotated[str, typer.Option("--table", "-t")] = "*",
 ) -> None:
     """Change a running copy's batch size or throttle, or pause and resume it (read before
-    every batch)."""
+    every batch), or the replayer's pace (read every few seconds)."""
     with guard():
         # Checked before the plan is read: a mistyped key or value needs no plan and no
         # database.

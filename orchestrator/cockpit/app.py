@@ -30,7 +30,7 @@ from orchestrator.plan import LoadedPlan
 from orchestrator.run import actions
 from orchestrator.run.actions import Action, Kind
 from orchestrator.run.events import Event, LockWait, Paused, Rows, StageChanged, StageFailed
-from orchestrator.tui.render import STATUS_STYLE, progress_cells
+from orchestrator.tui.render import STATUS_STYLE, progress_cells, replay_note
 
 COLUMNS = ("wave", "table", "stage", "state", "rows", "rate", "eta", "log", "verified",
            "lock waits")
@@ -65,6 +65,8 @@ def detail_view(t: TableStatus, d: details.Detail | None) -> Group:
             parts.append(Text.assemble((f"{label}: ", "cyan"), value))
     if t.paused:
         parts.append(Text("paused: the copy holds between batches (p resumes)", style="yellow"))
+    if t.replay:
+        parts.append(Text(replay_note(t), style="cyan"))
     if t.last_lock_wait:
         w = t.last_lock_wait
         who = ", ".join(f"pid {b.get('pid')} ({b.get('application_name') or '-'})"

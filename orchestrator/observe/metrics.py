@@ -68,6 +68,10 @@ def families(ps: PlanStatus) -> list[Metric]:
     per_table: dict[str, tuple[GaugeMetricFamily, Callable[[TableStatus], float | None]]] = {
         "log": (_gauge("orchestrator_capture_log_depth", "Captured changes waiting to be "
                        "replayed.", ["table"]), lambda t: t.log_depth),
+        "catch_up": (_gauge("orchestrator_log_catch_up_seconds", "Seconds until the "
+                            "replayer (apply --follow) empties the capture log at its last "
+                            "measured rates (absent while it does not catch up).", ["table"]),
+                     lambda t: t.replay.catch_up_s if t.replay else None),
         "verified": (_gauge("orchestrator_seconds_since_verified", "Seconds since every chunk "
                             "was last proven equal.", ["table"]), lambda t: t.verified_age_s),
         "paused": (_gauge("orchestrator_paused", "1 while the operator holds the copy.",

@@ -80,6 +80,22 @@ class StageState:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """The replayer's last record for a table (run/follow.py): its pace and the two rates,
+    and from them when the log will be caught up."""
+
+    mode: str  # adaptive | fixed | full
+    duty: float  # the share of time it works (adaptive)
+    replayed_per_s: float
+    logged_per_s: float | None
+    catch_up_s: float | None  # None: the log does not shrink at these rates
+    age_s: float
+
+
+REPLAY_FRESH_S = 30.0  # an older record is of a replayer that stopped
+
+
+@dataclass(frozen=True)
 class TableStatus:
     name: str
     strategy: str
@@ -94,6 +110,7 @@ class TableStatus:
     eta_s: float | None
     log_depth: int | None  # capture-log entries waiting to be replayed
     log_direction: str | None  # forward (before cutover) or reverse (after)
+    replay: Replay | None  # what `apply --follow` last measured (fresh records only)
     verified_at: str | None  # every chunk proven equal as of then
     verified_age_s: float | None
     proof: dict[str, Any] | None  # the last full pass, its chunks, keys changed since
@@ -153,6 +170,7 @@ def read(conn: Conn, loaded: LoadedPlan, wave_of: dict[str, int] | None = None) 
         # `set` may pause a table before the plan has started.
         paused=_paused(conn, plan) if schema_exists(conn, schema) else set(),
         holds=_holds(conn, plan) if exists else (),
+        replays=_replays(conn, plan) if exists else {},
     )
 
 
@@ -163,6 +181,7 @@ def assemble(
     depths: dict[str, tuple[int, str]] | None = None,
     paused: set[str] | None = None,
     holds: tuple[float, ...] = (),
+    replays: dict[str, dict[str, Any]] | None = None,
 ) -> PlanStatus:
     """The model from what was read (a pure function: the renderers' tests build it)."""
     plan = loaded.plan
@@ -171,10 +190,12 @@ def assemble(
     for r in rows:
         by_table.setdefault(r.table_name, {})[r.stage] = r
     ev, pr, dp, pa = events or {}, proofs or {}, depths or {}, paused or set()
+    rp = replays or {}
     tables = tuple(
         _table(loaded, spec.name, plan.options_for(spec).strategy, wave_of.get(spec.name),
                by_table.get(spec.name, {}), ev.get(spec.name, {}), pr.get(spec.name),
-               dp.get(spec.name), spec.name in pa or "*" in pa, now)
+               dp.get(spec.name), spec.name in pa or "*" in pa, now,
+               _replay(rp.get(spec.name), dp.get(spec.name), now))
         for spec in plan.tables
     )
     etas = [t.eta_s for t in tables if t.eta_s is not None]
@@ -227,6 +248,33 @@ def _log_depths(conn: Conn, plan: Plan) -> dict[str, tuple[int, str]]:
     return out
 
 
+def _replays(conn: Conn, plan: Plan) -> dict[str, dict[str, Any]]:
+    found = conn.execute(
+        q(plan.control_schema, "SELECT table_name, value FROM {s}.saved WHERE plan = %s "
+                               "AND key = 'replayer'"), (plan.name,),
+    ).fetchall()
+    return {str(r["table_name"]): dict(r["value"]) for r in found}
+
+
+def _replay(rec: dict[str, Any] | None, depth: tuple[int, str] | None,
+            now: datetime) -> Replay | None:
+    """A fresh replayer record with the catch-up time it implies: the log's depth over what
+    the replayer takes away faster than the application adds."""
+    if rec is None or depth is None:
+        return None
+    age = now.timestamp() - float(rec.get("at") or 0)
+    if age > REPLAY_FRESH_S:
+        return None
+    replayed = float(rec.get("replayed_per_s") or 0)
+    logged = rec.get("logged_per_s")
+    net = replayed - float(logged) if logged is not None else None
+    catch_up = (0.0 if depth[0] == 0 else depth[0] / net if net and net > 0 else None)
+    return Replay(mode=str(rec.get("mode")), duty=float(rec.get("duty") or 0),
+                  replayed_per_s=replayed,
+                  logged_per_s=None if logged is None else float(logged),
+                  catch_up_s=catch_up, age_s=round(age, 1))
+
+
 def _paused(conn: Conn, plan: Plan) -> set[str]:
     found = conn.execute(
         q(plan.control_schema, "SELECT table_name FROM {s}.settings WHERE plan = %s "
@@ -268,7 +316,8 @@ def _progress(strategy: Strategy, stages: dict[str, StageRow]
 
 def _table(loaded: LoadedPlan, name: str, strategy_name: str, wave: int | None,
            stages: dict[str, StageRow], ev: dict[str, Any], verified: dict[str, Any] | None,
-           depth: tuple[int, str] | None, paused: bool, now: datetime) -> TableStatus:
+           depth: tuple[int, str] | None, paused: bool, now: datetime,
+           replay: Replay | None = None) -> TableStatus:
     strategy = STRATEGIES[strategy_name]
     stage, state = _current(strategy, stages)
     progress_stage, rows_done, est, rate, eta = _progress(strategy, stages)
@@ -291,7 +340,7 @@ def _table(loaded: LoadedPlan, name: str, strategy_name: str, wave: int | None,
         stage=stage, state=str(state), rows_done=rows_done, rows_estimated=est,
         progress_stage=progress_stage, rate=rate,
         eta_s=eta, log_depth=depth[0] if depth else None,
-        log_direction=depth[1] if depth else None,
+        log_direction=depth[1] if depth else None, replay=replay,
         verified_at=checked.isoformat() if checked else None,
         verified_age_s=(now - checked).total_seconds() if checked else None,
         proof=None if verified is None else {

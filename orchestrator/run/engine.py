@@ -9,7 +9,6 @@ order, comes from its strategy in stages/registry.py.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ from orchestrator.run import follow, gates, rollback, traffic
 from orchestrator.run.events import Progress, StageChanged, StageFailed, StageStarted
 from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
-from orchestrator.stages import proof, registry
+from orchestrator.stages import registry
 from orchestrator.stages.base import (
     Action,
     Kind,
@@ -408,15 +407,9 @@ class Engine:
 
     def follow(
         self, idle_s: float = 1.0, until: Callable[[], bool] | None = None,
-        recheck_s: float = 10.0,
+        recheck_s: float = 10.0, rate: float | None = None,
     ) -> None:
-        """Keep replaying captured changes until interrupted (Ctrl-C) or `until()` is true,
-        and every `recheck_s` bring the proof of each table waiting for its cutover up to
-        date, so the cutover's own re-check finds little left."""
-        last = time.monotonic()
-        while until is None or not until():
-            if time.monotonic() - last >= recheck_s:
-                proof.recheck_waiting(self.context(), self.done)
-                last = time.monotonic()
-            if self.replay_once() == 0:
-                time.sleep(idle_s)
+        """Keep replaying captured changes until interrupted (Ctrl-C) or `until()` is true, at
+        the plan's pace (run/follow.py); `rate` fixes it in keys per second."""
+        follow.keep_replaying(self.context, self.done, until, idle_s=idle_s,
+                              recheck_s=recheck_s, rate=rate)

@@ -38,6 +38,7 @@ from orchestrator.sql import capture
 from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
 from orchestrator.stages import heap_copy
 from orchestrator.stages.base import Action, LoopStage, Step
+from orchestrator.stages.pace import Pace, Policy
 from orchestrator.stages.prepare import constraint_text, key_index
 from orchestrator.stages.throttle import WalMeter, wait_for_server
 
@@ -322,9 +323,12 @@ def _batches(
     started = time.monotonic()
     done_here = 0
     wal = WalMeter()
+    pace = Pace(conn, Policy(adaptive=False))
     while cp["hi"] is not None:
         cfg, t = wait_for_server(ctx, m, wal)
+        pace.retune(t.policy, conn)
         limit = int(cfg.get("batch_size", m.options.batch_size))
+        began = time.monotonic()
         with conn.transaction():
             r = conn.execute(batch_sql(m, cp["last"] is None), _batch_params(cp, limit)).fetchone()
             n = int(r["n"]) if r else 0
@@ -339,6 +343,7 @@ def _batches(
         ctx.progress(Rows(m.label, "copy", rows_done, max(estimate, rows_done), rate, m.part))
         if n < limit:
             break
+        pace.rest(n, time.monotonic() - began)
         if t.sleep_ms:
             time.sleep(t.sleep_ms / 1000)
     return rows_done, cp

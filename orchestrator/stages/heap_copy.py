@@ -36,6 +36,7 @@ from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.run.events import Rows
 from orchestrator.sql.compose import idents
+from orchestrator.stages.pace import Pace, Policy
 from orchestrator.stages.throttle import WalMeter, wait_for_server
 from orchestrator.state.store import Store
 
@@ -88,7 +89,9 @@ def run(ctx: Ctx, m: TableMove, rel: Relation, cp: dict[str, Any], rows_done: in
     todo = [i for i, r in enumerate(cp["ranges"]) if r["next"] < r["hi"]]
     if not todo:
         return rows_done
-    shared = _Shared(rows_at_start=rows_done, started=time.monotonic())
+    # One pace for all workers, its probe on our session (idle while the workers copy).
+    shared = _Shared(rows_at_start=rows_done, started=time.monotonic(),
+                     pace=Pace(ctx.conn, Policy(adaptive=False)), probe=ctx.conn)
     threads = [threading.Thread(target=_worker, args=(ctx, m, rel, cp, i, estimate, shared),
                                 name=f"copy-{m.label}-{i}", daemon=True) for i in todo]
     for t in threads:
@@ -110,7 +113,8 @@ def run(ctx: Ctx, m: TableMove, rel: Relation, cp: dict[str, Any], rows_done: in
 class _Shared:
     """What the workers of one copy share: a stop flag, the first error, the rate's base."""
 
-    def __init__(self, rows_at_start: int, started: float) -> None:
+    def __init__(self, rows_at_start: int, started: float, pace: Pace, probe: Conn) -> None:
+        self.pace, self.probe = pace, probe
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.rows_at_start = rows_at_start
@@ -133,7 +137,10 @@ def _worker(ctx: Ctx, m: TableMove, rel: Relation, cp: dict[str, Any], index: in
             cfg, throttle = wait_for_server(wctx, m, wal)
             rows = int(cfg.get("batch_size", m.options.batch_size))
             end = min(hi, nxt + max(1, int(rows / float(cp["rows_per_block"]))))
+            began, before = time.monotonic(), shared.total
             done = _batch(wctx, m, rel, cp, index, nxt, end, xid, shared)
+            shared.pace.retune(throttle.policy, shared.probe)
+            shared.pace.rest(max(done - before, 0), time.monotonic() - began)
             rate = (done - shared.rows_at_start) / max(time.monotonic() - shared.started, 1e-6)
             ctx.progress(Rows(m.label, "copy", done, max(estimate, done), rate))
             nxt = end

@@ -14,6 +14,7 @@ from orchestrator.db import Conn
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.run.events import Paused
+from orchestrator.stages.pace import Policy
 
 
 @dataclass
@@ -26,6 +27,13 @@ class Throttle:
     probe_sql: str | None
     probe_max: float | None
     check_every_s: float
+    adaptive: bool
+    yield_goal: float
+
+    @property
+    def policy(self) -> Policy:
+        """How the copy paces itself between batches (stages/pace.py)."""
+        return Policy(adaptive=self.adaptive, goal=self.yield_goal)
 
 
 @dataclass
@@ -58,6 +66,8 @@ def _throttle(ctx: Ctx, m: TableMove, cfg: dict[str, Any]) -> Throttle:
         probe_sql=t.probe_sql,
         probe_max=cfg.get("probe_max", t.probe_max),
         check_every_s=t.check_every_s,
+        adaptive=bool(cfg.get("adaptive", t.adaptive)),
+        yield_goal=float(cfg.get("yield_goal", t.yield_goal)),
     )
 
 

@@ -60,6 +60,9 @@ ADJUSTABLE_SETTINGS = (
     "max_replication_lag_bytes",
     "max_wal_bytes_per_s",
     "paused",  # true holds the copy between batches until set back to false
+    "adaptive",  # true: the copy yields to the application (stages/pace.py)
+    "yield_goal",  # the share of its write rate the application keeps
+    "replay_rate",  # apply --follow: keys per second; 0: yield to the application
 )
 
 
@@ -172,16 +175,21 @@ def parse_setting(key: str, text: str) -> Any:
             f"{key}: not an adjustable setting", hint=f"use one of {', '.join(ADJUSTABLE_SETTINGS)}"
         )
     word = text.strip().lower()
-    if key == "paused":
+    if key in ("paused", "adaptive"):
         if word in ("true", "on", "yes", "1", "false", "off", "no", "0"):
             return word in ("true", "on", "yes", "1")
-        raise StageError(f"paused = {text!r}: not true or false", hint="write true or false")
+        raise StageError(f"{key} = {text!r}: not true or false", hint="write true or false")
     try:
         number = float(word)
     except ValueError:
         raise StageError(f"{key} = {text!r}: not a number", hint=f"write a number for {key}"
                          ) from None
-    return number if key == "probe_max" else int(number)
+    if key == "yield_goal" and not 0 < number < 1:
+        raise StageError(f"yield_goal = {text!r}: not between 0 and 1",
+                         hint="write a share such as 0.85")
+    if key != "probe_max" and number < 0:
+        raise StageError(f"{key} = {text!r}: negative", hint=f"write 0 or more for {key}")
+    return number if key in ("probe_max", "yield_goal") else int(number)
 
 
 def change_setting(conn: Conn, loaded: LoadedPlan, key: str, value: Any, table: str = "*") -> None:

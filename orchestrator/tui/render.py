@@ -119,6 +119,22 @@ def _log(t: TableStatus) -> str:
     return f"{t.log_depth:,}" + (" rev" if t.log_direction == "reverse" else "")
 
 
+def replay_note(t: TableStatus) -> str:
+    """What the replayer (`apply --follow`) does for the table's log, and when the log will
+    be caught up at its rates."""
+    r = t.replay
+    if r is None:
+        return ""
+    pace = f"{r.mode} {r.duty:.0%}" if r.mode == "adaptive" else r.mode
+    rates = f"replaying {r.replayed_per_s:,.0f}/s"
+    if r.logged_per_s is not None:
+        rates += f", logging {r.logged_per_s:,.0f}/s"
+    when = ("caught up" if r.catch_up_s == 0 else
+            f"caught up in ~{_seconds(r.catch_up_s)}" if r.catch_up_s is not None
+            else "not catching up at these rates")
+    return f"replayer ({pace}): {rates}; {when}"
+
+
 def status_table(ps: PlanStatus) -> Table:
     """Tables by stages, coloured by status, with progress, log depth and proof age (wide)."""
     table = Table(title=f"plan {ps.plan}", expand=False)
@@ -196,6 +212,8 @@ def _notes(t: TableStatus) -> list[Text]:
     if t.paused:
         notes.append(Text.assemble(("paused: ", "yellow"), f"{t.name}: the copy holds "
                                    "between batches (`set PLAN paused false` resumes)"))
+    if t.replay:
+        notes.append(Text.assemble(("log: ", "cyan"), f"{t.name}: {replay_note(t)}"))
     if t.repairs > 1:
         notes.append(Text.assemble(
             ("suspect: ", "red"), f"{t.name}: {t.repairs} chunk repairs by verify; some write "
