@@ -198,6 +198,8 @@ def scenario(seed: int) -> Scenario:
         params["after_s"] = round(rng.uniform(0.0, 0.4 if prefix == "verify" else 0.6), 3)
     second_kill = rng.random() < 0.25
     then_rollback = kind in ("copy", "verify", "reverify", "random") and rng.random() < 0.3
+    # Half the runs move the set's independent tables side by side (apply --jobs 2).
+    params["jobs"] = rng.choice([1, 2])
     return Scenario(seed, kind, tables, table, prefix, params, second_kill, then_rollback)
 
 
@@ -640,7 +642,9 @@ class StressRun:
         return True
 
     def forward(self) -> list[str]:
-        return ["apply", PLAN, *table_args(self.sc.tables), "--until", "cutover", "--yes"]
+        jobs = int(self.sc.params.get("jobs", 1))
+        return ["apply", PLAN, *table_args(self.sc.tables), "--until", "cutover", "--yes",
+                *(["--jobs", str(jobs)] if jobs > 1 else [])]
 
     def cutover_cmd(self, lock_timeout_ms: int | None = None) -> list[str]:
         # The kills aim at tries that give way to a reader, so the swap must try: the stall

@@ -107,6 +107,9 @@ def apply(
         typer.Option("--follow", help="Then keep replaying captured changes until interrupted "
                      "(yielding to the application unless --replay-rate is given)."),
     ] = False,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1, max=64, help="Move up to this many independent tables (units of "
+        "one wave) side by side, each on its own session; swaps stay one at a time.")] = 1,
     replay_rate: Annotated[int | None, typer.Option(
         "--replay-rate", min=1, help="With --follow: replay at most this many logged keys per "
         "second (default: the plan's throttle.replay_rate, else yield to the application).")]
@@ -148,7 +151,7 @@ def apply(
                                 full_verify, hook)
         hold = cutover_gates(window, postpone_file, when_ready)
         with serving(plan, metrics), engine(plan, fmt, controls, hold) as eng:
-            eng.apply(table, until)
+            eng.apply(table, until, jobs)
             if follow:
                 out.print("following: replaying captured changes (Ctrl-C to stop)")
                 with contextlib.suppress(KeyboardInterrupt):

@@ -23,6 +23,7 @@ from orchestrator.model.move import TableMove
 from orchestrator.model.partitioning import PARTITIONS_KEY
 from orchestrator.plan import LoadedPlan, Plan
 from orchestrator.run import follow, gates, rollback, traffic
+from orchestrator.run import jobs as jobs_of
 from orchestrator.run.events import Progress, StageChanged, StageFailed, StageStarted
 from orchestrator.run.gates import Gates
 from orchestrator.run.runner import Runner, StepFailed
@@ -217,21 +218,31 @@ class Engine:
 
     # --- the verbs --------------------------------------------------------------------------
 
-    def apply(self, tables: list[str] | None = None, until: str = "verify") -> None:
-        """Walk the units in graph order, each table up to `until` (never finalize)."""
+    def apply(self, tables: list[str] | None = None, until: str = "verify",
+              jobs: int = 1) -> None:
+        """Walk the units in graph order, each table up to `until` (never finalize); with
+        `jobs`, the units of a wave side by side (run/jobs.py)."""
         if until not in registry.APPLY_UNTIL:
             raise StageError(f"--until {until}: not a stage",
                              hint=f"use one of {', '.join(registry.APPLY_UNTIL)}")
         ctx = self.context()
         swap = until == registry.COPY_STRATEGY.swap.name
-        for unit in self.units(ctx, tables):
-            for m in ctx.unit_moves(unit):
+
+        def stages(eng: Engine, unit: Unit) -> None:
+            ectx = eng.context() if eng is not self else ctx
+            for m in ectx.unit_moves(unit):
                 for stage in registry.strategy_of(m).before_swap(until):
-                    self._advance_table(ctx, stage, m)
+                    eng._advance_table(ectx, stage, m)
+
+        def then(unit: Unit) -> None:
+            nonlocal ctx
             if swap:
-                # The stages above built the target: the swap reads it from a fresh catalog.
+                # The stages built the target: the swap reads it from a fresh catalog.
                 self._swap_unit(self.context(), unit)
                 ctx = self.context()
+
+        for wave in jobs_of.by_wave(self.units(ctx, tables)):
+            jobs_of.run_wave(self, wave, stages, jobs, then)
         if swap:
             self.create_views(self.context())
         # Whichever command runs replays what the capture logged (docs/design.md).

@@ -24,6 +24,7 @@ from orchestrator.sql.compose import (
 )
 from orchestrator.stages import matviews
 from orchestrator.stages.base import Action, Stage, Step, remember
+from orchestrator.state.locks import schema_lock
 
 
 def _identity_options(seq: Sequence | None, target_schema: str) -> sql.Composable:
@@ -226,6 +227,8 @@ def forward_steps(
         )
     elements += _checks(rel, renames)
     steps = [
+        Step(schema_lock(m.target_schema), "takes turns with jobs preparing tables of this "
+             "schema (apply --jobs)"),
         Step(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema))),
         Step(
             sql.SQL("CREATE {}TABLE {} ({}){}{}").format(

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from psycopg import sql
+
 from orchestrator.db import Conn
 from orchestrator.errors import LockHeld
 
@@ -22,6 +24,14 @@ def lock_key(kind: str, name: str) -> int:
     lo = zlib.crc32(raw[::-1])
     key = (hi << 32) | lo
     return key - (1 << 64) if key >= (1 << 63) else key
+
+
+def schema_lock(name: str) -> sql.Composed:
+    """A transaction-level advisory lock on a target schema: jobs preparing tables of one
+    schema side by side (`apply --jobs`) take turns, since two CREATE SCHEMA IF NOT EXISTS
+    (or two GRANTs on it) at once fail on the catalog's unique index (or row)."""
+    return sql.SQL("SELECT pg_advisory_xact_lock({})").format(
+        sql.Literal(lock_key("schema", name)))
 
 
 _HOLDER = """
