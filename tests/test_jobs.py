@@ -27,12 +27,13 @@ def first_wave(dsn: str) -> list[str]:
     raise AssertionError(f"no wave of two copied tables: {graph['waves']}")
 
 
-def spans(db: Conn, stage: str) -> dict[str, tuple[Any, Any]]:
-    """Per table, when its stage started and when it ended, from the event log."""
+def spans(db: Conn) -> dict[str, tuple[Any, Any]]:
+    """Per table, when its move started (prepare) and when verify ended, from the event
+    log."""
     rows = db.execute(
-        "SELECT table_name, min(at) FILTER (WHERE outcome = 'started') AS s, "
-        "max(at) FILTER (WHERE outcome = 'ok') AS e FROM _orchestrator.events "
-        "WHERE stage = %s GROUP BY table_name", (stage,)).fetchall()
+        "SELECT table_name, min(at) FILTER (WHERE stage = 'prepare') AS s, "
+        "max(at) FILTER (WHERE stage = 'verify' AND outcome = 'ok') AS e "
+        "FROM _orchestrator.events GROUP BY table_name").fetchall()
     return {str(r["table_name"]): (r["s"], r["e"]) for r in rows}
 
 
@@ -55,9 +56,9 @@ def test_two_jobs_move_a_waves_tables_side_by_side_under_writes(
     args = [a for t in tables for a in ("--table", t)]
     out = stress.ok(cogito_dsn, "apply", PLAN, *args, "--until", "verify", "--jobs", "2")
     assert "Traceback" not in out
-    copies = spans(db, "copy")
-    (s1, e1), (s2, e2) = copies[tables[0]], copies[tables[1]]
-    assert s1 < e2 and s2 < e1, copies  # the two copies overlapped
+    moves = spans(db)
+    (s1, e1), (s2, e2) = moves[tables[0]], moves[tables[1]]
+    assert s1 < e2 and s2 < e1, moves  # the two moves overlapped
     assert all(stress.stage(db, t, "verify")["status"] == "done" for t in tables)
     stress.ok(cogito_dsn, "cutover", PLAN, *args, "--yes", "--ignore-forecast")
     writer.stop.set()

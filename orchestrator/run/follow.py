@@ -45,17 +45,18 @@ def active(ctx: Ctx, done: Callable[[str, str], bool]) -> list[tuple[TableMove,
 
 
 def drain(conn: Conn, d: capture.Direction, pace: Pace | None = None,
-          batch: int = 10_000) -> int:
-    """Replay committed batches until one comes back short, resting after each as `pace`
-    says; the entries replayed."""
-    total = 0
+          batch: int = 10_000, max_batches: int | None = None) -> int:
+    """Replay committed batches until one comes back short (or after `max_batches`),
+    resting after each as `pace` says; the entries replayed."""
+    total = batches = 0
     while True:
         began = time.monotonic()
         n = capture.replay_batch(conn, d, batch)
         total += n
+        batches += 1
         if pace is not None and n:
             pace.rest(n, time.monotonic() - began)
-        if n < batch:
+        if n < batch or (max_batches is not None and batches >= max_batches):
             return total
 
 
@@ -88,25 +89,32 @@ def keep_replaying(
     until: Callable[[], bool] | None = None, *, idle_s: float = 1.0, recheck_s: float = 10.0,
     rate: float | None = None,
 ) -> None:
-    """`apply --follow`: replay until `until()` (or Ctrl-C) at the plan's pace; every
-    `recheck_s` bring the proof of each table waiting for its cutover up to date, so the
-    cutover's own re-check finds little left."""
+    """`apply --follow`: replay until `until()` (or Ctrl-C) at the plan's pace, one batch per
+    log in turn; every few seconds record the rates and take the operator's `set` values;
+    every `recheck_s` bring the proof of each table waiting for its cutover up to date, so
+    the cutover's own re-check finds little left."""
     ctx = context()
     pace = Pace(ctx.conn, policy(ctx, rate))
-    meter = _Meter(ctx)
-    last_check = last_policy = time.monotonic()
+    meter = _Meter()
+    logs = active(ctx, done)  # ours to change only: the plan's advisory lock is held
+    last_check = last_look = time.monotonic()
     while until is None or not until():
         now = time.monotonic()
         if now - last_check >= recheck_s:
             proof.recheck_waiting(context(), done)
             last_check = now
-        if now - last_policy >= RECORD_EVERY_S:  # `set replay_rate` takes effect here
+        if now - last_look >= RECORD_EVERY_S:
+            meter.record(ctx, logs, pace)
             ctx = context()
-            pace.retune(policy(ctx, rate), ctx.conn)
-            last_policy = now
-        n = replay_once(ctx, done, pace, meter.counts)
-        meter.record(ctx, done, pace)
-        if n == 0:
+            pace.retune(policy(ctx, rate), ctx.conn)  # `set replay_rate` takes effect here
+            logs = active(ctx, done)
+            last_look = now
+        replayed = 0
+        for m, d in logs:
+            n = drain(ctx.conn, d, pace, PACED_BATCH, max_batches=1)
+            meter.counts[m.label] = meter.counts.get(m.label, 0) + n
+            replayed += n
+        if replayed == 0:
             time.sleep(idle_s)
 
 
@@ -114,21 +122,20 @@ class _Meter:
     """Per table, the keys replayed and logged per second since the last record, written to
     the control schema every few seconds."""
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.at = time.monotonic()
         self.logged: dict[str, int] = {}
 
-    def record(self, ctx: Ctx, done: Callable[[str, str], bool], pace: Pace) -> None:
+    def record(self, ctx: Ctx, logs: list[tuple[TableMove, capture.Direction]],
+               pace: Pace) -> None:
         now = time.monotonic()
-        if now - self.at < RECORD_EVERY_S:
-            return
-        logs = {m.label: d.log.as_string(ctx.conn) for m, d in active(ctx, done)}
-        inserted = _inserted(ctx.conn, logs)
+        names = {m.label: d.log.as_string(ctx.conn) for m, d in logs}
+        inserted = _inserted(ctx.conn, names)
         reading = pace.reading()
-        elapsed = now - self.at
+        elapsed = max(now - self.at, 1e-6)
         with ctx.conn.transaction():
-            for table in logs:
+            for table in names:
                 before = self.logged.get(table)
                 logged = (None if before is None or table not in inserted
                           else max(0, inserted[table] - before) / elapsed)

@@ -39,7 +39,7 @@ from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
 from orchestrator.stages import heap_copy
 from orchestrator.stages.base import Action, LoopStage, Step
 from orchestrator.stages.pace import Pace, Policy
-from orchestrator.stages.prepare import constraint_text, key_index
+from orchestrator.stages.prepare import constraint_text, key_index, key_steps
 from orchestrator.stages.throttle import WalMeter, wait_for_server
 
 
@@ -254,6 +254,7 @@ def forward_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -
     ]
     return [
         *loops,
+        *key_steps(m, rel),
         *[
             Step(s, "ROW EXCLUSIVE on the target; reads the source and the log")
             for s in capture.replay_all_sql(d)
@@ -264,8 +265,13 @@ def forward_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -
 
 def rollback_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -> list[Step]:
     d = capture.forward(m)
+    pk = rel.primary_key
     return [
         *drop_index_steps(m, rel, parts),
+        # The key too, when the copy built it: the target is again as prepare left it.
+        *([Step(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+            m.target, sql.Identifier(pk.name)), "ACCESS EXCLUSIVE on the target only")]
+          if pk is not None and key_steps(m, rel) else []),
         Step(sql.SQL("TRUNCATE {}").format(m.target), "ACCESS EXCLUSIVE on the target only"),
         Step(sql.SQL("TRUNCATE {}").format(d.log), "ACCESS EXCLUSIVE on our log only"),
     ]
@@ -378,6 +384,12 @@ def _partitions(
     return rows_done
 
 
+def has_primary_key(conn: Conn, m: TableMove) -> bool:
+    r = conn.execute("SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'p' AND "
+                     "conrelid = to_regclass(%s)) AS ok", (m.target.as_string(conn),)).fetchone()
+    return bool(r and r["ok"])
+
+
 def finish(
     ctx: Ctx, m: TableMove, rel: Relation, rows_done: int, parts: Sequence[Relation] = ()
 ) -> None:
@@ -389,6 +401,16 @@ def finish(
     """
     conn = ctx.conn
     d = capture.forward(m)
+    # The key first when it came after the copy: replay looks rows up by it. The target then
+    # holds rows of the copy's start only, a subset of one consistent state: no duplicates.
+    # Committed on its own, and skipped on a rerun that finds it built.
+    if key_steps(m, rel) and not has_primary_key(conn, m):
+        t0 = time.monotonic()
+        with conn.transaction():
+            for step in key_steps(m, rel):
+                conn.execute(step.sql)
+            ctx.store.log("build_key", "ok", table=m.label, stage="copy",
+                          duration_ms=(time.monotonic() - t0) * 1000)
     # Most of the backlog goes first in small committed batches, outside the index build.
     while capture.replay_batch(conn, d, 10_000) >= 10_000:
         pass

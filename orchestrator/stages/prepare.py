@@ -219,7 +219,7 @@ def forward_steps(
         _column_def(m, rel, c.name, identity.get(c.name)) for c in rel.columns
     ]
     pk = rel.primary_key
-    if pk is not None:
+    if pk is not None and not key_after_copy(m, rel):
         elements.append(
             sql.SQL("CONSTRAINT {} PRIMARY KEY ({})").format(
                 sql.Identifier(pk.name), idents(m.key_target)
@@ -227,8 +227,8 @@ def forward_steps(
         )
     elements += _checks(rel, renames)
     steps = [
-        Step(schema_lock(m.target_schema), "takes turns with jobs preparing tables of this "
-             "schema (apply --jobs)"),
+        # Jobs preparing tables of one schema side by side (apply --jobs) take turns here.
+        Step(schema_lock(m.target_schema)),
         Step(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema))),
         Step(
             sql.SQL("CREATE {}TABLE {} ({}){}{}").format(
@@ -262,7 +262,8 @@ def forward_steps(
         steps.append(
             Step(sql.SQL("COMMENT ON TABLE {} IS {}").format(m.target, sql.Literal(rel.comment)))
         )
-    steps += constraint_comments(m.target, m.target_schema, rel)
+    steps += constraint_comments(m.target, m.target_schema, rel,
+                                 key=not key_after_copy(m, rel))
     for c in rel.columns:
         if c.comment is not None:
             steps.append(
@@ -290,20 +291,50 @@ def _checks(rel: Relation, renames: dict[str, str]) -> list[sql.Composable]:
     ]
 
 
-def constraint_comments(target: sql.Identifier, schema: str, rel: Relation) -> list[Step]:
-    """Comments on the constraints prepare creates (the key, CHECKs) and the key's index."""
+def constraint_comments(target: sql.Identifier, schema: str, rel: Relation,
+                        key: bool = True) -> list[Step]:
+    """Comments on the constraints prepare creates (CHECKs, and the key unless it comes
+    after the copy) and the key's index."""
+    kinds = ("p", "c") if key else ("c",)
     steps = [
         Step(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
             sql.Identifier(con.name), target, sql.Literal(con.comment)))
         for con in rel.constraints
-        if con.kind in ("p", "c") and not con.inherited and con.comment is not None
+        if con.kind in kinds and not con.inherited and con.comment is not None
     ]
-    steps += [
-        Step(sql.SQL("COMMENT ON INDEX {} IS {}").format(
-            sql.Identifier(schema, i.name), sql.Literal(i.comment)))
-        for i in rel.indexes if i.primary and not i.inherited and i.comment is not None
-    ]
+    if key:
+        steps += [
+            Step(sql.SQL("COMMENT ON INDEX {} IS {}").format(
+                sql.Identifier(schema, i.name), sql.Literal(i.comment)))
+            for i in rel.indexes if i.primary and not i.inherited and i.comment is not None
+        ]
     return steps
+
+
+def key_after_copy(m: TableMove, rel: Relation) -> bool:
+    """Whether the target's primary key is built after the copy, as pg_repack builds its
+    indexes: rows then go in without maintaining it. Heap-order copies of plain tables only;
+    nothing needs the key before the copy's finish, which builds it before its first replay
+    (replay looks keys up)."""
+    return rel.primary_key is not None and rel.kind == "r" and m.options.copy_order == "heap"
+
+
+def key_steps(m: TableMove, rel: Relation) -> list[Step]:
+    """The target's primary key and its comments, built after the copy (key_after_copy)."""
+    pk = rel.primary_key
+    if pk is None or not key_after_copy(m, rel):
+        return []
+    return [
+        Step(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})").format(
+            m.target, sql.Identifier(pk.name), idents(m.key_target)),
+            "ACCESS EXCLUSIVE on the target only (nobody else uses it yet)"),
+        *[Step(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+            sql.Identifier(pk.name), m.target, sql.Literal(pk.comment)))
+          for _ in [pk] if pk.comment is not None],
+        *[Step(sql.SQL("COMMENT ON INDEX {} IS {}").format(
+            sql.Identifier(m.target_schema, i.name), sql.Literal(i.comment)))
+          for i in rel.indexes if i.primary and not i.inherited and i.comment is not None],
+    ]
 
 
 def constraint_text(con: Constraint, renames: dict[str, str]) -> sql.Composable:
