@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy orchestrator
 
-# Benchmarks (not part of `make test`): ~20 minutes on 2 cores; figures go to bench/results/
+# Benchmarks (not part of `make test`): ~30 minutes on 2 cores; figures go to bench/results/
 # and docs/benchmarks.md. The pg_repack comparison needs Debian's PostgreSQL 15 and
 # postgresql-15-repack (`make bench-deps`, as root); without them it is reported unavailable.
 bench: $(STAMP)

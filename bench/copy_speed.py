@@ -14,8 +14,12 @@ round times, in rotating order:
 - pg_repack --table on an identical table (PostgreSQL 15 only, where Debian packages it).
 
 A CHECKPOINT precedes every timed variant. Then the copy runs again under a pgbench write
-workload on the source (2 clients, single-row UPDATE + INSERT), and the workload's throughput
-during the copy is compared with the same pgbench run's throughput before and after it.
+workload on the source (2 clients, single-row UPDATE + INSERT), twice: with the plan's
+`throttle.adaptive` off (flat out), then on (the copy yields to the application,
+stages/pace.py); each time the workload's throughput during the copy is compared with the same
+pgbench run's throughput in 8 s before and after it, and the adaptive copy's time with the
+flat-out one's (the slowdown the application's share costs). A full run (1,000,000 rows, both
+servers) takes about 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from bench.common import (
 PLAN = "copybench"
 TARGET_LIMIT = 1.0
 TARGET_REPACK = 1.0
+TARGET_UNDER_LOAD = 0.80  # issue 14: the application's TPS during the copy, adaptive on
 # The orchestrator's variants: the plan options each runs with.
 VARIANTS: dict[str, dict[str, Any]] = {
     "orchestrator": {"copy_workers": 2},
@@ -89,17 +94,32 @@ def _limit(conn: psycopg.Connection[Any]) -> dict[str, float]:
     return {"seconds": t2 - t0, "insert_s": t1 - t0, "indexes_s": t2 - t1}
 
 
+def _prepared(eng: Any) -> None:
+    """Untimed: the table rolled back entirely and brought to dual_write again under this
+    session's plan. What prepare builds depends on the plan's options (the target's key
+    comes after the copy in heap order, with prepare in keyset order), so each variant starts
+    from its own prepare, not from the last variant's."""
+    eng.rollback("big")
+    eng.apply(["big"], "dual_write")
+
+
 def _orchestrator(conn: psycopg.Connection[Any], eng: Any) -> dict[str, float]:
+    _prepared(eng)
     checkpoint(conn)
     t0 = time.monotonic()
     eng.apply(["big"], "copy")
     wall = time.monotonic() - t0
-    ev = [e for e in events(conn, PLAN) if e["action"] == "copy"]
+    every = events(conn, PLAN)
+    ev = [e for e in every if e["action"] == "copy"]
     started = next(e for e in reversed(ev) if e["outcome"] == "started")
     ok = next(e for e in reversed(ev) if e["outcome"] == "ok")
     stage = (ok["at"] - started["at"]).total_seconds()
     finish = float(ok["duration_ms"] or 0) / 1000
     detail = ok["detail"] or {}
+    # In heap order the target's key is built after the batches, in a transaction of its own
+    # (its event: build_key), before the finish: part of batches_s, reported beside it.
+    key = [e for e in every if e["action"] == "build_key" and e["id"] > started["id"]]
+    key_s = float(key[-1]["duration_ms"] or 0) / 1000 if key else 0.0
     r = conn.execute(
         "SELECT (SELECT count(*) FROM public.big) AS src, (SELECT count(*) FROM moved.big) AS tgt"
     ).fetchone()
@@ -118,6 +138,7 @@ def _orchestrator(conn: psycopg.Connection[Any], eng: Any) -> dict[str, float]:
         "seconds": stage,
         "apply_s": wall,
         "batches_s": stage - finish,
+        "key_s": key_s,
         "finish_s": finish,
         "drained": float(detail.get("drained", 0)),
     }
@@ -152,6 +173,8 @@ def _repack(srv: Server, conn: psycopg.Connection[Any], db: str) -> dict[str, fl
 def _under_load(
     srv: Server, conn: psycopg.Connection[Any], eng: Any, db: str, rows: int, tmp: Path
 ) -> dict[str, Any]:
+    """The copy (`apply --until copy`) under pgbench's writes: the workload's TPS during the
+    copy against 8 s before and after it, in the same pgbench run."""
     script = write_script(tmp, "copy_writes", WRITE_SCRIPT)
     cmd = pgbench_cmd(
         srv, db, script, clients=2, seconds=3600, threads=2, defines={"maxid": rows}
@@ -173,22 +196,34 @@ def _under_load(
     ev = [e for e in events(conn, PLAN) if e["action"] == "copy"]
     started = next(e for e in reversed(ev) if e["outcome"] == "started")
     ok = next(e for e in reversed(ev) if e["outcome"] == "ok")
+    finish_s = float(ok["duration_ms"] or 0) / 1000
+    # The finish: the last drain and the index builds in one transaction, which ends with
+    # the `copy ok` event (its time is the server's clock_timestamp()).
+    finish1 = ok["at"].timestamp()
+    finish0 = finish1 - finish_s
     tps_before = bg.tps_between(before0, before1)
     tps_during = bg.tps_between(c0, c1)
     tps_after = bg.tps_between(c1, after1)
     base = statistics.mean([x for x in (tps_before, tps_after) if x is not None] or [0.0])
+    tps_batches = bg.tps_between(started["at"].timestamp(), finish0)
+    tps_finish = bg.tps_between(finish0, finish1)
     eng.rollback("big", to="dual_write")
     return {
         "clients": 2,
         "script": WRITE_SCRIPT,
+        "adaptive": bool(eng.plan.defaults.throttle.adaptive),
         "copy_seconds": (ok["at"] - started["at"]).total_seconds(),
         "apply_s": wall,
-        "finish_s": float(ok["duration_ms"] or 0) / 1000,
+        "finish_s": finish_s,
         "drained_in_finish": (ok["detail"] or {}).get("drained"),
         "tps_before": tps_before,
         "tps_during": tps_during,
         "tps_after": tps_after,
+        "tps_during_batches": tps_batches,
+        "tps_during_finish": tps_finish,
         "tps_during_over_without": (tps_during / base) if tps_during and base else None,
+        "tps_batches_over_without": (tps_batches / base) if tps_batches and base else None,
+        "tps_finish_over_without": (tps_finish / base) if tps_finish and base else None,
         "pgbench_rc": rc,
         "pgbench_problems": problems[:5],
     }
@@ -294,7 +329,7 @@ def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dic
         out["median_s"] = med
         out["orchestrator_breakdown_median_s"] = {
             k: median([x[k] for x in times["orchestrator"]])
-            for k in ("batches_s", "finish_s", "apply_s")
+            for k in ("batches_s", "key_s", "finish_s", "apply_s")
         }
         out["limit_breakdown_median_s"] = {
             k: median([x[k] for x in times["limit"]]) for k in ("insert_s", "indexes_s")
@@ -312,16 +347,28 @@ def run_on(srv: Server, rows: int, rounds: int, repack: bool, load: bool) -> dic
                 for o, x in zip(times["orchestrator"], times["pg_repack"], strict=True)
             ]
         with session(dsn, plans["orchestrator_key"]) as keyed:
+            _prepared(keyed)
             out["batch_statement"] = batch_check(conn, keyed, rows)
         if load:
-            out["load"].append(wait_quiet(f"copy under load {srv.kind}"))
-            with session(dsn, plans["orchestrator"]) as variant:
-                out["under_load"] = _under_load(srv, conn, variant, db, rows, tmp)
-            u = out["under_load"]
-            say(
-                f"copy under load: {u['copy_seconds']:.2f} s; pgbench tps before "
-                f"{u['tps_before']}, during {u['tps_during']}, after {u['tps_after']}"
+            # The default copy (two workers, heap order) with the adaptive policy off, then
+            # on (`throttle.adaptive` in the plan): each against its own pgbench baseline.
+            paced = parse_plan(
+                plan_text(PLAN, ["big"], **VARIANTS["orchestrator"], throttle={"adaptive": True}),
+                "bench:copy-adaptive.yaml",
             )
+            for key, plan, label in (("under_load", plans["orchestrator"], "adaptive off"),
+                                     ("under_load_adaptive", paced, "adaptive on")):
+                out["load"].append(wait_quiet(f"copy under load {srv.kind}, {label}"))
+                with session(dsn, plan) as variant:
+                    _prepared(variant)
+                    out[key] = _under_load(srv, conn, variant, db, rows, tmp)
+                u = out[key]
+                say(
+                    f"copy under load, {label}: {u['copy_seconds']:.2f} s; pgbench tps before "
+                    f"{u['tps_before']}, during {u['tps_during']}, after {u['tps_after']}"
+                )
+            off, on = out["under_load"], out["under_load_adaptive"]
+            out["under_load_slowdown"] = on["copy_seconds"] / off["copy_seconds"]
     return out
 
 
@@ -390,5 +437,19 @@ def run(rows: int = 1_000_000, quick: bool = False) -> dict[str, Any]:
         "target": "<= 0.2", "value": e["verify_over_copy"]["orchestrator"],
         "met": e["verify_over_copy"]["orchestrator"] <= 0.2,
     }
+    on = e.get("under_load_adaptive")
+    if on is not None:
+        ratio = on["tps_during_over_without"]
+        targets["copy_under_load_adaptive"] = {
+            "target": f">= {TARGET_UNDER_LOAD:.2f} of the workload's TPS outside the copy, "
+            "with throttle.adaptive on, the copy completing",
+            "value": ratio,
+            "met": ratio is not None and ratio >= TARGET_UNDER_LOAD,
+        }
+        targets["copy_under_load_slowdown"] = {
+            "target": "informational: the copy's time under load, adaptive on / off",
+            "value": e["under_load_slowdown"],
+            "met": None,
+        }
     result["targets"] = targets
     return result

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+TARGET_REPLAY = 0.80  # issue 14: the application's share with the yielding replayer
+
 
 def _copy(r: dict[str, Any]) -> list[str]:
     out: list[str] = []
@@ -20,9 +22,11 @@ def _copy(r: dict[str, Any]) -> list[str]:
         tk = "ratio_to_limit_pg18" if key == "embedded" else "ratio_to_limit_pg15"
         ob, lb = s["orchestrator_breakdown_median_s"], s["limit_breakdown_median_s"]
         if t.get(tk, {}).get("met") is False:
+            key = (f" (the key built after them included, {ob['key_s']:.2f} s)"
+                   if ob.get("key_s") else "")
             out.append(
                 f"- **Copy, {label}: {s['ratio_to_limit']:.2f}x the limit (target 1.00x).** "
-                f"In heap order with two workers the batches take {ob['batches_s']:.2f} s "
+                f"In heap order with two workers the batches take {ob['batches_s']:.2f} s{key} "
                 f"against the limit's INSERT ... SELECT {lb['insert_s']:.2f} s, and the drain "
                 f"and index builds {ob['finish_s']:.2f} s against its {lb['indexes_s']:.2f} s: "
                 "each part is at the limit's own, the two workers sharing the machine's two "
@@ -37,9 +41,16 @@ def _copy(r: dict[str, Any]) -> list[str]:
             "limit) for its whole run; the orchestrator's copy stage "
             f"{p['median_s']['orchestrator']:.2f} s. pg_repack beats the limit itself: it "
             "builds every index, the key included, after its copy, where the limit's table "
-            "and our target have their key during the load. Building the target's key after "
-            "the copy needs the finish to build it before the drain (replay looks keys up) and "
-            "a crash-safe record of that step; not built."
+            "has its key during the load"
+            + (
+                f"; our heap-order copy builds the target's key after its batches too "
+                f"({p['orchestrator_breakdown_median_s']['key_s']:.2f} s), then drains the log "
+                "and builds the other indexes in its finish."
+                if p["orchestrator_breakdown_median_s"].get("key_s")
+                else ", as our target had in this run. Building the target's key after the "
+                "copy needs the finish to build it before the drain (replay looks keys up) and "
+                "a crash-safe record of that step; not built in the engine this run measured."
+            )
         )
     for key, label in (("embedded", "PostgreSQL 18"), ("pg15", "PostgreSQL 15")):
         s = r.get(key)
@@ -53,16 +64,55 @@ def _copy(r: dict[str, Any]) -> list[str]:
                 "verify reads both tables and hashes every row, each side on one core, where "
                 "the copy reads one table and writes one."
             )
-    u = (r.get("embedded") or {}).get("under_load")
-    if u and u.get("tps_during_over_without") is not None:
-        out.append(
-            f"- **Copy under load: the application kept {u['tps_during_over_without']:.2f}x of "
-            "its TPS (target 0.80x with an adaptive policy).** Two copy workers take both "
-            "cores; the adaptive copy policy is not built."
-        )
+    out += _under_load(r)
     if r.get("pg_repack_unavailable"):
         out.append(f"- **pg_repack unavailable:** {r['pg_repack_unavailable']}; not compared.")
     return out
+
+
+def _under_load(r: dict[str, Any]) -> list[str]:
+    """The copy under a write workload: flat out, and with the adaptive policy (issue 14's
+    target: the application keeps 0.80 of its TPS while the copy still completes)."""
+    e = r.get("embedded") or {}
+    off, on = e.get("under_load"), e.get("under_load_adaptive")
+    if not off or off.get("tps_during_over_without") is None:
+        return []
+    if on is None:  # a run before the adaptive policy
+        return [
+            f"- **Copy under load: the application kept {off['tps_during_over_without']:.2f}x "
+            "of its TPS (target 0.80x with an adaptive policy).** Two copy workers take both "
+            "cores; this run predates the adaptive policy (`throttle.adaptive`)."
+        ]
+    t = r["targets"].get("copy_under_load_adaptive", {})
+    if t.get("met") is not False:
+        return []
+    ratio = on.get("tps_during_over_without")
+    parts = [
+        f"- **Copy under load with the adaptive policy: the application kept {_n(ratio)}x of "
+        f"its TPS (target 0.80x); {_n(off['tps_during_over_without'])}x with the policy "
+        f"off.** The copy took {on['copy_seconds']:.1f} s against {off['copy_seconds']:.1f} s "
+        f"flat out ({e['under_load_slowdown']:.2f}x) and completed."
+    ]
+    batches, finish = on.get("tps_batches_over_without"), on.get("tps_finish_over_without")
+    if batches is not None:
+        parts.append(
+            f" Before the finish (the batches, paced) the application kept {_n(batches)}x"
+            + (f", during the finish ({on['finish_s']:.1f} s: the last drain of "
+               f"{on['drained_in_finish'] or 0:,} log entries and the index builds, one "
+               f"transaction, not paced) {_n(finish)}x." if finish is not None else
+               f"; the finish ({on['finish_s']:.1f} s, not paced) was too short for "
+               "pgbench's 1 s progress reports.")
+        )
+    parts.append(
+        " The pace aims at `yield_goal` (0.85) of the write rate the application shows while "
+        "the workers rest, in 2 s windows: a window's shortfall is seen only after it, and "
+        "the duty then halves (down to 0.05) or grows by 0.1 a window."
+    )
+    return ["".join(parts)]
+
+
+def _n(x: Any) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _dualwrite(r: dict[str, Any]) -> list[str]:
@@ -72,9 +122,12 @@ def _dualwrite(r: dict[str, Any]) -> list[str]:
     bare = s["ratio_to_none"].get("bare_log")
     cap = s["ratio_to_none"]["capture"]
     rep = s["ratio_to_none"]["capture_replay"]
+    # Issue 14 asks 0.85 of the capture alone; runs before it were held to 0.80.
+    goal = "0.85" if "0.85" in t["single_row_capture"]["target"] else "0.80"
     if t["single_row_capture"]["met"] is False:
         out.append(
-            f"- **Dual-write, single-row mix: {cap:.2f} of the no-trigger TPS (target 0.80).** "
+            f"- **Dual-write, single-row mix: {cap:.2f} of the no-trigger TPS (target {goal}, "
+            "the capture alone).** "
             "Per round: "
             + ", ".join(f"{x:.2f}" for x in s["ratio_to_none_per_round"]["capture"])
             + ". "
@@ -95,7 +148,8 @@ def _dualwrite(r: dict[str, Any]) -> list[str]:
     if t["multi_row_capture"]["met"] is False:
         out.append(
             f"- **Dual-write, multi-row mix: {m['ratio_to_none']['capture']:.2f} of the "
-            "no-trigger TPS (target 0.80).** A statement touching 110 rows fires the row "
+            f"no-trigger TPS (target {goal}, the capture alone).** A statement touching 110 "
+            "rows fires the row "
             "trigger 110 times, each a single-row INSERT into the log (with its two index "
             "entries), while the statement itself is set-based and cheap per row: the "
             "per-row trigger cost is a larger share. What would change it: a statement-level "
@@ -103,18 +157,79 @@ def _dualwrite(r: dict[str, Any]) -> list[str]:
             "statement) for multi-row statements; docs/design.md records the statement-level "
             "variant at 0.73 on single-row writes, so it is a trade, not a free win."
         )
-    if t["single_row_capture_with_replay"]["met"] is False:
+    ta = t.get("single_row_capture_with_replay_adaptive")
+    if ta is None:  # a run before issue 14: the replayer flat out was the only one
+        if t["single_row_capture_with_replay"]["met"] is False:
+            out.append(
+                f"- **Dual-write with the replayer beside the clients: {rep:.2f}** "
+                "(informational target 0.80; docs/design.md records 0.77 for this design). "
+                "Replaying re-reads every logged key from the source and rewrites the target "
+                "row: on a busy server it costs about what a synchronous mirror costs, as "
+                "docs/design.md records. This run predates the paced replayer (issue 14)."
+            )
+        return out
+    if ta["met"] is False:
+        out.append(_adaptive_replayer(r))
+    fixed = s["ratio_to_none"].get("capture_replay_fixed")
+    if rep < 0.80 or (fixed is not None and fixed < 0.80):
+        shares = _shares(s)
         out.append(
-            f"- **Dual-write with the replayer beside the clients: {rep:.2f}** (informational "
-            "target 0.80; docs/design.md records 0.77 for this design). Replaying re-reads every "
-            "logged key from the source and rewrites the target row: on a busy server it "
-            "costs about what a synchronous mirror costs, as docs/design.md records. The log "
-            "design's "
-            "answer is to defer: the capture alone is the cost while the copy runs, and the "
-            "replay can wait for a quiet moment (`apply --follow` replays continuously; there "
-            "is no throttle on the replayer today)."
+            f"- **Informational: the replayer flat out {rep:.2f} of the no-trigger TPS** "
+            f"(replaying {shares.get('capture_replay', '-')} of the log during the run)"
+            + (f", **at a fixed {r['replay_rate_fixed']:,} keys/s {fixed:.2f}** (replaying "
+               f"{shares.get('capture_replay_fixed', '-')}, its backlog growing)"
+               if fixed is not None else "")
+            + ". Replaying re-reads every logged key from the source and rewrites the target "
+            "row: flat out on a busy server it costs about what a synchronous mirror costs "
+            "(docs/design.md); the paced replayer trades the backlog for the application's "
+            "throughput."
         )
     return out
+
+
+def _shares(s: dict[str, Any]) -> dict[str, str]:
+    """Per replayer variant, the median share of the logged entries replayed during a run."""
+    from bench.common import median
+
+    out = {}
+    for v, runs in s["runs"].items():
+        vals = [x["replayed_share"] for x in runs if x.get("replayed_share") is not None]
+        if vals and v != "capture":
+            out[v] = f"{median(vals):.2f}"
+    return out
+
+
+def _adaptive_replayer(r: dict[str, Any]) -> str:
+    """Why the yielding replayer leaves the application less than the target."""
+    s = r["single"]
+    cap = s["ratio_to_none"]["capture"]
+    ad = s["ratio_to_none"]["capture_replay_adaptive"]
+    goal = float((r.get("pace") or {}).get("yield_goal") or 0.85)
+    runs = s["runs"]["capture_replay_adaptive"]
+    share = _shares(s).get("capture_replay_adaptive", "-")
+    backlog = ", ".join(f"{x['log_backlog_after']:,}" for x in runs)
+    return (
+        f"- **Dual-write with the yielding replayer: {ad:.2f} of the no-trigger TPS (target "
+        f"0.80).** Per round: "
+        + ", ".join(f"{x:.2f}" for x in s["ratio_to_none_per_round"]["capture_replay_adaptive"])
+        + f"; it replayed {share} of the log during the run (backlog at the end "
+        f"{backlog}). Against the capture alone ({cap:.2f}) the application kept "
+        f"{ad / cap:.2f}. "
+        + (
+            f"The capture alone already leaves less than 0.80 ({cap:.2f}): no pace of the "
+            "replayer can give back what the trigger takes. "
+            if cap < TARGET_REPLAY else ""
+        )
+        + f"The pace yields only while the application's write rate is under `yield_goal` "
+        f"({goal:.2f}) of its rate in the pace's quiet windows, and those carry the capture's "
+        f"cost: it accepts down to about {goal:.2f} x {cap:.2f} = {goal * cap:.2f} of the "
+        "no-trigger rate"
+        + (
+            f"; holding 0.80 needs a yield_goal of {TARGET_REPLAY / cap:.2f} "
+            "(`orchestrator set PLAN yield_goal ...`), with a larger backlog in exchange."
+            if goal * cap < TARGET_REPLAY <= cap else "."
+        )
+    )
 
 
 def _cutover(r: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, median
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -94,12 +94,47 @@ def _machine(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _targets(results: list[dict[str, Any]]) -> list[str]:
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _range(vals: list[int | float]) -> str:
+    nd = 3 if max(abs(x) for x in vals) < 10 else 1
+    lo, hi = min(vals), max(vals)
+    return _f(lo, nd) if lo == hi else f"{_f(lo, nd)}\u2013{_f(hi, nd)}"
+
+
+def _spread(history: list[dict[str, Any]], benchmark: str, key: str) -> str:
+    """A target's figure over every full run of its benchmark in the history: min-max and how
+    many runs recorded it; for a list of figures (one per size), min-max per position over
+    the runs with as many. A table of figures has no one spread."""
+    values = [(row.get("values") or {}).get(key) for row in history
+              if row.get("benchmark") == benchmark]
+    nums: list[int | float] = [v for v in values if isinstance(v, int | float)
+                               and not isinstance(v, bool)]
+    lists = [v for v in values if isinstance(v, list) and v and all(_num(x) for x in v)]
+    if nums:
+        n, shown = len(nums), _range(nums)
+    elif lists:
+        width = len(lists[-1])
+        same = [v for v in lists if len(v) == width]
+        n, shown = len(same), ", ".join(_range([v[i] for v in same]) for i in range(width))
+    else:
+        return "-"
+    return f"{shown} ({n} run{'s' if n > 1 else ''})"
+
+
+def _targets(results: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[str]:
     out = [
         "## Targets",
         "",
-        "| benchmark | target | measured | |",
-        "|---|---|---|---|",
+        "Measured: this run. Spread over runs: the lowest and highest figure of every full run "
+        "of the benchmark recorded in `bench/results/history.json` (this one included; the "
+        "section \"Run to run\" lists them), and how many runs recorded the target; per "
+        "size where a target has a figure per size.",
+        "",
+        "| benchmark | target | measured | spread over runs | |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         for key, t in (r.get("targets") or {}).items():
@@ -109,7 +144,8 @@ def _targets(results: list[dict[str, Any]]) -> list[str]:
                     v, float) and v < 10 else 1)
             )
             out.append(
-                f"| {r['benchmark']} | {key}: {t['target']} | {shown} | {_met(t.get('met'))} |"
+                f"| {r['benchmark']} | {key}: {t['target']} | {shown} | "
+                f"{_spread(history, r['benchmark'], key)} | {_met(t.get('met'))} |"
             )
     out.append("")
     return out
@@ -185,8 +221,9 @@ def _copy(r: dict[str, Any]) -> list[str]:
         if not s:
             continue
         ob, lb = s["orchestrator_breakdown_median_s"], s["limit_breakdown_median_s"]
+        key = f" (the key after them {ob['key_s']:.2f})" if ob.get("key_s") else ""
         out.append(
-            f"| {s['server']['version']} | {ob['batches_s']:.2f} | {ob['finish_s']:.2f} | "
+            f"| {s['server']['version']} | {ob['batches_s']:.2f}{key} | {ob['finish_s']:.2f} | "
             f"{ob['apply_s']:.2f} | {lb['insert_s']:.2f} | {lb['indexes_s']:.2f} |"
         )
     out.append("")
@@ -194,40 +231,94 @@ def _copy(r: dict[str, Any]) -> list[str]:
         out += [f"pg_repack: **unavailable** — {r['pg_repack_unavailable']}.", ""]
     u = e.get("under_load")
     if u:
-        idle = e["median_s"]["orchestrator"]
-        out += [
-            "### The copy under a write workload",
-            "",
-            f"pgbench, {u['clients']} clients, single-row UPDATE by key + INSERT on the source "
-            "(the capture trigger logs every change) for the whole run; the copy starts after "
-            "8 s. Throughput is pgbench's per-second progress, averaged over the copy and over "
-            "8 s before and after it.",
-            "",
-            "| | |",
-            "|---|---|",
-            f"| copy stage under load | {u['copy_seconds']:.2f} s ({u['copy_seconds'] / idle:.2f}"
-            f"x the idle median {idle:.2f} s) |",
-            f"| log entries drained at the end of the copy | {_f(u['drained_in_finish'])} |",
-            f"| workload TPS before / during / after the copy | {_f(u['tps_before'], 0)} / "
-            f"{_f(u['tps_during'], 0)} / {_f(u['tps_after'], 0)} |",
-            f"| TPS during the copy / without | {_f(u['tps_during_over_without'])} |",
-            "",
-        ]
+        out += _under_load(e)
     return out
 
 
-def _dualwrite(r: dict[str, Any]) -> list[str]:
-    names = {
+def _under_load(e: dict[str, Any]) -> list[str]:
+    """The copy under pgbench's writes: one column per run (adaptive off, and on when the run
+    has it; runs before issue 14 have the first only)."""
+    idle = e["median_s"]["orchestrator"]
+    runs = [("adaptive off (flat out)", e["under_load"])]
+    if e.get("under_load_adaptive"):
+        runs.append(("adaptive on (`throttle.adaptive`)", e["under_load_adaptive"]))
+    u = runs[0][1]
+
+    def row(label: str, cell: Any) -> str:
+        return f"| {label} | " + " | ".join(cell(x) for _, x in runs) + " |"
+
+    out = [
+        "### The copy under a write workload",
+        "",
+        f"pgbench, {u['clients']} clients, single-row UPDATE by key + INSERT on the source "
+        "(the capture trigger logs every change) for the whole run; the copy starts after "
+        "8 s. Throughput is pgbench's per-second progress, averaged over the copy and over "
+        "8 s before and after it. "
+        + ("Two runs, each its own pgbench run: the plan's `throttle.adaptive` off, then on "
+           "(the copy's workers rest between batches so the application keeps `yield_goal`, "
+           "0.85 by default, of its write rate measured while they rest; stages/pace.py). "
+           "The finish - the last drain of the log and the index builds, one transaction - "
+           "is not paced."
+           if len(runs) > 1 else "The copy ran flat out (this run predates the adaptive "
+           "policy)."),
+        "",
+        "| | " + " | ".join(label for label, _ in runs) + " |",
+        "|---|" + "---|" * len(runs),
+        row("copy stage under load", lambda x: f"{x['copy_seconds']:.2f} s "
+            f"({x['copy_seconds'] / idle:.2f}x the idle median {idle:.2f} s)"),
+        row("of which the finish (drain + indexes)",
+            lambda x: f"{x['finish_s']:.2f} s" if x.get("finish_s") is not None else "-"),
+        row("log entries drained at the end of the copy",
+            lambda x: _f(x["drained_in_finish"])),
+        row("workload TPS before / during / after the copy",
+            lambda x: f"{_f(x['tps_before'], 0)} / {_f(x['tps_during'], 0)} / "
+            f"{_f(x['tps_after'], 0)}"),
+        row("**TPS during the copy / without**",
+            lambda x: f"**{_f(x['tps_during_over_without'])}**"),
+    ]
+    if any("tps_during_batches" in x for _, x in runs):
+        out.append(row(
+            "... before the finish (batches, key, first drains) / during the finish",
+            lambda x: f"{_f(x.get('tps_batches_over_without'))} / "
+            f"{_f(x.get('tps_finish_over_without'))}"))
+    slow = e.get("under_load_slowdown")
+    if slow is not None:
+        out.append(row("copy time, adaptive on / off",
+                       lambda x: f"{slow:.2f}x" if x is e["under_load_adaptive"] else "1.00"))
+    out.append("")
+    return out
+
+
+def _dualwrite_names(r: dict[str, Any]) -> dict[str, str]:
+    rate = r.get("replay_rate_fixed")
+    goal = (r.get("pace") or {}).get("yield_goal")
+    return {
         "none": "no trigger",
         "capture": "capture installed (`apply --until dual_write`), log not replayed",
-        "capture_replay": "capture + replay beside the clients (copy done, `apply --follow` loop)",
+        "capture_replay": "replayer flat out: capture + `Engine.replay_once` in a loop beside "
+        "the clients (copy done; `apply --follow` before issue 14)",
+        "capture_replay_fixed": f"replayer at a fixed {_f(rate)} keys/s (`apply --follow "
+        f"--replay-rate {rate}`, `Engine.follow(rate={rate})`; informational)",
+        "capture_replay_adaptive": "replayer yielding (`apply --follow` at the plan's default "
+        f"pace, `Engine.follow()`: adaptive, yield_goal {_f(goal)})",
         "bare_log": "diagnostic: a bare PL/pgSQL AFTER ROW trigger appending (op, key) to an "
         "unindexed table (installed by the benchmark, not the engine)",
     }
+
+
+REPLAYER_VARIANTS = ("capture_replay", "capture_replay_fixed", "capture_replay_adaptive")
+
+
+def _dualwrite(r: dict[str, Any]) -> list[str]:
+    names = _dualwrite_names(r)
+    single_s = r["seconds_per_run"]
+    multi_s = r.get("seconds_per_run_multi", single_s)
+    per_run = (f"{single_s} s per run" if single_s == multi_s else
+               f"{single_s} s per run in the single-row mix ({multi_s} s in the multi-row mix)")
     out = [
         "## Dual-write overhead",
         "",
-        f"pgbench, {r['clients']} clients / 2 threads, {r['seconds_per_run']} s per run, "
+        f"pgbench, {r['clients']} clients / 2 threads, {per_run}, "
         f"{r['rounds']} rounds with the order reversed every round, on a {r['rows']:,}-row table "
         "(reset to the same rows before every run). synchronous_commit = off on this server: "
         "with a commit flush the runs measure the disk (about 2,200 TPS here) and hide the "
@@ -256,18 +347,75 @@ def _dualwrite(r: dict[str, Any]) -> list[str]:
                 + " |"
             )
         out.append("")
-        rep = [x for x in m["runs"].get("capture_replay", [])]
-        if rep:
-            out += [
-                "Replayer beside the clients: "
-                + "; ".join(
-                    f"{x['replayed']:,} entries replayed, backlog at the end "
-                    f"{x['log_backlog_after']}"
-                    for x in rep
-                )
-                + ".",
-                "",
-            ]
+        out += _replayers(r, m)
+    return out
+
+
+def _replayers(r: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    """What each replayer beside the clients did, per round."""
+    rep = [x for x in m["runs"].get("capture_replay", [])]
+    if rep and "replayed_during_run" not in rep[0]:  # a run before issue 14
+        return [
+            "Replayer beside the clients: "
+            + "; ".join(
+                f"{x['replayed']:,} entries replayed, backlog at the end "
+                f"{x['log_backlog_after']}"
+                for x in rep
+            )
+            + ".",
+            "",
+        ]
+    present = [v for v in REPLAYER_VARIANTS if m["runs"].get(v)]
+    if not present:
+        return []
+    names = {"capture_replay": "flat out", "capture_replay_fixed":
+             f"at {_f(r.get('replay_rate_fixed'))} keys/s", "capture_replay_adaptive": "yielding"}
+    grace = r.get("replayer_grace_s") or {}
+    out = [
+        "The replayers, per round: the log entries the clients wrote during the run (the "
+        "log's inserted-rows statistic), the share of them replayed during the run (logged "
+        "minus the backlog's growth), the backlog when pgbench ended, and how long the "
+        "replayer took to stop after it: asked to stop (`until`), it would be cancelled as "
+        "Ctrl-C stops `apply --follow` had it not ended within its grace (flat out "
+        f"{_f(grace.get('full'), 0)} s, fixed {_f(grace.get('fixed'), 0)} s, yielding "
+        f"{_f(grace.get('adaptive'), 0)} s).",
+        "",
+        "| replayer | entries logged (median) | replayed per s (median) | share replayed, per "
+        "round | backlog at the end, per round | stopped after (s), per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    errors: list[str] = []
+    for v in present:
+        runs = m["runs"][v]
+        stops = ", ".join(
+            _f(x.get("stop_s"), 1) + (" cancelled" if x.get("stopped_by") == "cancelled" else "")
+            for x in runs
+        )
+        out.append(
+            f"| {names[v]} | {median([x['logged'] for x in runs]):,.0f} | "
+            f"{median([x['replayed_per_s'] for x in runs]):,.0f} | "
+            + ", ".join(_f(x["replayed_share"]) for x in runs) + " | "
+            + ", ".join(_f(x["log_backlog_after"]) for x in runs) + f" | {stops} |"
+        )
+        errors += [f"{names[v]}: {x['replayer_error']}" for x in runs if x.get("replayer_error")]
+    out.append("")
+    paces = [x.get("pace") for x in m["runs"].get("capture_replay_adaptive", [])]
+    if paces:
+        out += [
+            "The yielding replayer's last reading of its pace when pgbench ended - its duty, "
+            "and the application's write rate (transaction ids per second) while it worked / "
+            "in its last quiet window (it records one every few seconds): "
+            + "; ".join(
+                f"round {i}: " + (
+                    f"duty {p['duty']:.2f}, {_f(p.get('app_tps'), 0)} / "
+                    f"{_f(p.get('quiet_tps'), 0)}"
+                    if p else "none recorded")
+                for i, p in enumerate(paces, 1)
+            ) + ".",
+            "",
+        ]
+    if errors:
+        out += ["Replayer errors: " + "; ".join(errors) + ".", ""]
     return out
 
 
@@ -510,11 +658,18 @@ def append_history(results: Path, name: str, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
 
-def _history(results: Path) -> list[str]:
+def _history_rows(results: Path) -> list[dict[str, Any]]:
     path = results / HISTORY
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = json.loads(path.read_text())
+    return rows
+
+
+def _history(results: Path) -> list[str]:
+    rows = _history_rows(results)
+    if not rows:
+        return []
     out = [
         "## Run to run",
         "",
@@ -566,7 +721,7 @@ def write_markdown(results: Path) -> Path:
         DOC.write_text("\n".join(lines) + "\n")
         return DOC
     lines += _machine(present)
-    lines += _targets(present)
+    lines += _targets(present, _history_rows(results))
     from bench import findings
 
     lines += findings.missed(loaded)

@@ -105,3 +105,28 @@ def test_a_rewrite_of_the_source_mid_copy_stops_it_and_a_recopy_is_exact(
     extra, lost, n_new, n_old = stress.except_both_ways(db, "turns", source_schema="public")
     assert (extra, lost) == (0, 0) and n_new == n_old
     db.close()
+
+
+def test_a_table_prepared_for_heap_order_and_copied_by_key_gets_its_key(
+    cogito_dsn: str, plan: str, tmp_path: Path,
+) -> None:
+    """Prepare leaves the key out for a heap-order copy; if the plan then says copy_order:
+    key, the keyset copy's finish builds it before its drain, which looks rows up by key."""
+    db = stress.connect(cogito_dsn)
+    stress.ok(cogito_dsn, "apply", plan, "--table", "turns", "--until", "dual_write")
+    assert not has_key(db)
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(Path(plan).read_text(encoding="utf-8").replace(
+        WORKERS_PLAN, "  batch_size: 500\n  copy_order: key\n"), encoding="utf-8")
+    db.execute("UPDATE public.turns SET content = content || '!' WHERE id % 7 = 0")
+    stress.ok(cogito_dsn, "apply", str(keyed), "--table", "turns", "--until", "verify")
+    assert has_key(db)
+    extra, lost, n_new, n_old = stress.except_both_ways(db, "turns", source_schema="public")
+    assert (extra, lost) == (0, 0) and n_new == n_old
+    db.close()
+
+
+def has_key(db: Conn) -> bool:
+    row = db.execute("SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'p' AND "
+                     "conrelid = 'conversation.turns'::regclass) AS ok").fetchone()
+    return bool(row["ok"])

@@ -39,7 +39,7 @@ from orchestrator.sql.compose import catalog_sql, idents, rewrite_definition
 from orchestrator.stages import heap_copy
 from orchestrator.stages.base import Action, LoopStage, Step
 from orchestrator.stages.pace import Pace, Policy
-from orchestrator.stages.prepare import constraint_text, key_index, key_steps
+from orchestrator.stages.prepare import constraint_text, key_after_copy, key_index, key_steps
 from orchestrator.stages.throttle import WalMeter, wait_for_server
 
 
@@ -254,7 +254,7 @@ def forward_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) -
     ]
     return [
         *loops,
-        *key_steps(m, rel),
+        *(key_steps(m, rel) if key_after_copy(m, rel) else []),
         *[
             Step(s, "ROW EXCLUSIVE on the target; reads the source and the log")
             for s in capture.replay_all_sql(d)
@@ -271,7 +271,7 @@ def rollback_steps(m: TableMove, rel: Relation, parts: Sequence[Relation] = ()) 
         # The key too, when the copy built it: the target is again as prepare left it.
         *([Step(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
             m.target, sql.Identifier(pk.name)), "ACCESS EXCLUSIVE on the target only")]
-          if pk is not None and key_steps(m, rel) else []),
+          if pk is not None and key_after_copy(m, rel) else []),
         Step(sql.SQL("TRUNCATE {}").format(m.target), "ACCESS EXCLUSIVE on the target only"),
         Step(sql.SQL("TRUNCATE {}").format(d.log), "ACCESS EXCLUSIVE on our log only"),
     ]

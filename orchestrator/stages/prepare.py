@@ -320,9 +320,10 @@ def key_after_copy(m: TableMove, rel: Relation) -> bool:
 
 
 def key_steps(m: TableMove, rel: Relation) -> list[Step]:
-    """The target's primary key and its comments, built after the copy (key_after_copy)."""
+    """The target's primary key and its comments, for the copy's finish to build where
+    prepare left it out (key_after_copy; also when the plan's copy_order changed since)."""
     pk = rel.primary_key
-    if pk is None or not key_after_copy(m, rel):
+    if pk is None or rel.kind != "r":
         return []
     return [
         Step(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})").format(
