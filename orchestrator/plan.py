@@ -249,6 +249,49 @@ class TableGrant(_Model):
         return up
 
 
+class Server(_Model):
+    """Another PostgreSQL server a target schema is to live on (issue 17). `validate` checks
+    both servers for the move; the move's stages are not built yet, so a plan with one is
+    refused by every command that would change something."""
+
+    dsn_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The environment variable that "
+        "holds the server's connection string (keeps passwords out of the plan).",
+    )
+    dsn: str | None = Field(None, description="The connection string itself, without a "
+                            "password (use dsn_env for one with a password).")
+    source_dsn_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The environment variable "
+        "holding the connection string this server uses to reach the source (for its "
+        "subscription); default: the orchestrator's own.",
+    )
+    source_dsn: str | None = Field(None, description="The same, as the string itself "
+                                   "(without a password).")
+
+    @model_validator(mode="after")
+    def _one_dsn(self) -> Server:
+        if (self.dsn_env is None) == (self.dsn is None):
+            raise ValueError("give exactly one of dsn_env (an environment variable's name) "
+                             "and dsn")
+        if self.source_dsn_env is not None and self.source_dsn is not None:
+            raise ValueError("give at most one of source_dsn_env and source_dsn")
+        for text in (self.dsn, self.source_dsn):
+            if text is not None and _has_password(text):
+                raise ValueError("a connection string in the plan carries a password: put it "
+                                 "in an environment variable and name it in dsn_env or "
+                                 "source_dsn_env")
+        return self
+
+
+def _has_password(conninfo: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(conninfo).get("password"))
+    except Exception:  # unparseable: the connection will say why; no password seen here
+        return False
+
+
 class SchemaSpec(_Model):
     """A target schema and who may use it."""
 
@@ -256,6 +299,8 @@ class SchemaSpec(_Model):
     grants: list[TableGrant] = Field(
         default_factory=list, description="Table privileges per role (see TableGrant)."
     )
+    server: Ident | None = Field(None, description="The name of the server (see Server) the "
+                                 "schema is to live on; default: the source's.")
 
 
 class TableSpec(_Model):
@@ -323,6 +368,10 @@ class Plan(_Model):
     schemas: dict[Ident, SchemaSpec] = Field(
         default_factory=dict, description="Target schemas and their grants (see SchemaSpec)."
     )
+    servers: dict[Ident, Server] = Field(
+        default_factory=dict, description="Other servers target schemas are to live on (see "
+        "Server).",
+    )
     tables: list[TableSpec] = Field(description="The tables to move (see TableSpec).")
     views: list[ViewSpec] = Field(
         default_factory=list, description="Views created after the move (see ViewSpec)."
@@ -347,6 +396,18 @@ class Plan(_Model):
     @classmethod
     def _ident(cls, v: str) -> str:
         return _check_ident(v)
+
+    @model_validator(mode="after")
+    def _servers(self) -> Plan:
+        for name, spec in self.schemas.items():
+            if spec.server is not None and spec.server not in self.servers:
+                raise ValueError(f"schema {name!r} names server {spec.server!r}, which "
+                                 f"servers does not define")
+        return self
+
+    def remote_schemas(self) -> dict[str, str]:
+        """Target schemas on another server, and that server's name."""
+        return {n: s.server for n, s in self.schemas.items() if s.server is not None}
 
     @model_validator(mode="after")
     def _unique(self) -> Plan:
@@ -542,6 +603,7 @@ _MODELS: dict[str, type[BaseModel]] = {
         Options,
         Throttle,
         SchemaSpec,
+        Server,
         TableGrant,
         TableSpec,
         TableOptions,

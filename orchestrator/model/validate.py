@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.db import Conn
-from orchestrator.model import partitioning
+from orchestrator.model import partitioning, servers
 from orchestrator.model.catalog import Catalog, Relation, read_catalog
 from orchestrator.model.graph import DependencyGraph, Problem, build_graph
 from orchestrator.model.move import key_columns
@@ -63,6 +63,10 @@ def inspect(conn: Conn, loaded: LoadedPlan) -> Report:
     for spec in plan.tables:
         _check_table(report, spec, started)
     _check_views(report)
+    # Schemas to live on other servers: both servers, the references across them.
+    problems, warnings = servers.check(conn, plan, cat)
+    report.problems += problems
+    report.warnings += warnings
     return report
 
 
