@@ -71,11 +71,12 @@ def test_the_pace_yields_while_the_application_slows_and_catches_up_when_idle(
     a.rate = 500.0
     batches(p, a, 3 * pace.WINDOW_S)  # the first window is quiet: the application alone
     assert p.reading().quiet_tps == pytest.approx(500, rel=0.05)
-    assert p.duty == 1.0  # it kept up
+    before = p.duty
+    assert before > pace.START_DUTY  # the application kept up: the share grows from its start
     a.rate = 250.0  # our work halves the application's rate
-    batches(p, a, 2 * pace.WINDOW_S)
+    batches(p, a, 3 * pace.WINDOW_S)
     slowed = p.duty
-    assert slowed <= 0.5
+    assert slowed < before
     batches(p, a, 2 * pace.WINDOW_S)
     assert p.duty < slowed  # still too slow: it halves again
     assert p.duty >= pace.MIN_DUTY
@@ -84,8 +85,11 @@ def test_the_pace_yields_while_the_application_slows_and_catches_up_when_idle(
     batches(p, a, 4 * pace.WINDOW_S)
     assert p.duty > low
     a.rate = 0.0  # nobody writes: after the next quiet window, flat out
-    batches(p, a, (pace.QUIET_EVERY + 2) * pace.WINDOW_S)
+    end = a.now + 300
+    while (p.reading().quiet_tps or 0) > 5 and a.now < end:
+        batches(p, a, pace.WINDOW_S)
     assert p.reading().quiet_tps == pytest.approx(0, abs=5)
+    batches(p, a, 3 * pace.WINDOW_S)  # the next window's end lifts the duty
     assert p.duty == 1.0
 
 

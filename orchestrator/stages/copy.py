@@ -390,6 +390,12 @@ def has_primary_key(conn: Conn, m: TableMove) -> bool:
     return bool(r and r["ok"])
 
 
+def _yielding(ctx: Ctx, m: TableMove) -> bool:
+    """Whether the copy yields to the application (throttle.adaptive, or `set` over it)."""
+    return bool(ctx.store.settings(m.label).get("adaptive",
+                                                ctx.plan.defaults.throttle.adaptive))
+
+
 def finish(
     ctx: Ctx, m: TableMove, rel: Relation, rows_done: int, parts: Sequence[Relation] = ()
 ) -> None:
@@ -404,9 +410,13 @@ def finish(
     # The key first when it came after the copy: replay looks rows up by it. The target then
     # holds rows of the copy's start only, a subset of one consistent state: no duplicates.
     # Committed on its own, and skipped on a rerun that finds it built.
+    # A copy that yields to the application builds its indexes on one core, not two.
+    one_core = _yielding(ctx, m)
     if key_steps(m, rel) and not has_primary_key(conn, m):
         t0 = time.monotonic()
         with conn.transaction():
+            if one_core:
+                conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
             for step in key_steps(m, rel):
                 conn.execute(step.sql)
             ctx.store.log("build_key", "ok", table=m.label, stage="copy",
@@ -417,6 +427,8 @@ def finish(
     t0 = time.monotonic()
     steps = index_steps(m, rel, parts)
     with snapshot_txn(conn):
+        if one_core:
+            conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
         drained = capture.replay_all(conn, d)
         for step in steps:
             conn.execute(step.sql)

@@ -29,6 +29,9 @@ QUIET_EVERY = 6  # every this many windows, one without our work: the applicatio
 IDLE_TPS = 20.0  # below this, the application is idle: work flat out
 MIN_DUTY = 0.05  # never stop entirely: a log that only grows makes the cutover wait
 STEP = 0.1  # additive increase of the duty per good window
+# A cautious start: the first windows cost the application little while the pace learns its
+# rate, and an idle application lifts the duty to 1 at the first measurement anyway.
+START_DUTY = 0.25
 
 _XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid"
 
@@ -41,6 +44,7 @@ class Policy:
     adaptive: bool = True
     rate: float | None = None
     goal: float = 0.85
+    start: float = START_DUTY  # the duty before the first measurement says more
 
     @property
     def mode(self) -> str:
@@ -72,7 +76,7 @@ class Pace:
     def _reset(self, probe: Conn | None, policy: Policy) -> None:
         self.policy = policy
         self._probe = probe if policy.mode == "adaptive" else None
-        self.duty = 1.0
+        self.duty = policy.start if policy.mode == "adaptive" else 1.0
         self._start = self._clock()  # the current window's start
         self._xid: int | None = None  # the counter at the window's start
         self._ours = 0  # our writing transactions in this window
