@@ -534,7 +534,8 @@ def _memory(r: dict[str, Any]) -> list[str]:
         "## Memory of the orchestrator",
         "",
         "Peak resident set size of the orchestrator process (`python -m orchestrator apply "
-        "--until copy`, a child process, read from the kernel with `os.wait4`) while it "
+        "--until copy`, a child process; the kernel's peak of it, read by a fresh "
+        "interpreter that runs it, so none of the benchmark process counts) while it "
         "copies the copy benchmark's table in heap order with the default workers; the rows "
         "never pass through it (each batch is one `INSERT ... SELECT` in the server). "
         "For scale, the same process running `status --format json` is given too.",

@@ -171,6 +171,19 @@ def cogito_dsn(server_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def writer(cogito_dsn: str) -> Iterator[Any]:
+    """The application writing to public.turns (tests/stress.py's Writer) while a test
+    runs; stopped at its end."""
+    import stress
+
+    w = stress.Writer(cogito_dsn)
+    w.start()
+    yield w
+    w.stop.set()
+    w.join(timeout=10)
+
+
+@pytest.fixture
 def cogito_conn(cogito_dsn: str) -> Iterator[psycopg.Connection[Any]]:
     from psycopg.rows import dict_row
 

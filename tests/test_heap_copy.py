@@ -4,7 +4,6 @@ rewritten under it, nothing is lost and nothing is invented."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ def plan(tmp_path: Path) -> str:
     path = tmp_path / "cogito.yaml"
     path.write_text(text, encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture
-def writer(cogito_dsn: str) -> Iterator[stress.Writer]:
-    w = stress.Writer(cogito_dsn)
-    w.start()
-    yield w
-    w.stop.set()
-    w.join(timeout=10)
 
 
 def test_two_workers_copy_their_own_ranges_under_writes(

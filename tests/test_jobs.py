@@ -5,10 +5,8 @@ equality; swaps stay one at a time, in graph order."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import stress
 
 Conn = Any
@@ -35,15 +33,6 @@ def spans(db: Conn) -> dict[str, tuple[Any, Any]]:
         "max(at) FILTER (WHERE stage = 'verify' AND outcome = 'ok') AS e "
         "FROM _orchestrator.events GROUP BY table_name").fetchall()
     return {str(r["table_name"]): (r["s"], r["e"]) for r in rows}
-
-
-@pytest.fixture
-def writer(cogito_dsn: str) -> Iterator[stress.Writer]:
-    w = stress.Writer(cogito_dsn)
-    w.start()
-    yield w
-    w.stop.set()
-    w.join(timeout=10)
 
 
 def test_two_jobs_move_a_waves_tables_side_by_side_under_writes(

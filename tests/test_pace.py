@@ -107,15 +107,6 @@ def status_json(dsn: str, plan: str) -> dict[str, Any]:
     return dict(json.loads(stress.ok(dsn, "status", plan, "--format", "json")))
 
 
-@pytest.fixture
-def writer(cogito_dsn: str) -> Iterator[stress.Writer]:
-    w = stress.Writer(cogito_dsn)
-    w.start()
-    yield w
-    w.stop.set()
-    w.join(timeout=10)
-
-
 def test_a_yielding_copy_and_replayer_lose_nothing_and_status_says_when_the_log_catches_up(
     cogito_dsn: str, writer: stress.Writer,
 ) -> None:

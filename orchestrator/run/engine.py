@@ -10,7 +10,7 @@ order, comes from its strategy in stages/registry.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from psycopg import sql
 
@@ -242,7 +242,7 @@ class Engine:
                 ctx = self.context()
 
         for wave in jobs_of.by_wave(self.units(ctx, tables)):
-            jobs_of.run_wave(self, wave, stages, jobs, then)
+            jobs_of.run_wave(self, wave, stages, jobs, then, lambda c: replace(self, conn=c))
         if swap:
             self.create_views(self.context())
         # Whichever command runs replays what the capture logged (docs/design.md).

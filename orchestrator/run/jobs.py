@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
-from orchestrator.db import sibling
+from orchestrator.db import Conn, sibling
 from orchestrator.model.graph import Unit
 
-if TYPE_CHECKING:
-    from orchestrator.run.engine import Engine
+
+class _Session(Protocol):
+    @property
+    def conn(self) -> Conn: ...
+
+
+E = TypeVar("E", bound=_Session)  # the engine; `fork` makes one on another session
 
 
 def by_wave(units: Sequence[Unit]) -> list[list[Unit]]:
@@ -33,8 +37,8 @@ def by_wave(units: Sequence[Unit]) -> list[list[Unit]]:
     return [waves[w] for w in sorted(waves)]
 
 
-def run_wave(eng: Engine, wave: Sequence[Unit], work: Callable[[Engine, Unit], None],
-             jobs: int, then: Callable[[Unit], None]) -> None:
+def run_wave(eng: E, wave: Sequence[Unit], work: Callable[[E, Unit], None], jobs: int,
+             then: Callable[[Unit], None], fork: Callable[[Conn], E]) -> None:
     """`work` for every unit of the wave, at most `jobs` at once, each job an engine on its
     own session, then `then` for each unit in order on ours (one job: work and then per unit,
     as before jobs existed). The first failure stops new units from starting; the running
@@ -44,13 +48,13 @@ def run_wave(eng: Engine, wave: Sequence[Unit], work: Callable[[Engine, Unit], N
             work(eng, unit)
             then(unit)
         return
-    _side_by_side(eng, wave, work, jobs)
+    _side_by_side(eng, wave, work, jobs, fork)
     for unit in wave:
         then(unit)
 
 
-def _side_by_side(eng: Engine, wave: Sequence[Unit], work: Callable[[Engine, Unit], None],
-                  jobs: int) -> None:
+def _side_by_side(eng: E, wave: Sequence[Unit], work: Callable[[E, Unit], None], jobs: int,
+                  fork: Callable[[Conn], E]) -> None:
     todo = list(wave)
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -59,7 +63,7 @@ def _side_by_side(eng: Engine, wave: Sequence[Unit], work: Callable[[Engine, Uni
         conn = None
         try:
             conn = sibling(eng.conn)
-            mine = replace(eng, conn=conn)
+            mine = fork(conn)
             while True:
                 with lock:
                     if errors or not todo:
