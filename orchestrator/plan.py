@@ -7,7 +7,7 @@ import json
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -48,10 +48,12 @@ Ident = Annotated[
 
 
 class Strategy(StrEnum):
-    """How a table moves: a batched copy behind triggers, or an instant ALTER TABLE SET SCHEMA."""
+    """How a table moves: a batched copy behind triggers, an instant ALTER TABLE SET SCHEMA,
+    or (to a schema on another server, never written in a plan) logical replication."""
 
     copy = "copy"
     rename = "rename"
+    remote = "remote"
 
 
 class CopyOrder(StrEnum):
@@ -300,7 +302,18 @@ class SchemaSpec(_Model):
         default_factory=list, description="Table privileges per role (see TableGrant)."
     )
     server: Ident | None = Field(None, description="The name of the server (see Server) the "
-                                 "schema is to live on; default: the source's.")
+                                 "schema is to live on; default: the source's. Its tables then "
+                                 "move by logical replication (docs/cross-server.md).")
+    cross_server_keys: Literal["drop"] | None = Field(
+        None, description="With `server`: what becomes of a foreign key between this schema's "
+        "tables and tables that stay on the source (no server enforces a key across servers). "
+        "`drop`: the target never has it, finalize drops it on the source; `orchestrator "
+        "audit` reports orphans later. Required when such keys exist.")
+    application: Literal["source", "target"] = Field(
+        "source", description="With `server`: where the application reaches the moved tables "
+        "after cutover. `source`: through the old names on the source (a compatibility view "
+        "over postgres_fdw that keeps inserts with defaults working); `target`: it connects "
+        "to the new server itself, and the old names refuse writes with an error naming it.")
 
 
 class TableSpec(_Model):
@@ -403,6 +416,10 @@ class Plan(_Model):
             if spec.server is not None and spec.server not in self.servers:
                 raise ValueError(f"schema {name!r} names server {spec.server!r}, which "
                                  f"servers does not define")
+        written = [self.defaults.strategy, *(t.options.strategy for t in self.tables)]
+        if Strategy.remote in written:
+            raise ValueError("strategy remote is not written in a plan: a table whose schema "
+                             "names a server moves by logical replication by itself")
         return self
 
     def remote_schemas(self) -> dict[str, str]:
@@ -456,6 +473,9 @@ class Plan(_Model):
     def options_for(self, table: TableSpec) -> Options:
         """The plan defaults with the table's overrides applied."""
         overrides = {k: v for k, v in table.options.model_dump().items() if v is not None}
+        if table.schema_ in self.remote_schemas():
+            # A table moving to another server has one way to get there.
+            overrides["strategy"] = Strategy.remote
         return self.defaults.model_copy(update=overrides)
 
 

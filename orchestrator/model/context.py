@@ -141,7 +141,7 @@ def build_context(
             # schema (rename).
             rel = (
                 cat.table(plan.retired_schema, spec.name)
-                if strategy == Strategy.copy
+                if strategy in (Strategy.copy, Strategy.remote)
                 else cat.table(spec.schema_, spec.target_name)
             )
         if rel is not None and rel.kind in ("r", "p"):

@@ -91,11 +91,18 @@ def build_graph(plan: Plan, catalog: Catalog) -> DependencyGraph:
     # Foreign keys are matched wherever a plan table is now (source, target or retired), so
     # the units stay the same while tables are half-moved.
     where = plan.locations()
+    remote = plan.remote_schemas()
+
+    def server(name: str | None) -> str | None:
+        return remote.get(plan.table(name).schema_) if name is not None else None
+
     for fk in catalog.foreign_keys:
         child_name = where.get((fk.schema, fk.table))
         parent_name = where.get((fk.ref_schema, fk.ref_table))
         if child_name is None and parent_name is None:
             continue
+        if server(child_name) != server(parent_name):
+            continue  # a key across servers orders nothing: the plan drops it (validate)
         child = _t(child_name) if child_name else _outside(g, fk.schema, fk.table)
         parent = _t(parent_name) if parent_name else _outside(g, fk.ref_schema, fk.ref_table)
         if child != parent:

@@ -3,9 +3,8 @@ for logical replication, every moved table replicable, every reference across th
 named. Read-only on both servers: the one probe that creates something (a subscription, to
 prove the target reaches the source) runs in a transaction that is rolled back.
 
-The move's stages over logical replication are not built yet; `check` says so as a problem
-of its own, so a plan with a remote schema validates (every other problem listed) but no
-command changes anything with it.
+The move's stages are stages/remote_sync.py and stages/remote_swap.py; what they do not do
+(column mappings, partitioned tables, database views over a moved table) is refused here.
 """
 
 from __future__ import annotations
@@ -26,13 +25,20 @@ from orchestrator.plan import Plan, Server
 OLDEST = 150000  # PostgreSQL 15: the oldest supported on either side
 RESTART = "(it takes effect only at a restart of that server)"
 
-_FACTS = """SELECT current_setting('server_version_num')::int AS version,
+# Our own slots and WAL senders (a move under way) are not counted as in use: the move's
+# needs already include them.
+_FACTS = r"""SELECT current_setting('server_version_num')::int AS version,
        current_setting('wal_level') AS wal_level,
        current_setting('max_replication_slots')::int AS max_slots,
        current_setting('max_wal_senders')::int AS max_senders,
        current_setting('max_logical_replication_workers')::int AS max_workers,
-       (SELECT count(*) FROM pg_replication_slots)::int AS slots,
-       (SELECT count(*) FROM pg_stat_replication)::int AS senders,
+       (SELECT count(*) FROM pg_replication_slots
+        WHERE slot_name NOT LIKE 'orch\_%%' AND slot_name NOT LIKE 'pg\_%%\_sync\_%%')::int
+         AS slots,
+       (SELECT count(*) FROM pg_stat_replication WHERE pid NOT IN (
+          SELECT active_pid FROM pg_replication_slots WHERE active_pid IS NOT NULL
+          AND (slot_name LIKE 'orch\_%%' OR slot_name LIKE 'pg\_%%\_sync\_%%')))::int
+         AS senders,
        ARRAY(SELECT name FROM pg_available_extensions ORDER BY name) AS extensions"""
 
 # The extensions that own the types of the given tables' columns (arrays by their element).
@@ -115,16 +121,10 @@ def check(conn: Conn, plan: Plan, cat: Catalog, env: Mapping[str, str] | None = 
                                 "old names keep answering through it after cutover",
                                 "install PostgreSQL's contrib package on the source server"))
     _identities(plan, cat, where, problems, warnings)
-    _references(plan, cat, where, problems)
+    _references(plan, cat, where, problems, warnings)
     for server, tables in sorted(by_server.items()):
         problems += _target(conn, plan, cat, server, tables, src, env)
-    for schema, server in sorted(remote.items()):
-        problems.append(Problem(
-            f"schema {schema}",
-            f"moving it to server {server} needs the move over logical replication, which is "
-            "not built yet (issue 17): validate checks both servers, no command moves it",
-            f"to move the schema within this server now, remove `server: {server}` from "
-            f"schemas.{schema}"))
+    _unsupported(plan, cat, where, problems)
     return problems, warnings
 
 
@@ -157,8 +157,8 @@ def _identities(plan: Plan, cat: Catalog, where: Mapping[str, str | None],
     it fail once the publication exists."""
     for table, server in where.items():
         rel = cat.table(plan.source_schema, table)
-        if server is None or rel is None:
-            continue
+        if server is None or rel is None or rel.kind not in ("r", "p"):
+            continue  # after its cutover the old name is a view
         ident = rel.replica_identity
         if ident == "n" or (ident == "d" and rel.primary_key is None):
             problems.append(Problem(
@@ -175,7 +175,7 @@ def _identities(plan: Plan, cat: Catalog, where: Mapping[str, str | None],
 
 
 def _references(plan: Plan, cat: Catalog, where: Mapping[str, str | None],
-                problems: list[Problem]) -> None:
+                problems: list[Problem], warnings: list[Problem]) -> None:
     """Foreign keys and views that would join tables on two servers."""
     src = plan.source_schema
 
@@ -183,30 +183,67 @@ def _references(plan: Plan, cat: Catalog, where: Mapping[str, str | None],
         # A plan table goes where its schema goes; anything else stays on the source.
         return where.get(table) if schema == src and table in where else None
 
+    def choice(table: str, ref: str) -> str | None:
+        schemas = {plan.table(t).schema_ for t in (table, ref) if t in plan.table_names}
+        return next((plan.schemas[s].cross_server_keys for s in schemas
+                     if s in plan.schemas and plan.schemas[s].server), None)
+
     seen: set[str] = set()
     for fk in cat.foreign_keys:
         a, b = home(fk.schema, fk.table), home(fk.ref_schema, fk.ref_table)
-        if a != b and fk.name not in seen:
-            seen.add(fk.name)
-            problems.append(Problem(
-                f"foreign key {fk.name}",
-                f"{fk.schema}.{fk.table} → {fk.ref_schema}.{fk.ref_table} would cross from "
-                f"server {a or 'source'} to server {b or 'source'}: no server enforces a key "
-                "across servers", "move both tables to one server, or drop the key (and let "
-                "`orchestrator audit` report orphans later)"))
-    readers: dict[tuple[str, str], set[str]] = {}
+        if a == b or fk.name in seen:
+            continue
+        seen.add(fk.name)
+        crossing = (f"{fk.schema}.{fk.table} → {fk.ref_schema}.{fk.ref_table} would cross from "
+                    f"server {a or 'source'} to server {b or 'source'}")
+        if choice(fk.table, fk.ref_table) == "drop":
+            warnings.append(Problem(f"foreign key {fk.name}", f"{crossing}: the plan drops it "
+                                    "(the target never has it; finalize drops it on the source)",
+                                    "`orchestrator audit` reports orphans later"))
+            continue
+        problems.append(Problem(
+            f"foreign key {fk.name}", f"{crossing}: no server enforces a key across servers",
+            "move both tables to one server, or say `cross_server_keys: drop` in the remote "
+            "schema's entry (`orchestrator audit` reports orphans later)"))
     for d in cat.dependents:
-        readers.setdefault((d.schema, d.name), set()).add(
-            home(d.on_schema, d.on_table) or "source")
-    for v in plan.views:
-        readers.setdefault((v.schema_, v.name), set()).update(
-            home(src, t) or "source" for t in v.depends_on)
-    for (schema, name), servers in sorted(readers.items()):
-        if len(servers) > 1:
+        if home(d.on_schema, d.on_table):
             problems.append(Problem(
-                f"view {schema}.{name}", f"it reads tables that would live on servers "
-                f"{', '.join(sorted(servers))}", "keep its tables on one server, or give it "
-                "up before the move"))
+                f"view {d.schema}.{d.name}", f"it reads {d.on_schema}.{d.on_table}, which moves "
+                f"to server {home(d.on_schema, d.on_table)}; the swap would leave it reading "
+                "the retired table", f"drop it before the move and create it again after "
+                f"cutover over {d.on_schema}.{d.on_table} (the compatibility view), or list it "
+                "under the plan's views"))
+    for v in plan.views:
+        servers = {home(src, t) for t in v.depends_on} - {None}
+        if servers:
+            warnings.append(Problem(
+                f"view {v.schema_}.{v.name}", f"it reads tables moving to server "
+                f"{', '.join(sorted(str(x) for x in servers))}: it is created on the source, "
+                "where it reads them through postgres_fdw foreign tables under their new names",
+                "a join across servers is slower than a local one; move the view's tables to "
+                "one server to keep it local"))
+
+
+def _unsupported(plan: Plan, cat: Catalog, where: Mapping[str, str | None],
+                 problems: list[Problem]) -> None:
+    """What a move to another server does not do: column mappings (a subscription matches
+    columns by name) and partitioned tables."""
+    for table, server in where.items():
+        if server is None:
+            continue
+        spec = plan.table(table)
+        if spec.columns:
+            problems.append(Problem(
+                f"{plan.source_schema}.{table}", f"it moves to server {server} with column "
+                "mappings; logical replication matches columns by name, so a move to another "
+                "server keeps every column as it is", "remove its `columns:` entry and rename "
+                "or retype the columns after the move"))
+        rel = cat.table(plan.source_schema, table)
+        if rel is not None and rel.kind == "p":
+            problems.append(Problem(
+                f"{plan.source_schema}.{table}", f"a partitioned table; a move to server "
+                f"{server} does not move partitioned tables (not built)",
+                "keep it on the source server, or move it within this server"))
 
 
 def _target(conn: Conn, plan: Plan, cat: Catalog, name: str, tables: list[str], src: Facts,

@@ -22,7 +22,7 @@ from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
 from orchestrator.model.partitioning import PARTITIONS_KEY
 from orchestrator.plan import LoadedPlan, Plan
-from orchestrator.run import follow, gates, rollback, traffic
+from orchestrator.run import follow, gates, rollback, traffic, views
 from orchestrator.run import jobs as jobs_of
 from orchestrator.run.events import Progress, StageChanged, StageFailed, StageStarted
 from orchestrator.run.gates import Gates
@@ -322,31 +322,8 @@ class Engine:
         traffic.record_baseline(ctx, [m.label for m in moves])
 
     def create_views(self, ctx: Ctx) -> None:
-        """Create plan views whose tables have all moved (idempotent)."""
-        key = registry.view_key
-        moved = {
-            t.name for t in self.plan.tables
-            if self.done(t.name, registry.STRATEGIES[self.plan.options_for(t).strategy].swap.name)
-        }
-        for v in self.plan.views:
-            created = {x.name for x in self.plan.views if self.done(key(x.name),
-                                                                     registry.VIEW_STAGE)}
-            if self.done(key(v.name), registry.VIEW_STAGE) or not set(v.depends_on) <= (
-                moved | created
-            ):
-                continue
-            opts = sql.SQL(" WITH (security_invoker = true)") if v.security_invoker else sql.SQL("")
-            stmt = sql.SQL("CREATE VIEW {}{} AS {}").format(
-                sql.Identifier(v.schema_, v.name), opts, sql.SQL(v.sql.strip().rstrip(";"))
-            )
-
-            def status(store: Store, name: str) -> None:
-                store.start(name, registry.VIEW_STAGE)
-                store.finish(name, registry.VIEW_STAGE)
-
-            self.runner.run(Action("create_view", [Step(stmt)]), tables=[key(v.name)],
-                            stage=registry.VIEW_STAGE, policy=ctx.policy(), status=status)
-            self.progress(StageChanged(key(v.name), registry.VIEW_STAGE, Status.done))
+        """Create plan views whose tables have all moved (idempotent; run/views.py)."""
+        views.create(ctx, self.runner, self.done, self.progress)
 
     def finalize(self, tables: list[str] | None = None) -> None:
         """Make each table's move final, once it has been swapped. Cannot be undone."""

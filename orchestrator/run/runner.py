@@ -26,7 +26,7 @@ from orchestrator.model.context import LockPolicy
 from orchestrator.run import forecast
 from orchestrator.run.events import LockWait, Paused, Progress
 from orchestrator.sql.compose import render
-from orchestrator.stages.base import Action
+from orchestrator.stages.base import Action, GiveWay
 from orchestrator.state.store import Store
 
 _BLOCKERS = """
@@ -122,6 +122,12 @@ class Runner:
         def work() -> None:
             t0 = time.monotonic()
             texts, timings, lock_wait_ms = self._execute(action, policy)
+            if action.inside is not None:
+                try:
+                    action.inside()
+                except psycopg.Error as exc:
+                    raise StepFailed(f"({action.name}: its work on the other server)",
+                                     exc) from exc
             if status is not None:
                 for name in tables:
                     status(self.store, name)
@@ -197,7 +203,7 @@ class Runner:
                         )
                     work()
                     return
-            except (errors.LockNotAvailable, LockWaitExceeded) as exc:
+            except (errors.LockNotAvailable, LockWaitExceeded, GiveWay) as exc:
                 who = self._gave_way(action, label, stage, attempt, started, exc)
                 self.progress(LockWait(label, stage, attempt, who))
                 if attempt > policy.retries:

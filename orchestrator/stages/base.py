@@ -55,6 +55,15 @@ class Action:
     steps: list[Step]
     locks: list[str] = field(default_factory=list)
     record: Callable[[Store], None] | None = None
+    # Work in the same transaction after the statements, before the status is recorded: a
+    # cross-server swap waits there for the other server and changes it while it holds the
+    # lock its statements took. It raises `GiveWay` to release the lock and try again later.
+    inside: Callable[[], None] | None = None
+
+
+class GiveWay(Exception):
+    """Raised by an action's `inside` work: not ready yet (another server has not caught up);
+    the runner rolls back, backs off and tries again, as after a lock timeout."""
 
 
 class Stage:

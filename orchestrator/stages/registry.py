@@ -16,6 +16,8 @@ from orchestrator.stages.cutover import CUTOVER
 from orchestrator.stages.dual_write import DUAL_WRITE
 from orchestrator.stages.finalize import FINALIZE_COPY, FINALIZE_RENAME
 from orchestrator.stages.prepare import PREPARE
+from orchestrator.stages.remote_swap import REMOTE_CUTOVER, REMOTE_FINALIZE
+from orchestrator.stages.remote_sync import REMOTE_PREPARE, REMOTE_SYNC, REMOTE_VERIFY
 from orchestrator.stages.rename import RENAME
 from orchestrator.stages.verify import VERIFY
 
@@ -61,7 +63,11 @@ class Strategy:
 COPY_STRATEGY = Strategy(StrategyName.copy.value, (PREPARE, DUAL_WRITE, COPY, VERIFY, CUTOVER,
                                                    FINALIZE_COPY))
 RENAME_STRATEGY = Strategy(StrategyName.rename.value, (RENAME, FINALIZE_RENAME))
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (COPY_STRATEGY, RENAME_STRATEGY)}
+# A table whose target schema lives on another server (docs/cross-server.md).
+REMOTE_STRATEGY = Strategy(StrategyName.remote.value, (REMOTE_PREPARE, REMOTE_SYNC, REMOTE_VERIFY,
+                                                       REMOTE_CUTOVER, REMOTE_FINALIZE))
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (COPY_STRATEGY, RENAME_STRATEGY, REMOTE_STRATEGY)}
 
 # A plan view is created once the tables it reads have moved: one stage, under `view:<name>`.
 VIEW_STAGE = "create"

@@ -41,7 +41,7 @@ def _key_param(m: TableMove, name: str) -> sql.Composed:
     )
 
 
-def _bounds(m: TableMove, alias: str, keys: tuple[str, ...], lo: bool, hi: bool) -> sql.Composed:
+def key_bounds(m: TableMove, alias: str, keys: tuple[str, ...], lo: bool, hi: bool) -> sql.Composed:
     parts: list[sql.Composable] = [sql.SQL("true")]
     if lo:
         parts.append(sql.SQL("({}) > {}").format(idents(keys, alias), _key_param(m, "lo")))
@@ -56,7 +56,7 @@ def chunk_end_sql(m: TableMove, lo: bool, hi: bool = False) -> sql.Composed:
     order = idents(m.key_source)
     return sql.SQL(
         "SELECT ARRAY[{}] AS hi FROM {} s WHERE {} ORDER BY {} OFFSET %(chunk)s - 1 LIMIT 1"
-    ).format(last, m.source, _bounds(m, "s", m.key_source, lo, hi), order)
+    ).format(last, m.source, key_bounds(m, "s", m.key_source, lo, hi), order)
 
 
 def row_hash(row: sql.Composable, fast: bool) -> sql.Composed:
@@ -82,7 +82,7 @@ def side_sql(m: TableMove, target: bool, lo: bool, hi: bool, fast: bool = True) 
     return sql.SQL("SELECT count(*) AS n, coalesce(sum({hash}), 0) AS h FROM {rel} {alias} "
                    "WHERE {bounds} AND NOT EXISTS (SELECT 1 FROM {log} l WHERE {pending})"
                    ).format(hash=row_hash(row, fast), rel=m.target if target else m.source,
-                            alias=sql.Identifier(alias), bounds=_bounds(m, alias, keys, lo, hi),
+                            alias=sql.Identifier(alias), bounds=key_bounds(m, alias, keys, lo, hi),
                             log=d.log, pending=pending)
 
 
@@ -115,7 +115,7 @@ class Pair:
             self.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
                 sql.Literal(snapshot)))
             r = self.conn.execute(side_sql(m, True, lo is not None, hi is not None, fast),
-                                  _params(lo, hi)).fetchone()
+                                  chunk_params(lo, hi)).fetchone()
         assert r is not None
         return dict(r)
 
@@ -127,7 +127,7 @@ def _split_checksum(ctx: Ctx, pair: Pair, m: TableMove, lo: list[str] | None,
     assert snap is not None
     future = pair.pool.submit(pair.target, m, str(snap["s"]), lo, hi, fast)
     src = ctx.conn.execute(side_sql(m, False, lo is not None, hi is not None, fast),
-                           _params(lo, hi)).fetchone()
+                           chunk_params(lo, hi)).fetchone()
     tgt = future.result()
     assert src is not None
     return {"rows": src["n"], "source": f"{src['n']}:{src['h']}",
@@ -169,7 +169,7 @@ class Mismatch:
     target: str
 
 
-def _params(lo: list[str] | None, hi: list[str] | None) -> dict[str, Any]:
+def chunk_params(lo: list[str] | None, hi: list[str] | None) -> dict[str, Any]:
     p: dict[str, Any] = {"chunk": CHUNK}
     for i, v in enumerate(lo or []):
         p[f"lo{i}"] = v
@@ -187,7 +187,7 @@ def _check_chunk(
 ) -> tuple[list[str] | None, dict[str, Any]]:
     conn = ctx.conn
     with snapshot_txn(conn, read_only=True):
-        r = conn.execute(chunk_end_sql(m, lo is not None), _params(lo, None)).fetchone()
+        r = conn.execute(chunk_end_sql(m, lo is not None), chunk_params(lo, None)).fetchone()
         hi = r["hi"] if r else None
         if pair is not None:
             return hi, _split_checksum(ctx, pair, m, lo, hi, fast)
@@ -199,7 +199,7 @@ def checksum(
 ) -> dict[str, Any]:
     """Both sides' checksums of one chunk (call inside a snapshot transaction)."""
     res = ctx.conn.execute(
-        checksum_sql(m, lo is not None, hi is not None, fast), _params(lo, hi)
+        checksum_sql(m, lo is not None, hi is not None, fast), chunk_params(lo, hi)
     ).fetchone()
     assert res is not None
     return dict(res)
@@ -214,7 +214,7 @@ def _narrow(ctx: Ctx, m: TableMove, bad: Mismatch, rows: int, fast: bool) -> Mis
     while rows > NARROW_TO:
         half = rows // 2
         with snapshot_txn(conn, read_only=True):
-            params = _params(bad.lo, bad.hi)
+            params = chunk_params(bad.lo, bad.hi)
             params["chunk"] = half
             r = conn.execute(
                 chunk_end_sql(m, bad.lo is not None, bad.hi is not None), params
@@ -310,7 +310,7 @@ def _scan(
 def pending_sql(m: TableMove, lo: bool, hi: bool) -> sql.Composed:
     """Log entries for keys in a range: changes still to replay there."""
     return sql.SQL("SELECT count(*) AS n FROM {} l WHERE {}").format(
-        capture.forward(m).log, _bounds(m, "l", m.key_source, lo, hi))
+        capture.forward(m).log, key_bounds(m, "l", m.key_source, lo, hi))
 
 
 def repair_sql(m: TableMove, lo: bool, hi: bool) -> list[sql.Composed]:
@@ -319,10 +319,10 @@ def repair_sql(m: TableMove, lo: bool, hi: bool) -> list[sql.Composed]:
     vals = sql.SQL(", ").join(c.up_sql("s") for c in m.copied)
     return [
         sql.SQL("DELETE FROM {} t WHERE {}").format(
-            m.target, _bounds(m, "t", m.key_target, lo, hi)),
+            m.target, key_bounds(m, "t", m.key_target, lo, hi)),
         sql.SQL("INSERT INTO {} ({}){} SELECT {} FROM {} s WHERE {}").format(
             m.target, idents(c.target for c in m.copied), m.overriding, vals, m.source,
-            _bounds(m, "s", m.key_source, lo, hi)),
+            key_bounds(m, "s", m.key_source, lo, hi)),
     ]
 
 
@@ -332,7 +332,7 @@ def _repaired(ctx: Ctx, m: TableMove, bad: Mismatch, fast: bool) -> bool:
     whether the range is equal now. A change made meanwhile fires the capture trigger, so
     replay brings it as it brings any other."""
     conn, lo, hi = ctx.conn, bad.lo is not None, bad.hi is not None
-    params = _params(bad.lo, bad.hi)
+    params = chunk_params(bad.lo, bad.hi)
     with snapshot_txn(conn):
         r = conn.execute(pending_sql(m, lo, hi), params).fetchone()
         if r is None or int(r["n"]) > 0:

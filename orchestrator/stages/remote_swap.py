@@ -1,0 +1,384 @@
+"""The remote strategy's swap and its end: cutover to the other server with the way back kept
+open by reverse replication, its rollback, and finalize (docs/cross-server.md).
+
+While the reverse direction runs, the table has one name on both servers, the plan's retired
+schema (`transit`): the target table, and the source's retired table that the reverse
+subscription keeps equal. The target's final name is a view over it until finalize, which
+moves the table there; the source reaches it through a postgres_fdw foreign table in the
+target schema's name, and the old name is a view over that.
+
+Ordering across the two servers (no two-phase commit): the forward swap commits the target's
+part first, inside the source's locked transaction, and undoes it if the source's part then
+fails; a crash between the two is found and undone by the next try (`_resume`). Nothing is
+lost meanwhile: the forward slot keeps every change the target has not confirmed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from psycopg import sql
+
+from orchestrator.db import Conn
+from orchestrator.model.catalog import ForeignKey, Relation
+from orchestrator.model.context import Ctx
+from orchestrator.model.move import TableMove
+from orchestrator.remote import ddl, link
+from orchestrator.remote import replication as rep
+from orchestrator.stages.base import Action, GiveWay, Phase, Stage, Step, regclass, remember
+from orchestrator.stages.remote_sync import drop_forward, exists, source_rel
+from orchestrator.state.store import Store
+
+DRAIN_S = 2.0  # inside the lock: how long to wait for the other server to apply everything
+TARGET_CREATED = "remote_target_schema"
+FKS = "remote_fks"
+
+
+def _refuse_writes(ctx: Ctx, m: TableMove, view: sql.Identifier) -> list[ddl.Statement]:
+    """With `application: target`, the old name reads but refuses writes, naming the new
+    home (an INSTEAD OF trigger; it goes with the view)."""
+    fn = sql.Identifier(ctx.control, "refuse_moved_write")
+    server = link.server_of(ctx.plan, m)
+    message = (f"{m.source_schema}.{m.source_name} moved to {m.target_schema}."
+               f"{m.target_name} on server {server}: write to it there")
+    return [
+        sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $f$ "
+                "BEGIN RAISE EXCEPTION '%', TG_ARGV[0] "
+                "USING ERRCODE = 'read_only_sql_transaction'; END $f$").format(fn),
+        sql.SQL("CREATE TRIGGER _orch_refuse_write INSTEAD OF INSERT OR UPDATE OR DELETE ON {} "
+                "FOR EACH ROW EXECUTE FUNCTION {}({})").format(view, fn, sql.Literal(message)),
+    ]
+
+
+def _seq_values(conn: Conn, names: list[sql.Identifier]) -> list[tuple[int, bool]]:
+    out = []
+    for n in names:
+        r = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(n)).fetchone()
+        assert r is not None
+        out.append((int(r["last_value"]), bool(r["is_called"])))
+    return out
+
+
+def _setval(conn: Conn, seq: sql.Identifier, value: tuple[int, bool]) -> None:
+    conn.execute("SELECT setval(%s::regclass, %s, %s)",
+                 (seq.as_string(conn), value[0], value[1]))
+
+
+class RemoteCutover(Stage):
+    """Switch the application to the other server under the source table's lock, once the
+    target applied everything; the way back replicates from the target from then on."""
+
+    name = "cutover"
+    short = "cut"
+    phase = Phase.swap
+    follow_up = True
+    note = ("locks the source table (bounded, retried), waits until the target applied up to "
+            "the source's current LSN, carries sequences, starts the reverse replication and "
+            "leaves the old name as a view over a postgres_fdw foreign table")
+
+    # --- forward -------------------------------------------------------------------------
+
+    def before(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
+        m = moves[0]
+        n = link.names(ctx.plan, m)
+        with link.target(ctx, m) as tgt:
+            if reverse:
+                _prepare_way_back(ctx, m, tgt)
+                return
+            _resume(ctx, m, tgt)
+            # Made outside the lock (it waits for the target's running transactions); moved
+            # past everything the target has written once the forward stream is drained.
+            rep.ensure_slot(tgt, n.reverse)
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        rel = source_rel(ctx, m)
+        table = sql.Identifier(m.source_schema, m.source_name)
+        lock = Step(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table),
+                    "ACCESS EXCLUSIVE on the source table until commit", bounded=True)
+        return Action(self.name, [lock], [regclass(m.source_schema, m.source_name)],
+                      record=_remember(ctx, m), inside=lambda: _swap(ctx, m, rel))
+
+    def after(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> list[Step]:
+        """Once committed: the forward direction (or, back, the reverse one) is dropped; the
+        other direction is running."""
+        m = moves[0]
+        n = link.names(ctx.plan, m)
+        with link.target(ctx, m) as tgt:
+            if reverse:
+                rep.ensure_subscription(tgt, n.forward, link.source_for_target(ctx, m),
+                                        enabled=True, copy_data=False)
+                rep.drop_slot(tgt, n.reverse)
+            else:
+                drop_forward(ctx, m, tgt)
+        return []
+
+    # --- backward ------------------------------------------------------------------------
+
+    def backward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        view = sql.Identifier(m.source_schema, m.source_name)
+        lock = Step(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(view),
+                    "ACCESS EXCLUSIVE on the compatibility view until commit", bounded=True)
+        return Action(f"rollback_{self.name}", [lock], [regclass(m.source_schema, m.source_name)],
+                      inside=lambda: _swap_back(ctx, m, source_rel(ctx, m)))
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        return self.forward(ctx, moves).steps, self.backward(ctx, moves).steps
+
+
+def _remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:
+    keep = remember(ctx, m)  # the target schema's name on the source, if we created it
+
+    def save(store: Store) -> None:
+        keep(store)
+        rel = source_rel(ctx, m)
+        store.save(m.label, FKS, [_fk_text(fk) for fk in ctx.catalog.fks_from(*rel.qualified)])
+
+    return save
+
+
+def _fk_text(fk: ForeignKey) -> dict[str, object]:
+    return {"name": fk.name, "columns": list(fk.columns), "ref_table": fk.ref_table,
+            "ref_schema": fk.ref_schema, "ref_columns": list(fk.ref_columns),
+            "definition": fk.definition}
+
+
+def _resume(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
+    """A swap killed after the target's part committed and before the source's: put the
+    target back as it was before the swap (the forward slot kept every change since)."""
+    n = link.names(ctx.plan, m)
+    if not exists(tgt, n.transit_schema, m.source_name, "r"):
+        return
+    with tgt.transaction():
+        _target_back(tgt, m, n)
+    rep.set_enabled(tgt, n.forward, True)
+
+
+def _target_back(tgt: Conn, m: TableMove, n: link.Names) -> None:
+    tgt.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(n.reverse)))
+    tgt.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(
+        sql.Identifier(m.target_schema, m.target_name)))
+    tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+        n.transit(m), sql.Identifier(m.source_schema)))
+
+
+def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
+    """Inside the source's locked transaction: drain, the target's part (committed), then the
+    source's part (committed with the status by the runner)."""
+    conn = ctx.conn
+    n = link.names(ctx.plan, m)
+    lsn = rep.current_lsn(conn)
+    if not rep.wait_applied(conn, n.forward, lsn, DRAIN_S):
+        raise GiveWay(f"the target had not applied up to {lsn} after {DRAIN_S:.0f} s")
+    counters = ddl.counters(ctx.catalog, rel)
+    values = _seq_values(conn, [sql.Identifier(c.sequence.schema, c.sequence.name)
+                                for c in counters])
+    with link.target(ctx, m, wrap=False) as tgt:
+        with tgt.transaction():
+            rep.set_enabled(tgt, n.forward, False)
+            for s in [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(x))
+                      for x in (n.transit_schema, m.target_schema)]:
+                tgt.execute(s)
+            tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                sql.Identifier(m.source_schema, m.source_name),
+                sql.Identifier(n.transit_schema)))
+            for c, v in zip(counters, values, strict=True):
+                _setval(tgt, sql.Identifier(n.transit_schema, c.sequence.name), v)
+            tgt.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(m.target_schema, m.target_name), n.transit(m)))
+            tgt.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(n.reverse), n.transit(m)))
+        # Nothing the target wrote before now goes back: on PostgreSQL 15 there is no
+        # origin filter, and the forward stream's rows are in the target's WAL.
+        tgt.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
+                    (n.reverse,))
+        try:
+            _source_part(ctx, m, rel, n, values, link.target_conninfo(ctx.plan, m))
+        except BaseException:
+            with tgt.transaction():
+                _target_back(tgt, m, n)
+            rep.set_enabled(tgt, n.forward, True)
+            raise
+
+
+def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
+                 values: list[tuple[int, bool]], target_info: str) -> None:
+    conn = ctx.conn
+    options, user = link.fdw_options(target_info)
+    opts = [sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()]
+    uopts = [sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in user.items()]
+    foreign = (m.target_schema, m.target_name)
+    statements: list[ddl.Statement] = [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(n.transit_schema)),
+        sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            sql.Identifier(m.source_schema, m.source_name), sql.Identifier(n.transit_schema)),
+        # Its table is the retired one now, which the reverse stream writes: not forward.
+        sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(n.forward)),
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema)),
+        # Beside the foreign tables it serves (our sessions run with an empty search_path).
+        sql.SQL("CREATE EXTENSION IF NOT EXISTS postgres_fdw WITH SCHEMA {}").format(
+            sql.Identifier(m.target_schema)),
+        sql.SQL("CREATE SERVER IF NOT EXISTS {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})"
+                ).format(sql.Identifier(n.server), sql.SQL(", ").join(opts)),
+        sql.SQL("CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER {}{}").format(
+            sql.Identifier(n.server),
+            sql.SQL(" OPTIONS ({})").format(sql.SQL(", ").join(uopts)) if uopts else sql.SQL("")),
+        *ddl.foreign_table(ctx.catalog, rel, foreign, n.server,
+                           (n.transit_schema, m.source_name)),
+        *ddl.compat_view(rel, sql.Identifier(m.source_schema, m.source_name),
+                         sql.Identifier(*foreign)),
+    ]
+    for s in statements:
+        conn.execute(s)
+    for c, v in zip(ddl.counters(ctx.catalog, rel), values, strict=True):
+        _setval(conn, ddl.local_sequence(*foreign, c), v)
+    if ctx.plan.schemas[m.target_schema].application == "target":
+        for s in _refuse_writes(ctx, m, sql.Identifier(m.source_schema, m.source_name)):
+            conn.execute(s)
+    rep.create_subscription(conn, n.reverse, target_info, enabled=True, copy_data=False)
+
+
+def _prepare_way_back(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
+    """Before a cutover's rollback: the forward direction anew, a publication without its
+    table yet and a slot, so that every source change from the swap back on is kept (the
+    table joins the publication in the swap's transaction)."""
+    n = link.names(ctx.plan, m)
+    if rep.publication_exists(ctx.conn, n.forward):
+        return  # made by an earlier try
+    rep.drop_subscription(tgt, n.forward)  # leftovers of a cutover killed before its end
+    rep.drop_slot(ctx.conn, n.forward)
+    rep.ensure_publication(ctx.conn, n.forward, None)
+    rep.ensure_slot(ctx.conn, n.forward)
+
+
+def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
+    """Inside the source's transaction, the compatibility view locked: hold the target's
+    writers, drain the reverse stream, then both servers back to their state before cutover
+    (the target's part commits first)."""
+    conn = ctx.conn
+    n = link.names(ctx.plan, m)
+    foreign = sql.Identifier(m.target_schema, m.target_name)
+    counters = ddl.counters(ctx.catalog, rel)
+    with link.target(ctx, m, wrap=False) as tgt:
+        if exists(tgt, n.transit_schema, m.source_name, "r"):
+            with tgt.transaction():
+                tgt.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(n.transit(m)))
+                lsn = rep.current_lsn(tgt)
+                if not rep.wait_applied(tgt, n.reverse, lsn, DRAIN_S):
+                    raise GiveWay(f"the source had not applied up to {lsn} after "
+                                  f"{DRAIN_S:.0f} s")
+                values = _seq_values(tgt, [sql.Identifier(n.transit_schema, c.sequence.name)
+                                           for c in counters])
+                _target_back(tgt, m, n)
+        else:  # an earlier try committed the target's part: it was drained then
+            values = _seq_values(tgt, [sql.Identifier(m.source_schema, c.sequence.name)
+                                       for c in counters])
+    local = _seq_values(conn, [ddl.local_sequence(m.target_schema, m.target_name, c)
+                               for c in counters])
+    if rep.detach_subscription(conn, n.reverse):
+        conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(n.reverse)))
+    for s in [
+        sql.SQL("DROP VIEW {}").format(sql.Identifier(m.source_schema, m.source_name)),
+        sql.SQL("DROP FOREIGN TABLE {}").format(foreign),
+        sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(n.transit(m),
+                                                       sql.Identifier(m.source_schema)),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+            sql.Identifier(n.forward), sql.Identifier(m.source_schema, m.source_name)),
+    ]:
+        conn.execute(s)
+    for c, a, b in zip(counters, values, local, strict=True):
+        # The retired table's sequence continues past every id either side handed out.
+        _setval(conn, sql.Identifier(m.source_schema, c.sequence.name), max(a, b))
+
+
+class RemoteFinalize(Stage):
+    """The end: the reverse direction dropped on both servers, the target table under its
+    final name (the source's foreign table follows it), the retired table dropped."""
+
+    name = "finalize"
+    short = "final"
+    phase = Phase.final
+    note = ("CANNOT BE UNDONE: drops the reverse subscription, publication and slot, moves the "
+            "target table to its final name and drops the retired table on the source")
+
+    def before(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
+        m = moves[0]
+        n = link.names(ctx.plan, m)
+        rep.drop_subscription(ctx.conn, n.reverse)
+        with link.target(ctx, m) as tgt:
+            rep.drop_slot(tgt, n.reverse)
+            rep.drop_publication(tgt, n.reverse)
+            drop_forward(ctx, m, tgt)  # leftovers of a cutover killed before its end
+
+    def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
+        m = moves[0]
+        n = link.names(ctx.plan, m)
+        retired = n.transit(m)
+        steps = [Step(sql.SQL("ALTER FOREIGN TABLE {} OPTIONS (SET schema_name {}, SET "
+                              "table_name {})").format(
+            sql.Identifier(m.target_schema, m.target_name), sql.Literal(m.target_schema),
+            sql.Literal(m.target_name)), "ACCESS EXCLUSIVE on the foreign table", bounded=True)]
+        # Keys that reference the retired table (from tables that stay, or from other moved
+        # tables' retired copies) go with it; the target has its own (after).
+        steps += [Step(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            sql.Identifier(fk.schema, fk.table), sql.Identifier(fk.name)))
+            for fk in ctx.catalog.fks_to(n.transit_schema, m.source_name)
+            if (fk.schema, fk.table) != (n.transit_schema, m.source_name)]
+        if exists(ctx.conn, n.transit_schema, m.source_name, "r"):
+            steps.append(Step(sql.SQL("DROP TABLE {}").format(retired),
+                              "ACCESS EXCLUSIVE on the retired table (nothing reads it)"))
+        return Action(self.name, steps, [regclass(m.target_schema, m.target_name)],
+                      inside=lambda: _final_name(ctx, m))
+
+    def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
+        return [], []
+
+
+def _final_name(ctx: Ctx, m: TableMove) -> None:
+    """On the target: the view under the final name gives way to the table itself, with the
+    keys to moved tables already final (committed before the source's part)."""
+    n = link.names(ctx.plan, m)
+    final = sql.Identifier(m.target_schema, m.target_name)
+    with link.target(ctx, m, wrap=False) as tgt:
+        if not exists(tgt, n.transit_schema, m.source_name, "r"):
+            return  # done by an earlier try
+        with tgt.transaction():
+            tgt.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(final))
+            tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                n.transit(m), sql.Identifier(m.target_schema)))
+            if m.target_name != m.source_name:
+                tgt.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    sql.Identifier(m.target_schema, m.source_name),
+                    sql.Identifier(m.target_name)))
+            for stmt in _target_keys(ctx, m, tgt):
+                tgt.execute(stmt)
+
+
+def _target_keys(ctx: Ctx, m: TableMove, tgt: Conn) -> list[ddl.Statement]:
+    """Foreign keys between this table and moved tables of its schema already in their final
+    place on the target, as NOT VALID (no scan under the lock; new rows are checked)."""
+    out: list[ddl.Statement] = []
+    mine = {t.name: t for t in ctx.plan.tables if t.schema_ == m.target_schema}
+    for spec in mine.values():
+        for fk in ctx.store.load(spec.name, FKS) or []:
+            ref = str(fk["ref_table"])
+            if (spec.name != m.source_name and ref != m.source_name) or ref not in mine:
+                continue
+            other = ref if spec.name == m.source_name else spec.name
+            if other != m.source_name and not exists(
+                    tgt, m.target_schema, mine[other].target_name, "r"):
+                continue  # it adds the key when it arrives
+            out.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES "
+                               "{} ({}) NOT VALID").format(
+                sql.Identifier(m.target_schema, mine[spec.name].target_name),
+                sql.Identifier(str(fk["name"])),
+                sql.SQL(", ").join(sql.Identifier(str(c)) for c in fk["columns"]),
+                sql.Identifier(m.target_schema, mine[ref].target_name),
+                sql.SQL(", ").join(sql.Identifier(str(c)) for c in fk["ref_columns"])))
+    return out
+
+
+REMOTE_CUTOVER = RemoteCutover()
+REMOTE_FINALIZE = RemoteFinalize()
+
