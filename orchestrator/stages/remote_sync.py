@@ -23,6 +23,7 @@ from orchestrator.remote import ddl, link
 from orchestrator.remote import replication as rep
 from orchestrator.run.events import Rows
 from orchestrator.stages.base import Action, LoopStage, Stage, Step
+from orchestrator.sql.compose import catalog_sql
 from orchestrator.stages.verify import chunk_end_sql, chunk_params, key_bounds, row_hash
 
 SUBOID = "remote_suboid"  # the forward subscription's oid: names its sync slots
@@ -181,22 +182,57 @@ class RemoteSync(LoopStage):
             make_forward(ctx, m, rel, tgt)
 
 
-def _side(m: TableMove, rel: Relation, lo: bool, hi: bool, fast: bool) -> sql.Composed:
+def _row(rel: Relation) -> sql.Composed:
     # Enums hash by their oid, which differs between servers: those (and arrays, which may
     # hold them, and other non-base types) are hashed in their text form.
-    row = sql.SQL(", ").join(
+    return sql.SQL(", ").join(
         sql.SQL("{}::text").format(sql.Identifier("s", c.name))
         if c.type_kind != "b" or c.type.endswith("]") else sql.Identifier("s", c.name)
         for c in rel.columns)
+
+
+def _side(m: TableMove, rel: Relation, lo: bool, hi: bool) -> sql.Composed:
+    """One server's count and order-free sum of row hashes over a key range."""
     return sql.SQL("SELECT count(*) AS n, coalesce(sum({}), 0) AS h FROM {} s WHERE {}").format(
-        row_hash(row, fast), sql.Identifier(rel.schema, rel.name),
+        row_hash(_row(rel), True), sql.Identifier(rel.schema, rel.name),
         key_bounds(m, "s", m.key_source, lo, hi))
+
+
+def _rows(m: TableMove, rel: Relation, where: sql.Composable) -> sql.Composed:
+    """Each row's key (as text) and hash."""
+    key = sql.SQL(", ").join(sql.SQL("s.{}::text").format(sql.Identifier(k))
+                             for k in m.key_source)
+    return sql.SQL("SELECT ARRAY[{}] AS k, {} AS h FROM {} s WHERE {}").format(
+        key, row_hash(_row(rel), True), sql.Identifier(rel.schema, rel.name), where)
+
+
+def _among(m: TableMove, keys: list[list[str]]) -> sql.Composed:
+    """`(k1, k2) IN ((v, v), ...)`: the given keys, typed as the source's."""
+    return sql.SQL("({}) IN ({})").format(
+        sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(k)) for k in m.key_source),
+        sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Literal(v), catalog_sql(t))
+            for v, t in zip(k, m.key_types, strict=True))) for k in keys))
+
+
+def _hashes(conn: Conn, m: TableMove, rel: Relation, lo: list[str] | None,
+            hi: list[str] | None, keys: list[list[str]] | None) -> dict[tuple[str, ...], int]:
+    """Row hashes of a key range (lo, hi], or of the given keys."""
+    if keys is None:
+        q = _rows(m, rel, key_bounds(m, "s", m.key_source, lo is not None, hi is not None))
+        rows = conn.execute(q, chunk_params(lo, hi)).fetchall()
+    else:
+        rows = conn.execute(_rows(m, rel, _among(m, keys))).fetchall()
+    return {tuple(r["k"]): int(r["h"]) for r in rows}
 
 
 class RemoteVerify(LoopStage):
     """Chunked checksums on both servers: each chunk's source side with the source's LSN in
-    one snapshot, its target side once the target has applied up to that LSN; a chunk that
-    differs is checked again (a row may have changed in between), then named by key range."""
+    one snapshot, its target side once the target has applied up to that LSN. The target may
+    have applied more by then (the application keeps writing), so a chunk that differs is
+    compared row by row, and the rows that differ are checked again, each round after the
+    target caught up with a new source snapshot; rows that differ round after round are a
+    mismatch, named by key."""
 
     name = "verify"
     short = "verif"
@@ -204,7 +240,6 @@ class RemoteVerify(LoopStage):
 
     def run(self, ctx: Ctx, m: TableMove) -> None:
         rel = source_rel(ctx, m)
-        n = link.names(ctx.plan, m)
         t0 = time.monotonic()
         lo: list[str] | None = None
         rows = 0
@@ -213,25 +248,9 @@ class RemoteVerify(LoopStage):
                 conn.execute("SET TimeZone = 'UTC'")
             while True:
                 hi, src, lsn = self._source_chunk(ctx, m, rel, lo)
-                for attempt in range(RECHECKS + 1):
-                    if not rep.wait_applied(ctx.conn, n.forward, lsn, CATCH_UP_S):
-                        raise StageError(
-                            f"{m.label}: the target did not apply the source's changes up to "
-                            f"{lsn} within {CATCH_UP_S:.0f} s",
-                            hint="check the subscription on the target "
-                            "(pg_stat_subscription, its server log), then rerun apply")
-                    got = _target_side(tgt, m, rel, lo, hi)
-                    if got == src:
-                        break
-                    if attempt == RECHECKS:
-                        raise StageError(
-                            f"{m.label}: rows differ between the servers in key range "
-                            f"({lo or 'start'}, {hi or 'end'}]: source {src[0]} rows, target "
-                            f"{got[0]} rows", hint="roll the sync back and apply again "
-                            f"(`orchestrator rollback {ctx.loaded.path} --table {m.label} "
-                            "--to prepare`)")
-                    time.sleep(0.05 * (attempt + 1))
-                    hi, src, lsn = self._source_chunk(ctx, m, rel, lo, hi)
+                self._caught_up(ctx, m, lsn)
+                if _target_side(tgt, m, rel, lo, hi) != src:
+                    self._row_by_row(ctx, m, rel, tgt, lo, hi)
                 rows += int(src[0])
                 ctx.progress(Rows(m.label, self.name, rows, rel.row_estimate,
                                   rows / max(time.monotonic() - t0, 1e-3)))
@@ -243,19 +262,45 @@ class RemoteVerify(LoopStage):
             ctx.store.log("verify", "ok", table=m.label, stage=self.name,
                           duration_ms=(time.monotonic() - t0) * 1000, detail={"rows": rows})
 
+    def _caught_up(self, ctx: Ctx, m: TableMove, lsn: str) -> None:
+        if not rep.wait_applied(ctx.conn, link.names(ctx.plan, m).forward, lsn, CATCH_UP_S):
+            raise StageError(
+                f"{m.label}: the target did not apply the source's changes up to {lsn} "
+                f"within {CATCH_UP_S:.0f} s", hint="check the subscription on the target "
+                "(pg_stat_subscription, its server log), then rerun apply")
+
+    def _row_by_row(self, ctx: Ctx, m: TableMove, rel: Relation, tgt: Conn,
+                    lo: list[str] | None, hi: list[str] | None) -> None:
+        keys: list[list[str]] | None = None
+        for attempt in range(RECHECKS + 1):
+            with snapshot_txn(ctx.conn, read_only=True):
+                src = _hashes(ctx.conn, m, rel, lo, hi, keys)
+                lsn = rep.current_lsn(ctx.conn)
+            self._caught_up(ctx, m, lsn)
+            got = _hashes(tgt, m, rel, lo, hi, keys)
+            differ = sorted(k for k in src.keys() | got.keys() if src.get(k) != got.get(k))
+            if not differ:
+                return
+            if attempt == RECHECKS:
+                shown = ", ".join("(" + ", ".join(k) + ")" for k in differ[:5])
+                raise StageError(
+                    f"{m.label}: {len(differ)} row(s) differ between the servers after "
+                    f"{RECHECKS} re-checks, keys {shown}{' ...' if len(differ) > 5 else ''}",
+                    hint="roll the sync back and apply again (`orchestrator rollback "
+                    f"{ctx.loaded.path} --table {m.label} --to prepare`)")
+            keys = [list(k) for k in differ]
+            time.sleep(0.05 * (attempt + 1))
+
     def _source_chunk(self, ctx: Ctx, m: TableMove, rel: Relation, lo: list[str] | None,
-                      fixed: list[str] | None = None,
                       ) -> tuple[list[str] | None, tuple[int, str], str]:
-        """The next chunk's end (or the given one), its source side and the LSN it reflects."""
+        """The next chunk's end, its source side and the LSN it reflects, in one snapshot."""
         conn = ctx.conn
         with snapshot_txn(conn, read_only=True):
-            hi = fixed
-            if fixed is None:
-                params = chunk_params(lo, None)
-                params["chunk"] = VERIFY_CHUNK
-                r = conn.execute(chunk_end_sql(m, lo is not None), params).fetchone()
-                hi = r["hi"] if r else None
-            s = conn.execute(_side(m, rel, lo is not None, hi is not None, True),
+            params = chunk_params(lo, None)
+            params["chunk"] = VERIFY_CHUNK
+            r = conn.execute(chunk_end_sql(m, lo is not None), params).fetchone()
+            hi = r["hi"] if r else None
+            s = conn.execute(_side(m, rel, lo is not None, hi is not None),
                              chunk_params(lo, hi)).fetchone()
             lsn = rep.current_lsn(conn)
         assert s is not None
@@ -264,7 +309,7 @@ class RemoteVerify(LoopStage):
 
 def _target_side(tgt: Conn, m: TableMove, rel: Relation, lo: list[str] | None,
                  hi: list[str] | None) -> tuple[int, str]:
-    r = tgt.execute(_side(m, rel, lo is not None, hi is not None, True),
+    r = tgt.execute(_side(m, rel, lo is not None, hi is not None),
                     chunk_params(lo, hi)).fetchone()
     assert r is not None
     return int(r["n"]), str(r["h"])

