@@ -5,6 +5,7 @@ rollback, SIGKILLs at random points; and never a slot, publication or subscripti
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,103 @@ def test_the_domain_moves_under_load_goes_back_after_cutover_and_is_finalized(
     with pair.conn("target") as t:
         assert t.execute("SELECT 1 FROM conversation.turns WHERE id = %s",
                          (row["id"],)).fetchone() is not None
+
+
+def test_a_full_rollback_after_cutover_brings_every_row_back_and_leaves_nothing(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path)
+    stress.ok(pair.source, "apply", plan)
+    stress.ok(pair.source, "cutover", plan, "--yes")
+    with pair.conn("source") as s, pair.conn("target") as t:
+        s.execute("INSERT INTO public.turns (participant_id, content) VALUES (1, 'via source')")
+        t.execute("INSERT INTO conversation.turns (participant_id, content) VALUES (1, "
+                  "'on the target')")
+    app = stress.Writer(pair.source)
+    app.start()
+    try:
+        time.sleep(1.0)
+        # The plan's views read the moved tables: they go first, as the rollback says.
+        code, out = _run(pair.source, "rollback", plan, "--yes")
+        assert code != 0 and "would strand view" in out
+        with pair.conn("source") as s:
+            s.execute("DROP VIEW public.participant_users, public.project_blocks")
+        stress.ok(pair.source, "rollback", plan, "--yes")
+        time.sleep(0.5)
+        assert app.is_alive(), "the application's writes failed"
+    finally:
+        app.stop.set()
+        app.join(timeout=10)
+    with pair.conn("source") as s:
+        for table in MOVED:
+            assert kind(pair, "source", f"public.{table}") == "r", table
+        # Rows written after cutover on either server, and the application's updates.
+        r = s.execute("SELECT count(*) FILTER (WHERE content IN ('via source', 'on the "
+                      "target')) AS mine, count(*) FILTER (WHERE content LIKE '%.') AS updated "
+                      "FROM public.turns").fetchone()
+        assert r is not None and r["mine"] == 2 and int(str(r["updated"])) > 0, r
+    assert ours(pair) == {"source": [], "target": []}
+    with pair.conn("target") as t:
+        left = t.execute("SELECT n.nspname || '.' || c.relname AS r FROM pg_class c JOIN "
+                         "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN "
+                         "('pg_catalog', 'information_schema', 'pg_toast')").fetchall()
+        assert [r["r"] for r in left] == []
+
+
+def test_with_the_application_on_the_target_the_old_name_refuses_writes(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path, application="target")
+    stress.ok(pair.source, "apply", plan, "--table", "blocks")
+    stress.ok(pair.source, "cutover", plan, "--table", "blocks", "--yes")
+    with pair.conn("source") as s:
+        assert s.execute("SELECT count(*) AS n FROM public.blocks").fetchone() == {"n": 20}
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction,
+                           match="moved to conversation.blocks on server conversation_home"):
+            s.execute("DELETE FROM public.blocks")
+
+
+def test_sigkill_at_random_points_of_every_stage_resumes_to_equality(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path)
+    rng = random.Random(17)
+    steps = [("apply", plan), ("cutover", plan, "--yes"),
+             ("rollback", plan, "--table", "turns", "--to", "verify", "--yes"),
+             ("cutover", plan, "--table", "turns", "--yes"),
+             ("rollback", plan, "--table", "blocks", "--to", "prepare", "--yes"),
+             ("apply", plan, "--table", "blocks"), ("cutover", plan, "--yes"),
+             ("finalize", plan, "--yes", "--force")]
+    app = stress.Writer(pair.source)
+    app.start()
+    kills = 0
+    try:
+        for args in steps:
+            if args[0] == "rollback" and "blocks" in args:
+                with pair.conn("source") as s:  # project_blocks reads blocks
+                    s.execute("DROP VIEW IF EXISTS public.project_blocks")
+            proc = stress.Proc(pair.source, *args)
+            time.sleep(rng.uniform(0.05, 1.2))
+            kills += proc.kill()
+            proc.close()
+            stress.rerun(pair.source, *args)
+        assert app.is_alive(), "the application's writes failed"
+    finally:
+        app.stop.set()
+        app.join(timeout=10)
+    assert kills >= 3, "too few kills landed to prove anything"
+    assert ours(pair) == {"source": [], "target": []}
+    with pair.conn("source") as s, pair.conn("target") as t:
+        for table in KEYED:
+            assert digest(s, f"public.{table}") == digest(t, f"conversation.{table}"), table
+        for view in ("public.participant_users", "public.project_blocks"):
+            r = s.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(
+                sql.Identifier(*view.split(".")))).fetchone()
+            assert r is not None and int(str(r["n"])) > 0, view
+
+
+def _run(dsn: str, *args: str) -> tuple[int, str]:
+    r = stress.cli(dsn, *args)
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out, out
+    return r.returncode, out

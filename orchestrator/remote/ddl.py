@@ -37,9 +37,9 @@ def counters(cat: Catalog, rel: Relation) -> list[Counter]:
             if s.owner_column is not None]
 
 
-def _seq_options(seq: Sequence) -> sql.Composed:
+def _seq_options(seq: Sequence, step: int = 1) -> sql.Composed:
     return sql.SQL("AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {}{}").format(
-        catalog_sql(seq.data_type), sql.Literal(seq.increment), sql.Literal(seq.min_value),
+        catalog_sql(seq.data_type), sql.Literal(seq.increment * step), sql.Literal(seq.min_value),
         sql.Literal(seq.max_value), sql.Literal(seq.start), sql.Literal(seq.cache),
         sql.SQL(" CYCLE" if seq.cycle else " NO CYCLE"))
 
@@ -179,8 +179,10 @@ def foreign_table(
             col.append(_generated(c))
         elif c.name in local:
             seq = local_sequence(at[0], at[1], local[c.name])
+            # Every other value: the target's own sequence takes the ones between (see
+            # docs/cross-server.md, "Two generators of keys").
             out.append(sql.SQL("CREATE SEQUENCE {} {}").format(
-                seq, _seq_options(local[c.name].sequence)))
+                seq, _seq_options(local[c.name].sequence, step=2)))
             col.append(sql.SQL("DEFAULT nextval({}::regclass)").format(
                 sql.Literal(_text(at[0], f"{at[1]}_{c.name}_seq"[:63]))))
         elif c.default is not None:

@@ -64,6 +64,18 @@ def _setval(conn: Conn, seq: sql.Identifier, value: tuple[int, bool]) -> None:
                  (seq.as_string(conn), value[0], value[1]))
 
 
+def _last(value: tuple[int, bool], step: int) -> int:
+    """The last value a sequence handed out (or the one before its first)."""
+    return value[0] if value[1] else value[0] - step
+
+
+def _interleave(conn: Conn, seq: sql.Identifier, inc: int, last: int, first: int) -> None:
+    """Two generators of one key space after cutover, the source's compatibility relation's
+    and the target's own: each steps by twice the increment, from `last` + `first` * inc."""
+    conn.execute(sql.SQL("ALTER SEQUENCE {} INCREMENT BY {}").format(seq, sql.Literal(2 * inc)))
+    _setval(conn, seq, (last + first * inc, False))
+
+
 class RemoteCutover(Stage):
     """Switch the application to the other server under the source table's lock, once the
     target applied everything; the way back replicates from the target from then on."""
@@ -184,7 +196,9 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
                 sql.Identifier(m.source_schema, m.source_name),
                 sql.Identifier(n.transit_schema)))
             for c, v in zip(counters, values, strict=True):
-                _setval(tgt, sql.Identifier(n.transit_schema, c.sequence.name), v)
+                inc = c.sequence.increment
+                _interleave(tgt, sql.Identifier(n.transit_schema, c.sequence.name), inc,
+                            _last(v, inc), 2)
             tgt.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
                 sql.Identifier(m.target_schema, m.target_name), n.transit(m)))
             tgt.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
@@ -232,7 +246,8 @@ def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
     for s in statements:
         conn.execute(s)
     for c, v in zip(ddl.counters(ctx.catalog, rel), values, strict=True):
-        _setval(conn, ddl.local_sequence(*foreign, c), v)
+        inc = c.sequence.increment
+        _setval(conn, ddl.local_sequence(*foreign, c), (_last(v, inc) + inc, False))
     if ctx.plan.schemas[m.target_schema].application == "target":
         for s in _refuse_writes(ctx, m, sql.Identifier(m.source_schema, m.source_name)):
             conn.execute(s)
@@ -270,6 +285,10 @@ def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
                                   f"{DRAIN_S:.0f} s")
                 values = _seq_values(tgt, [sql.Identifier(n.transit_schema, c.sequence.name)
                                            for c in counters])
+                for c in counters:  # one generator again
+                    tgt.execute(sql.SQL("ALTER SEQUENCE {} INCREMENT BY {}").format(
+                        sql.Identifier(n.transit_schema, c.sequence.name),
+                        sql.Literal(c.sequence.increment)))
                 _target_back(tgt, m, n)
         else:  # an earlier try committed the target's part: it was drained then
             values = _seq_values(tgt, [sql.Identifier(m.source_schema, c.sequence.name)
@@ -289,7 +308,9 @@ def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
         conn.execute(s)
     for c, a, b in zip(counters, values, local, strict=True):
         # The retired table's sequence continues past every id either side handed out.
-        _setval(conn, sql.Identifier(m.source_schema, c.sequence.name), max(a, b))
+        step = 2 * c.sequence.increment
+        last = max(_last(a, step), _last(b, step), key=lambda x: x * c.sequence.increment)
+        _setval(conn, sql.Identifier(m.source_schema, c.sequence.name), (last, True))
 
 
 class RemoteFinalize(Stage):

@@ -22,8 +22,8 @@ from orchestrator.model.move import TableMove
 from orchestrator.remote import ddl, link
 from orchestrator.remote import replication as rep
 from orchestrator.run.events import Rows
-from orchestrator.stages.base import Action, LoopStage, Stage, Step
 from orchestrator.sql.compose import catalog_sql
+from orchestrator.stages.base import Action, LoopStage, Stage, Step
 from orchestrator.stages.verify import chunk_end_sql, chunk_params, key_bounds, row_hash
 
 SUBOID = "remote_suboid"  # the forward subscription's oid: names its sync slots
