@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,11 +139,17 @@ def _clear(pair: Pair, side: str) -> None:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(n))
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(n))
             conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(n))
-        for r in conn.execute("SELECT slot_name, active_pid FROM pg_replication_slots WHERE "
-                              "database = current_database()").fetchall():
-            if r["active_pid"]:
-                conn.execute("SELECT pg_terminate_backend(%s)", (r["active_pid"],))
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (r["slot_name"],))
+        for _ in range(100):  # a walsender takes a moment to exit once terminated
+            rows = conn.execute("SELECT slot_name, active_pid FROM pg_replication_slots "
+                                "WHERE database = current_database()").fetchall()
+            if not rows:
+                return
+            for r in rows:
+                if r["active_pid"]:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (r["active_pid"],))
+                else:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (r["slot_name"],))
+            time.sleep(0.1)
 
 
 def ours(pair: Pair) -> dict[str, list[str]]:

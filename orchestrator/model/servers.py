@@ -86,13 +86,20 @@ def conninfo(name: str, server: Server, env: Mapping[str, str]) -> str | Problem
     return value
 
 
+_PORTABLE = frozenset({"host", "hostaddr", "port", "dbname", "user", "passfile", "sslmode",
+                       "sslrootcert", "sslcert", "sslkey", "connect_timeout"})
+
+
 def source_conninfo(server: Server, conn: Conn, env: Mapping[str, str]) -> str:
     """How the target reaches the source: the plan's, else the orchestrator's own."""
     if server.source_dsn is not None:
         return server.source_dsn
     if server.source_dsn_env and env.get(server.source_dsn_env):
         return env[server.source_dsn_env]
-    params = psycopg.conninfo.conninfo_to_dict(conn.info.dsn)
+    # Only what an older server's libpq understands too (the client's lists options such as
+    # sslcertmode that PostgreSQL 15's walreceiver refuses).
+    params = {k: v for k, v in psycopg.conninfo.conninfo_to_dict(conn.info.dsn).items()
+              if k in _PORTABLE}
     password = conn.pgconn.password
     if password:
         params["password"] = password.decode()
