@@ -304,8 +304,16 @@ class Writer(threading.Thread):
         self.dsn = dsn
         self.stop = threading.Event()
         self.writes = 0
+        self.error: BaseException | None = None  # what ended it, if not `stop`
 
     def run(self) -> None:
+        try:
+            self._write()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _write(self) -> None:
         with connect(self.dsn, "app-writer") as app:
             n = 0
             while not self.stop.is_set():

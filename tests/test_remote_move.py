@@ -110,7 +110,7 @@ def application(dsn: str) -> Iterator[stress.Writer]:
     try:
         yield app
         time.sleep(0.3)
-        assert app.is_alive(), "the application's writes failed"
+        assert app.is_alive(), f"the application's writes failed: {app.error!r}"
         assert app.writes > 30
     finally:
         app.stop.set()

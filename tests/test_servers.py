@@ -1,7 +1,6 @@
-"""A plan that moves a schema to another server (issue 17, first part): the plan names the
-server by an environment variable, `validate` checks both servers and every reference that
-would cross them, and, the move itself not being built yet, every command that would change
-something refuses and changes nothing."""
+"""A plan that moves a schema to another server (issue 17): the plan names the server by an
+environment variable, `validate` checks both servers and every reference that would cross
+them, and a plan with problems changes nothing. The move itself: tests/test_remote_move.py."""
 
 from __future__ import annotations
 
@@ -113,11 +112,11 @@ def test_validate_names_what_both_servers_lack_and_every_crossing_reference(
     # Keys and views that would join the two servers are named one by one.
     keys = [p["subject"] for p in found if p["subject"].startswith("foreign key ")]
     assert keys and all("cross" in m for k in keys for m in about(found, k))
-    views = {p["subject"] for p in found if p["subject"].startswith("view ")}
-    assert {"view public.participant_users", "view public.project_blocks"} <= views, views
-    assert about(found, "schema conversation") == [
-        "moving it to server conversation_db needs the move over logical replication, which "
-        "is not built yet (issue 17): validate checks both servers, no command moves it"]
+    hints = [p["hint"] for p in found if p["subject"].startswith("foreign key ")]
+    assert all("cross_server_keys: drop" in h for h in hints), hints
+    # A subscription matches columns by name: the plan's column rename is refused.
+    [said] = about(found, "public.turns")
+    assert "column mappings" in said and "matches columns by name" in said
 
 
 def test_two_logical_servers_leave_only_the_references_and_an_unreachable_source(
@@ -134,8 +133,8 @@ def test_two_logical_servers_leave_only_the_references_and_an_unreachable_source
     text = Path(plan).read_text() + "    source_dsn: host=/nonexistent dbname=cogito\n"
     Path(plan).write_text(text)
     found = problems(logical_server, plan, env)
-    [said] = about(found, "server conversation_db")
-    assert said.startswith("it cannot subscribe to the source"), said
+    said = about(found, "server conversation_db")
+    assert any(m.startswith("it cannot subscribe to the source") for m in said), said
 
 
 def test_a_table_without_a_replica_identity_is_named(
@@ -145,21 +144,21 @@ def test_a_table_without_a_replica_identity_is_named(
         conn.execute("ALTER TABLE public.turns REPLICA IDENTITY NOTHING")
     try:
         found = problems(logical_server, remote_plan(tmp_path), {TARGET_ENV: target_db})
-        [said] = about(found, "public.turns")
+        said = " ".join(about(found, "public.turns"))  # its column mapping is named too
         assert "no replica identity" in said and "UPDATE and DELETE" in said
     finally:
         with psycopg.connect(logical_server, autocommit=True) as conn:
             conn.execute("ALTER TABLE public.turns REPLICA IDENTITY DEFAULT")
 
 
-def test_commands_that_would_change_something_refuse_and_change_nothing(
+def test_a_plan_with_problems_changes_nothing_on_either_server(
     tmp_path: Path, logical_server: str, target_db: str,
 ) -> None:
     plan = remote_plan(tmp_path)
     env = {TARGET_ENV: target_db}
     code, out = run(logical_server, "apply", plan, "--until", "prepare", env=env)
     said = " ".join(out.split())
-    assert code == 1 and "not built yet (issue 17)" in said, out
+    assert code == 1 and "cross_server_keys: drop" in said, out
     assert "orchestrator validate" in said
     with psycopg.connect(logical_server) as conn:
         row: Any = conn.execute(
@@ -169,3 +168,22 @@ def test_commands_that_would_change_something_refuse_and_change_nothing(
     with psycopg.connect(target_db) as conn:
         assert conn.execute("SELECT to_regnamespace('conversation') IS NULL").fetchone() == (
             True,)
+
+
+def test_the_two_server_plan_validates_with_its_choices_stated(
+    tmp_path: Path, logical_server: str, target_db: str,
+) -> None:
+    text = (COGITO_PLAN.parent / "cogito-two-servers.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "two.yaml"
+    path.write_text(text, encoding="utf-8")
+    code, out = run(logical_server, "validate", str(path), "--format", "json",
+                    env={"CONVERSATION_DSN": target_db})
+    assert code == 0, out
+    warnings = json.loads(out)["warnings"]
+    said = {w["subject"]: w["message"] for w in warnings}
+    assert "the plan drops it" in said["foreign key participants_user_id_fkey"]
+    assert "created on the source" in said["view public.participant_users"]
+    # A plan may not ask for the remote strategy itself: the schema's server decides.
+    path.write_text(text.replace("strategy: copy", "strategy: remote", 1), encoding="utf-8")
+    code, out = run(logical_server, "validate", str(path), env={"CONVERSATION_DSN": target_db})
+    assert code != 0 and "strategy remote is not written in a plan" in out

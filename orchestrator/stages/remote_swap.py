@@ -20,6 +20,7 @@ from collections.abc import Callable
 from psycopg import sql
 
 from orchestrator.db import Conn
+from orchestrator.errors import StageError
 from orchestrator.model.catalog import ForeignKey, Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
@@ -29,7 +30,8 @@ from orchestrator.stages.base import Action, GiveWay, Phase, Stage, Step, regcla
 from orchestrator.stages.remote_sync import drop_forward, exists, source_rel
 from orchestrator.state.store import Store
 
-DRAIN_S = 2.0  # inside the lock: how long to wait for the other server to apply everything
+DRAIN_S = 0.5  # inside the lock: the least wait for the other server to apply everything
+CATCH_UP_S = 300.0  # outside it: how long the other server may take to catch up
 TARGET_CREATED = "remote_target_schema"
 FKS = "remote_fks"
 
@@ -96,11 +98,25 @@ class RemoteCutover(Stage):
         with link.target(ctx, m) as tgt:
             if reverse:
                 _prepare_way_back(ctx, m, tgt)
-                return
-            _resume(ctx, m, tgt)
-            # Made outside the lock (it waits for the target's running transactions); moved
-            # past everything the target has written once the forward stream is drained.
-            rep.ensure_slot(tgt, n.reverse)
+            else:
+                _resume(ctx, m, tgt)
+                # Made outside the lock (it waits for the target's running transactions);
+                # moved past everything the target has written once the forward stream is
+                # drained.
+                rep.ensure_slot(tgt, n.reverse)
+            self.between_tries(ctx, moves, reverse=reverse)
+
+    def between_tries(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
+        """Outside the lock, let the other server catch up, so that the drain under the lock
+        has only the last moments' changes to wait for."""
+        m = moves[0]
+        n = link.names(ctx.plan, m)
+        if not reverse:
+            _catch_up(ctx, m, ctx.conn, n.forward, "the target")
+            return
+        with link.target(ctx, m) as tgt:
+            if rep.slot_exists(tgt, n.reverse):
+                _catch_up(ctx, m, tgt, n.reverse, "the source")
 
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
         m = moves[0]
@@ -137,6 +153,22 @@ class RemoteCutover(Stage):
 
     def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
         return self.forward(ctx, moves).steps, self.backward(ctx, moves).steps
+
+
+def _catch_up(ctx: Ctx, m: TableMove, conn: Conn, slot: str, who: str) -> None:
+    lsn = rep.current_lsn(conn)
+    if not rep.wait_applied(conn, slot, lsn, CATCH_UP_S):
+        raise StageError(f"{m.label}: {who} did not apply the changes up to {lsn} within "
+                         f"{CATCH_UP_S:.0f} s; nothing was switched",
+                         hint=f"check the subscription {slot} (pg_stat_subscription on the "
+                         "subscriber, its server log), then rerun")
+
+
+def _drain_s(ctx: Ctx, m: TableMove) -> float:
+    """How long the swap waits, holding its lock, for the other server's last changes: the
+    table's lock_timeout, at least DRAIN_S (the apply worker confirms within milliseconds
+    when it keeps up)."""
+    return max(DRAIN_S, ctx.policy(m).lock_timeout_ms / 1000)
 
 
 def _remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:
@@ -181,8 +213,9 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     conn = ctx.conn
     n = link.names(ctx.plan, m)
     lsn = rep.current_lsn(conn)
-    if not rep.wait_applied(conn, n.forward, lsn, DRAIN_S):
-        raise GiveWay(f"the target had not applied up to {lsn} after {DRAIN_S:.0f} s")
+    if not rep.wait_applied(conn, n.forward, lsn, _drain_s(ctx, m)):
+        raise GiveWay(f"the target had not applied up to {lsn} after "
+                      f"{_drain_s(ctx, m):.1f} s")
     counters = ddl.counters(ctx.catalog, rel)
     values = _seq_values(conn, [sql.Identifier(c.sequence.schema, c.sequence.name)
                                 for c in counters])
@@ -280,9 +313,9 @@ def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
             with tgt.transaction():
                 tgt.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(n.transit(m)))
                 lsn = rep.current_lsn(tgt)
-                if not rep.wait_applied(tgt, n.reverse, lsn, DRAIN_S):
+                if not rep.wait_applied(tgt, n.reverse, lsn, _drain_s(ctx, m)):
                     raise GiveWay(f"the source had not applied up to {lsn} after "
-                                  f"{DRAIN_S:.0f} s")
+                                  f"{_drain_s(ctx, m):.1f} s")
                 values = _seq_values(tgt, [sql.Identifier(n.transit_schema, c.sequence.name)
                                            for c in counters])
                 for c in counters:  # one generator again
