@@ -261,3 +261,18 @@ def _run(dsn: str, *args: str) -> tuple[int, str]:
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
     return r.returncode, out
+
+
+def test_the_two_server_demo_ends_with_no_mismatch_and_nothing_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "demo", "--two-servers",
+                        "--rows", "3000", "--dir", str(base)], capture_output=True, text=True,
+                       timeout=600)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0 and "Traceback" not in out, out
+    assert "mismatches │ 0 │" in out, out
+    assert "subscriptions left after finalize │ 0 │" in out, out
+    assert "stopped the two embedded servers" in out

@@ -22,9 +22,16 @@ def demo(
     directory: Annotated[Path | None, typer.Option("--dir", help="Embedded server data "
                                                    "directory parent.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Application sessions.")] = 2,
+    two_servers: Annotated[bool, typer.Option(
+        "--two-servers", help="Move the conversation domain to a second embedded server "
+        "(plans/cogito-two-servers.yaml), through logical replication.")] = False,
 ) -> None:
     """Run the Cogito move on the embedded server under a simulated application."""
     from orchestrator.demo import demo as demo_mod
+
+    if two_servers:
+        _two_servers(rows, keep, directory, threads)
+        return
 
     def say(text: str) -> None:
         out.print(f"[bold cyan]»[/] {text}", highlight=False)
@@ -47,6 +54,32 @@ def demo(
                   f"  orchestrator --dsn '{summary.dsn}' status plans/cogito.yaml\n"
                   f"stop it with: orchestrator server stop{where}")
     raise typer.Exit(0 if summary.mismatches == 0 else 1)
+
+
+def _two_servers(rows: int, keep: bool, directory: Path | None, threads: int) -> None:
+    from orchestrator.demo import two_servers
+
+    def say(text: str) -> None:
+        out.print(f"[bold cyan]»[/] {text}", highlight=False)
+
+    reporter = tui.Reporter(out)
+    try:
+        with guard(), reporter:
+            summary = two_servers.run(say, reporter.event, rows=rows, directory=directory,
+                                      threads=threads)
+    finally:
+        if not keep:
+            pids = two_servers.stop_servers(directory)
+            if pids:
+                out.print(f"stopped the two embedded servers (pids {', '.join(map(str, pids))})"
+                          "; --keep leaves them running")
+    out.print(demo_summary(summary))
+    if keep:
+        out.print(f"the servers keep running; explore with:\n  psql '{summary.dsn}'\n"
+                  f"  psql '{summary.target_dsn}'\n"
+                  f"  CONVERSATION_DSN='{summary.target_dsn}' orchestrator --dsn "
+                  f"'{summary.dsn}' status plans/cogito-two-servers.yaml")
+    raise typer.Exit(0 if summary.mismatches == 0 and not summary.leftovers else 1)
 
 
 @server_app.command("start")

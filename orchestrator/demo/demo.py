@@ -43,6 +43,10 @@ class Summary:
     app_retried: int = 0
     longest_wait_ms: float = 0.0
     per_table: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The two-server demo: the new server's database, and the replication slots,
+    # publications and subscriptions left on both servers after finalize.
+    target_dsn: str | None = None
+    leftovers: int | None = None
 
 
 def default_plan_path() -> Path:

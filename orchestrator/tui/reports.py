@@ -15,9 +15,13 @@ def demo_summary(summary: Summary) -> Table:
     table = Table(title="Cogito demo: summary")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("rows compared (moved tables vs their retired sources)",
+    table.add_row("rows compared (moved tables vs their retired sources"
+                  + (", across the two servers)" if summary.target_dsn else ")"),
                   f"{summary.compared:,}")
     table.add_row("mismatches", f"{summary.mismatches}")
+    if summary.leftovers is not None:
+        table.add_row("replication slots, publications, subscriptions left after finalize",
+                      f"{summary.leftovers}")
     for stage, secs in summary.stage_seconds.items():
         table.add_row(f"time: {stage}", f"{secs:.2f} s")
     table.add_row("application writes during the move", f"{summary.app_writes:,}")

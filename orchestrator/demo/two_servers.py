@@ -1,0 +1,163 @@
+"""The Cogito demo on two servers: the conversation domain moves to a second embedded server
+(plans/cogito-two-servers.yaml) while the application writes through the source's public
+names; cutover, a rollback after cutover and a cutover again, a comparison of every table on
+both servers, then finalize and a count of what replication objects are left (none).
+
+Each server is an embedded PostgreSQL 18 in a directory of its own under the demo's
+directory, set to wal_level = logical (a restart the first time).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.db import connect, default_embedded_dir, start_embedded, stop_embedded
+from orchestrator.demo import sample
+from orchestrator.demo.demo import Say, Summary, compare, fresh_database
+from orchestrator.demo.workload import Workload
+from orchestrator.model.context import Controls, build_context
+from orchestrator.plan import LoadedPlan, load_plan
+from orchestrator.run.events import Progress
+from orchestrator.run.session import session
+from orchestrator.stages.registry import REMOTE_STRATEGY, ROLLBACK_TO
+
+TARGET_DB = "conversation_home"
+ENV = "CONVERSATION_DSN"  # what plans/cogito-two-servers.yaml reads
+LOGICAL = {"wal_level": "logical", "max_logical_replication_workers": "16",
+           "max_worker_processes": "32", "max_replication_slots": "24",
+           "max_wal_senders": "24"}
+
+
+def server_dirs(directory: Path | None) -> tuple[Path, Path]:
+    base = (directory or default_embedded_dir()) / "two-servers"
+    return base / "source", base / "target"
+
+
+def logical_server(directory: Path) -> str:
+    """An embedded server in `directory` set for logical replication both ways."""
+    dsn = start_embedded(directory)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        r = conn.execute("SELECT current_setting('wal_level')").fetchone()
+        if r is not None and r[0] == "logical":
+            return dsn
+        for name, value in LOGICAL.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name),
+                                                                    sql.Literal(value)))
+    stop_embedded(directory)  # wal_level takes effect at a restart
+    return start_embedded(directory)
+
+
+def stop_servers(directory: Path | None) -> list[int]:
+    return [pid for d in server_dirs(directory) if (pid := stop_embedded(d))]
+
+
+def plan_path() -> Path:
+    here = Path(__file__).resolve().parent.parent.parent / "plans" / "cogito-two-servers.yaml"
+    return here if here.exists() else Path("plans/cogito-two-servers.yaml")
+
+
+def compare_remote(source: str, target: str, loaded: LoadedPlan) -> dict[str, dict[str, int]]:
+    """Each moved table on the new server against its retired source (kept equal by the
+    reverse replication): rows, and keys whose row differs or is on one side only."""
+    out: dict[str, dict[str, int]] = {}
+    with connect(source, autocommit=True) as s, connect(target, autocommit=True) as t:
+        for conn in (s, t):
+            conn.execute("SET TimeZone = 'UTC'")
+        ctx = build_context(s, loaded)
+        for m in ctx.moves.values():
+            if m.strategy != REMOTE_STRATEGY.name:
+                continue
+            keys = sql.SQL(", ").join(sql.Identifier("x", k) for k in m.key_source)
+            q = sql.SQL("SELECT row({}) ::text AS k, md5(x::text) AS h FROM {} x")
+            here = {r["k"]: r["h"] for r in s.execute(q.format(keys, m.retired))}
+            there = {r["k"]: r["h"] for r in t.execute(q.format(keys, m.target))}
+            diff = sum(1 for k in here.keys() | there.keys() if here.get(k) != there.get(k))
+            out[m.label] = {"rows": len(there), "mismatches": diff}
+    return out
+
+
+def leftovers(dsn: str) -> int:
+    """Replication slots, publications and subscriptions on a server (ours are all gone after
+    finalize)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        r = conn.execute("SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) "
+                         "FROM pg_publication) + (SELECT count(*) FROM pg_subscription)"
+                         ).fetchone()
+    return int(r[0]) if r else 0
+
+
+def run(say: Say, progress: Progress, *, rows: int = 200_000,
+        directory: Path | None = None, threads: int = 2) -> Summary:
+    """The two-server demo; returns the figures for the closing summary."""
+    src_dir, tgt_dir = server_dirs(directory)
+    source_server, target_server = logical_server(src_dir), logical_server(tgt_dir)
+    say(f"two servers ready (wal_level = logical): {source_server} and {target_server}")
+    db = fresh_database(source_server)
+    target = fresh_database(target_server, TARGET_DB)
+    os.environ[ENV] = target
+    t0 = time.monotonic()
+    with psycopg.connect(db) as conn:
+        sample.load_schema(conn)
+        counts = sample.generate_data(conn, turns=rows)
+    say(f"loaded the legacy Cogito schema in public on the source: {sum(counts.values()):,} "
+        f"rows ({counts['turns']:,} turns) in {time.monotonic() - t0:.1f} s")
+    loaded = load_plan(plan_path())
+    summary = Summary(dsn=db, rows=counts)
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        start = time.monotonic()
+        fn()
+        summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + (
+            time.monotonic() - start)
+
+    with Workload(db, threads=threads) as app:
+        say(f"the application is writing to the source ({threads} sessions on public.turns, "
+            "public.users, ...); conversation moves to the second server")
+        with session(db, loaded, progress) as eng:
+            for stage in ROLLBACK_TO:
+                say(f"apply --until {stage} (the conversation tables: prepare, sync, verify)")
+
+                def step(until: str = stage) -> None:
+                    eng.apply(None, until)
+
+                timed(stage, step)
+            say("cutover: the old names now reach the second server through postgres_fdw; "
+                "it replicates back to the retired tables")
+            timed("cutover", lambda: eng.cutover(None))
+            say("roll back the cutover of turns (every row written on either server comes "
+                "back), then cut over again")
+            timed("rollback", lambda: eng.rollback("turns", to="verify"))
+            timed("cutover", lambda: eng.cutover(["turns"]))
+            time.sleep(1.0)  # the application writes through the old names for a moment
+        app.stop()
+        with session(db, loaded, progress) as eng:
+            eng.replay_once()  # the copy strategy's reverse capture (users stays on the source)
+    per_table = compare(db, loaded)
+    deadline = time.monotonic() + 30  # the reverse streams catch up
+    while True:
+        remote = compare_remote(db, target, loaded)
+        if all(t["mismatches"] == 0 for t in remote.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    per_table.update(remote)
+    # The application used the old names a moment ago: finalize anyway (--force), it is a demo.
+    with session(db, loaded, progress, Controls(force=True)) as eng:
+        say("finalize: subscriptions, publications, slots and retired tables dropped on "
+            "both servers")
+        timed("finalize", lambda: eng.finalize(None))
+    summary.per_table = per_table
+    summary.compared = sum(t["rows"] for t in per_table.values())
+    summary.mismatches = sum(t["mismatches"] for t in per_table.values())
+    summary.leftovers = leftovers(db) + leftovers(target)
+    s = app.stats
+    summary.app_writes, summary.app_reads = s.writes, s.reads
+    summary.app_errors, summary.app_retried = s.errors, s.retried
+    summary.longest_wait_ms = s.max_wait_ms
+    summary.target_dsn = target
+    return summary
