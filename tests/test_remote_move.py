@@ -276,3 +276,34 @@ def test_the_two_server_demo_ends_with_no_mismatch_and_nothing_left(tmp_path: Pa
     assert "mismatches │ 0 │" in out, out
     assert "subscriptions left after finalize │ 0 │" in out, out
     assert "stopped the two embedded servers" in out
+
+
+def test_dry_run_status_and_scan_code_say_what_changes_for_the_application(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path)
+    import json
+
+    report = json.loads(stress.ok(pair.source, "dry-run", plan, "--format", "json"))
+    turns = next(t for t in report["tables"] if t["table"] == "turns")
+    assert turns["reason"].startswith("remote: schema conversation lives on another server")
+    risks = " ".join(turns["risks"])
+    assert "ON CONFLICT with a conflict target" in risks and "not atomic" in risks
+    stress.ok(pair.source, "apply", plan, "--table", "turns")
+    out = " ".join(stress.ok(pair.source, "status", plan).split())
+    assert "replication: turns: source → conversation_home:" in out, out
+    stress.ok(pair.source, "cutover", plan, "--table", "turns", "--yes")
+    status = json.loads(stress.ok(pair.source, "status", plan, "--format", "json"))
+    lag = next(t for t in status["tables"] if t["name"] == "turns")["lag"]
+    assert lag["direction"] == "reverse" and lag["behind_bytes"] is not None, lag
+    code = tmp_path / "app.sql"
+    code.write_text(
+        "INSERT INTO turns (participant_id, content) VALUES (1, 'x') ON CONFLICT (id) DO "
+        "NOTHING;\nBEGIN;\nUPDATE users SET email = 'a' WHERE id = 1;\nINSERT INTO "
+        "conversation.turns (participant_id, content) VALUES (1, 'y');\nCOMMIT;\n")
+    found, out = _run(pair.source, "scan-code", "--plan", plan, str(code))
+    assert found == 1  # it found something
+    out = " ".join(out.split())
+    assert "app.sql:1: turns: INSERT ... ON CONFLICT with a conflict target" in out, out
+    assert "app.sql:2: conversation.turns: this transaction writes conversation.turns" in out
+    assert "2 statement(s) that cannot work once their table lives on another server" in out

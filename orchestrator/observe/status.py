@@ -10,7 +10,7 @@ the commands an operator would type.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +96,18 @@ REPLAY_FRESH_S = 30.0  # an older record is of a replayer that stopped
 
 
 @dataclass(frozen=True)
+class Lag:
+    """A table moving to another server: how far its subscriber is behind (the slot's
+    confirmed position against the publisher's WAL; seconds from pg_stat_replication, 0 when
+    the walsender has nothing to send)."""
+
+    direction: str  # forward (source to target, before cutover) or reverse (after)
+    server: str
+    behind_bytes: int | None  # None: the slot is not there (yet, or any more)
+    behind_s: float | None
+
+
+@dataclass(frozen=True)
 class TableStatus:
     name: str
     strategy: str
@@ -124,6 +136,7 @@ class TableStatus:
     last_error: str | None
     hint: str | None
     next_steps: tuple[str, ...]
+    lag: Lag | None = None  # a move to another server only
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,46 @@ def read(conn: Conn, loaded: LoadedPlan, wave_of: dict[str, int] | None = None) 
         paused=_paused(conn, plan) if schema_exists(conn, schema) else set(),
         holds=_holds(conn, plan) if exists else (),
         replays=_replays(conn, plan) if exists else {},
+        lags=_lags(conn, loaded, rows) if exists else {},
     )
+
+
+_LAG = """SELECT (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS bytes,
+       coalesce(extract(epoch FROM r.replay_lag), 0)::float AS secs
+FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+WHERE s.slot_name = %s"""
+
+
+def _lags(conn: Conn, loaded: LoadedPlan, rows: list[StageRow]) -> dict[str, Lag]:
+    """For each table moving to another server and not final: the forward slot on the source
+    before its cutover, the reverse slot on the target after it."""
+    from orchestrator.remote import link
+
+    plan = loaded.plan
+    remote = plan.remote_schemas()
+    done = {(r.table_name, r.stage) for r in rows if r.status == Status.done}
+    out: dict[str, Lag] = {}
+    targets: dict[str, Conn | None] = {}
+    try:
+        for spec in plan.tables:
+            server = remote.get(spec.schema_)
+            if server is None or (spec.name, "finalize") in done:
+                continue
+            names = link.slot_names(plan, spec.name)
+            if (spec.name, "cutover") not in done:
+                r = conn.execute(_LAG, (names[0],)).fetchone()
+                out[spec.name] = Lag("forward", server, r and r["bytes"], r and r["secs"])
+                continue
+            if server not in targets:
+                targets[server] = link.open_quietly(plan, server)
+            tgt = targets[server]
+            r = tgt.execute(_LAG, (names[1],)).fetchone() if tgt is not None else None
+            out[spec.name] = Lag("reverse", server, r and r["bytes"], r and r["secs"])
+    finally:
+        for c in targets.values():
+            if c is not None:
+                c.close()
+    return out
 
 
 def assemble(
@@ -182,6 +234,7 @@ def assemble(
     paused: set[str] | None = None,
     holds: tuple[float, ...] = (),
     replays: dict[str, dict[str, Any]] | None = None,
+    lags: dict[str, Lag] | None = None,
 ) -> PlanStatus:
     """The model from what was read (a pure function: the renderers' tests build it)."""
     plan = loaded.plan
@@ -198,6 +251,8 @@ def assemble(
                _replay(rp.get(spec.name), dp.get(spec.name), now))
         for spec in plan.tables
     )
+    if lags:
+        tables = tuple(replace(t, lag=lags.get(t.name)) for t in tables)
     etas = [t.eta_s for t in tables if t.eta_s is not None]
     counts: dict[str, int] = {}
     for t in tables:

@@ -51,9 +51,13 @@ class Names:
 
 def names(plan: Plan, m: TableMove) -> Names:
     server = plan.remote_schemas()[m.target_schema]
-    return Names(_slot_name("f", plan.name, m.source_name),
-                 _slot_name("r", plan.name, m.source_name),
-                 f"orch_{plan.name}_{server}"[:63], plan.retired_schema)
+    forward, reverse = slot_names(plan, m.source_name)
+    return Names(forward, reverse, f"orch_{plan.name}_{server}"[:63], plan.retired_schema)
+
+
+def slot_names(plan: Plan, table: str) -> tuple[str, str]:
+    """The forward and the reverse slot (and publication, and subscription) of a table."""
+    return _slot_name("f", plan.name, table), _slot_name("r", plan.name, table)
 
 
 def server_of(plan: Plan, m: TableMove) -> str:
@@ -96,6 +100,18 @@ def target(ctx: Ctx, m: TableMove, *, wrap: bool = True) -> Iterator[Conn]:
         ) from exc
     finally:
         conn.close()
+
+
+def open_quietly(plan: Plan, server: str) -> Conn | None:
+    """A session on a plan's server for reading its state, or None if it cannot be reached
+    (status shows what it can)."""
+    info = conninfo(server, plan.servers[server], os.environ)
+    if not isinstance(info, str):
+        return None
+    try:
+        return connect(info, autocommit=True, application=APP)
+    except ConnectionConfigError:
+        return None
 
 
 def fdw_options(info: str) -> tuple[dict[str, str], dict[str, str]]:

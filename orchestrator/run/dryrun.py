@@ -248,10 +248,40 @@ def _risks(ctx: Ctx, m: TableMove, rel: Relation) -> list[str]:
         f"after the swap TRUNCATE {m.source_schema}.{m.source_name} fails (it is a "
         f"view); truncate {m.target_schema}.{m.target_name} instead"
     )
+    if m.strategy == Strategy.remote.value:
+        out += _remote_risks(ctx, m)
+    return out
+
+
+def _remote_risks(ctx: Ctx, m: TableMove) -> list[str]:
+    """What changes for the application when the table lives on another server."""
+    from orchestrator.tools.scan import recorded_problems
+
+    server = ctx.plan.remote_schemas()[m.target_schema]
+    out = [
+        f"moves to server {server}: after cutover {m.source_schema}.{m.source_name} is a view "
+        "over a postgres_fdw foreign table; INSERT ... ON CONFLICT with a conflict target (or "
+        f"DO UPDATE) fails through it, a transaction that writes it and a table on the source "
+        "is not atomic (no two-phase commit), and every statement costs round trips to "
+        f"server {server}; `orchestrator scan-code` finds such statements in the code",
+        f"new keys: the source's compatibility relation and server {server} each hand out "
+        "every other value of the key's sequence from cutover on",
+    ]
+    state, found = recorded_problems(ctx.conn, ctx.plan)
+    names = {m.source_name, m.target_name}
+    out += [f"recorded statement that cannot work then: {f}" for f in found
+            if any(n in f for n in names)]
+    if state != "available":
+        out.append(f"pg_stat_statements is {state}: the application's statements were not "
+                   "checked (run `orchestrator scan-code` over its code)")
     return out
 
 
 def _reason(m: TableMove, spec_columns: int) -> str:
+    if m.strategy == Strategy.remote.value:
+        return (f"remote: schema {m.target_schema} lives on another server; the table moves "
+                "by logical replication (publication, slot, subscription) and back after "
+                "cutover")
     if m.strategy == Strategy.rename.value:
         return (
             "rename: ALTER TABLE ... SET SCHEMA plus a compatibility view; instant, no "

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 from pglast import ast, parse_plpgsql, parse_sql
+from pglast.enums import OnConflictAction, TransactionStmtKind
 from pglast.parser import ParseError, split
 from pglast.visitors import Visitor
 
@@ -77,6 +78,9 @@ class Finding:
     use: str  # the qualified name to use
     source: str  # "sql" (a .sql file), "python" (a string literal), "function" (a body)
     statement: str  # the statement's kind (SelectStmt, InsertStmt...)
+    # A statement that cannot work once its table lives on another server (the rest of the
+    # fields then name it; `use` is empty).
+    problem: str = ""
 
 
 @dataclass
@@ -97,13 +101,36 @@ def _targets(plan: Plan) -> dict[str, str]:
 
 
 class _Refs(Visitor):
-    """RangeVars and CTE names of one statement."""
+    """RangeVars and CTE names of one statement, the relations it writes, and its
+    INSERTs with ON CONFLICT."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refs: list[ast.RangeVar] = []
         self.ctes: set[str] = set()
         self.bodies: list[ast.CreateFunctionStmt] = []
+        self.writes: list[tuple[str | None, str]] = []  # (schema, name) of each written
+        self.upserts: list[tuple[str | None, str]] = []  # ON CONFLICT with a target/DO UPDATE
+
+    def _wrote(self, r: ast.RangeVar | None) -> None:
+        if r is not None and r.relname:
+            self.writes.append((r.schemaname, r.relname))
+
+    def visit_InsertStmt(self, ancestors: Any, node: ast.InsertStmt) -> None:
+        self._wrote(node.relation)
+        c, r = node.onConflictClause, node.relation
+        if c is not None and r is not None and r.relname and (
+                c.infer is not None or c.action == OnConflictAction.ONCONFLICT_UPDATE):
+            self.upserts.append((r.schemaname, r.relname))
+
+    def visit_UpdateStmt(self, ancestors: Any, node: ast.UpdateStmt) -> None:
+        self._wrote(node.relation)
+
+    def visit_DeleteStmt(self, ancestors: Any, node: ast.DeleteStmt) -> None:
+        self._wrote(node.relation)
+
+    def visit_MergeStmt(self, ancestors: Any, node: ast.MergeStmt) -> None:
+        self._wrote(node.relation)
 
     def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> None:
         self.refs.append(node)
@@ -122,6 +149,76 @@ class _Ref:
     table: str
     found: str
     statement: str
+    problem: str = ""
+
+
+UPSERT = ("INSERT ... ON CONFLICT with a conflict target (or DO UPDATE) fails once {t} lives on "
+          "server {s}: postgres_fdw knows no unique index of it (do the upsert on server {s})")
+TWO_SERVERS = ("this {what} writes {t} (on server {s} after the move) and {o} (on the "
+               "source): two servers, no two-phase commit, so it is not atomic any more")
+
+
+class _Servers:
+    """Where each table a statement names lives after the move, and the writes of the open
+    transaction block, to flag a transaction that would write two servers."""
+
+    def __init__(self, plan: Plan) -> None:
+        remote = plan.remote_schemas()
+        self.plan = plan
+        self.home: dict[tuple[str | None, str], str] = {}
+        for t in plan.tables:
+            server = remote.get(t.schema_)
+            if server is not None:
+                for key in ((None, t.name), (plan.source_schema, t.name),
+                            (t.schema_, t.target_name)):
+                    self.home[key] = server
+        self.block: dict[str, str] | None = None  # server -> a table it writes
+        self.block_start = 0
+
+    def where(self, rel: tuple[str | None, str]) -> tuple[str, str]:
+        """The server a relation lives on after the move, and its name as written."""
+        name = qualified(rel[0], rel[1]) if rel[0] else quote(rel[1])
+        return self.home.get(rel, "source"), name
+
+    def statement(self, stmt: ast.RawStmt, v: _Refs, at: int) -> list[_Ref]:
+        """Findings of one statement (and, at the end of a transaction block, of the block)."""
+        if not self.home:
+            return []
+        out: list[_Ref] = []
+        kind = type(stmt.stmt).__name__
+        for rel in v.upserts:
+            server, name = self.where(rel)
+            if server != "source":
+                out.append(_Ref(at, rel[1], name, kind, UPSERT.format(t=name, s=server)))
+        if isinstance(stmt.stmt, ast.TransactionStmt):
+            k = stmt.stmt.kind
+            if k in (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START):
+                self.block, self.block_start = {}, at
+            elif self.block is not None and k in (TransactionStmtKind.TRANS_STMT_COMMIT,
+                                                  TransactionStmtKind.TRANS_STMT_ROLLBACK,
+                                                  TransactionStmtKind.TRANS_STMT_PREPARE):
+                out += self._two(self.block, self.block_start, "transaction")
+                self.block = None
+            return out
+        written: dict[str, str] = {}
+        for rel in v.writes:
+            server, name = self.where(rel)
+            written.setdefault(server, name)
+        if self.block is not None:
+            for server, name in written.items():
+                self.block.setdefault(server, name)
+        else:
+            out += self._two(written, at, kind)
+        return out
+
+    def _two(self, written: dict[str, str], at: int, kind: str) -> list[_Ref]:
+        remote = [(s, n) for s, n in written.items() if s != "source"]
+        if not remote or len(written) < 2:
+            return []
+        s, name = remote[0]
+        other = next(n for x, n in written.items() if x != s)
+        what = "transaction" if kind == "transaction" else "statement"
+        return [_Ref(at, name, name, kind, TWO_SERVERS.format(what=what, t=name, s=s, o=other))]
 
 
 def _blank_meta(text: str) -> str:
@@ -246,6 +343,7 @@ def references(text: str, plan: Plan, depth: int = 0) -> tuple[list[_Ref], int, 
     targets = _targets(plan)
     refs: list[_Ref] = []
     parsed = skipped = 0
+    servers = _Servers(plan)
     for base, start, stmt, stmt_text in _statements(text):
         if stmt is None:
             if stmt_text.strip():
@@ -255,6 +353,7 @@ def references(text: str, plan: Plan, depth: int = 0) -> tuple[list[_Ref], int, 
         v = _Refs()
         v(stmt)
         kind = type(stmt.stmt).__name__
+        refs += servers.statement(stmt, v, start)
         for r in v.refs:
             name = r.relname
             if name not in targets:
@@ -300,9 +399,10 @@ def scan_sql_text(
                 line=first_line + _line_of(text, max(r.offset, 0)) - 1,
                 table=r.table,
                 found=r.found,
-                use=targets[r.table],
+                use="" if r.problem else targets.get(r.table, ""),
                 source="function" if r.statement == "function body" else source,
                 statement=r.statement,
+                problem=r.problem,
             )
         )
 
@@ -459,6 +559,19 @@ ADVICE_NO_PGSS = (
     "`orchestrator scan-code` over the application; or sample live sessions with "
     "`--sample SECONDS` (it sees only sessions that use a view while it watches).",
 )
+
+
+def recorded_problems(conn: Conn, plan: Plan) -> tuple[str, list[str]]:
+    """The statements pg_stat_statements recorded that cannot work once their table lives on
+    another server (each with why), and whether it could tell."""
+    state, rows, _ = _stat_rows(conn)
+    out: list[str] = []
+    for r in rows:
+        query = str(r["query"])
+        refs, _, _ = references(_placeholders(query), plan)
+        out += [f"{' '.join(query.split())[:160]} ({r['calls']} calls): {x.problem}"
+                for x in refs if x.problem]
+    return state, out
 
 
 def _stat_rows(conn: Conn) -> tuple[str, list[dict[str, Any]], str | None]:

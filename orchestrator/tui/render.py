@@ -119,6 +119,17 @@ def _log(t: TableStatus) -> str:
     return f"{t.log_depth:,}" + (" rev" if t.log_direction == "reverse" else "")
 
 
+def lag_note(t: TableStatus) -> str:
+    """How far a table's subscriber on the other side is behind."""
+    lag = t.lag
+    assert lag is not None
+    way = (f"source → {lag.server}" if lag.direction == "forward"
+           else f"{lag.server} → source (the way back)")
+    if lag.behind_bytes is None:
+        return f"{way}: no slot"
+    return f"{way}: {lag.behind_bytes:,} bytes behind ({lag.behind_s or 0:.1f} s)"
+
+
 def replay_note(t: TableStatus) -> str:
     """What the replayer (`apply --follow`) does for the table's log, and when the log will
     be caught up at its rates."""
@@ -214,6 +225,8 @@ def _notes(t: TableStatus) -> list[Text]:
                                    "between batches (`set PLAN paused false` resumes)"))
     if t.replay:
         notes.append(Text.assemble(("log: ", "cyan"), f"{t.name}: {replay_note(t)}"))
+    if t.lag:
+        notes.append(Text.assemble(("replication: ", "cyan"), f"{t.name}: {lag_note(t)}"))
     if t.repairs > 1:
         notes.append(Text.assemble(
             ("suspect: ", "red"), f"{t.name}: {t.repairs} chunk repairs by verify; some write "

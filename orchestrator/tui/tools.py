@@ -200,6 +200,12 @@ def print_access(console: Console, r: AccessReport) -> None:
 
 def print_scan(console: Console, r: ScanReport) -> None:
     for f in r.findings:
+        if f.problem:  # cannot work once the table lives on another server
+            console.print(Text.assemble((f"{f.path}:{f.line}", "bold"), ": ",
+                                        (f.found, "red"), f": {f.problem}",
+                                        (f"  ({f.statement}, {f.source})", "dim")),
+                          highlight=False, soft_wrap=True)
+            continue
         console.print(
             Text.assemble(
                 (f"{f.path}:{f.line}", "bold"),
@@ -214,9 +220,15 @@ def print_scan(console: Console, r: ScanReport) -> None:
         )
     for u in r.unreadable:
         console.print(Text(f"skipped: {u}", style="yellow"), highlight=False, soft_wrap=True)
+    problems = sum(1 for f in r.findings if f.problem)
+    if problems:
+        console.print(Text(f"{problems} statement(s) that cannot work once their table lives "
+                           "on another server (docs/cross-server.md, \"What changes for the "
+                           "application\")", style="bold red"))
     console.print(
         Text(
-            f"{len(r.findings)} reference(s) to moved tables without their new schema in "
+            f"{len(r.findings) - problems} reference(s) to moved tables without their new "
+            "schema in "
             f"{r.files} file(s); {r.statements} statement(s) parsed, {r.skipped} string(s) or "
             "statement(s) skipped (not SQL pglast reads)",
             style="bold" if r.findings else "green",
