@@ -1,4 +1,4 @@
-"""python -m bench [--only copy|dualwrite|cutover|planning|memory] [--rows N] [--quick]
+"""python -m bench [--only copy|dualwrite|cutover|planning|memory|remote] [--rows N] [--quick]
 [--no-report]
 
 Runs the benchmarks (all by default), writes bench/results/<name>.json (bench/results/quick/
@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-NAMES = ("copy", "dualwrite", "cutover", "planning", "memory")
+NAMES = ("copy", "dualwrite", "cutover", "planning", "memory", "remote")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from bench import copy_speed, cutover, dualwrite, memory, planning, report
+    from bench import copy_speed, cutover, dualwrite, memory, planning, remote, report
     from bench.common import RESULTS, say, write_result
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "cutover": lambda: cutover.run(quick=args.quick),
         "planning": lambda: planning.run(quick=args.quick),
         "memory": lambda: memory.run(quick=args.quick),
+        "remote": lambda: remote.run(quick=args.quick),
     }
     chosen = args.only or list(NAMES)
     t0 = time.monotonic()

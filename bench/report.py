@@ -524,6 +524,47 @@ def _cutover_controls(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _remote(r: dict[str, Any]) -> list[str]:
+    t, s, w, c = r["table"], r["sync"], r["writes"], r["cutover"]
+    reads = r["point_read_ms"]
+
+    def each(xs: list[float], nd: int = 2) -> str:
+        return ", ".join(_f(x, nd) for x in xs)
+
+    dump, ours = s["dump_restore_s"], s["orchestrator_s"]
+    alone, sub = w["alone_tps"], w["subscribed_tps"]
+    return [
+        "## A move to another server", "",
+        f"Two embedded PostgreSQL 18 servers on this machine (Unix sockets, `wal_level = "
+        f"logical`), a table of {r['rows']:,} rows ({t['heap_mb']} MB heap, "
+        f"{t['indexes_mb']} MB of indexes: key, UNIQUE email, account_id) moving to the "
+        "second (`bench/remote.py`, docs/cross-server.md). Rounds interleaved.", "",
+        "| measure | rounds | median |", "|---|---|---|",
+        f"| `pg_dump -t \\| psql` (indexes included) | {each(dump)} s | "
+        f"{_f(median_of(dump))} s |",
+        f"| `apply --until sync` (prepare, initial sync, indexes) | {each(ours)} s | "
+        f"{_f(median_of(ours))} s ({_f(s['ratio'])}x) |",
+        f"| source pgbench TPS, nothing subscribed | {each(alone, 0)} | "
+        f"{_f(median_of(alone), 0)} |",
+        f"| source pgbench TPS, table subscribed and streaming | {each(sub, 0)} | "
+        f"{_f(median_of(sub), 0)} ({_f(w['ratio'])}x) |",
+        f"| application's worst statement during cutover (pgbench writing) | 1 | "
+        f"{_f(c['worst_stall_ms'], 1)} ms (the cutover call {_f(c['cutover_call_s'])} s; "
+        f"probe median before {_f(c['probe_median_before_ms'])} ms) |",
+        f"| point read by key: local / through the old name over postgres_fdw | 2,000 | "
+        f"{_f(reads['local'], 3)} / {_f(reads['through_fdw'], 3)} ms |",
+        f"| replication slots, publications, subscriptions left after finalize | 1 | "
+        f"{r['leftovers_after_finalize']} |",
+        "",
+    ]
+
+
+def median_of(xs: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(xs))
+
+
 def _where(function: str) -> str:
     """A profiled function's file, relative to the repository whatever directory ran it."""
     return re.sub(r"^/.*?/(orchestrator/)", r"\1", function)
@@ -702,7 +743,7 @@ def _history(results: Path) -> list[str]:
 
 
 def write_markdown(results: Path) -> Path:
-    order = ("copy", "dualwrite", "cutover", "planning", "memory")
+    order = ("copy", "dualwrite", "cutover", "planning", "memory", "remote")
     loaded = {n: _load(results, n) for n in order}
     present = [r for r in loaded.values() if r is not None]
     lines = [
@@ -736,6 +777,8 @@ def write_markdown(results: Path) -> Path:
         lines += _planning(loaded["planning"])
     if loaded["memory"]:
         lines += _memory(loaded["memory"])
+    if loaded["remote"]:
+        lines += _remote(loaded["remote"])
     lines += _history(results)
     DOC.write_text("\n".join(lines).rstrip() + "\n")
     return DOC

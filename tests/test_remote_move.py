@@ -307,3 +307,56 @@ def test_dry_run_status_and_scan_code_say_what_changes_for_the_application(
     assert "app.sql:1: turns: INSERT ... ON CONFLICT with a conflict target" in out, out
     assert "app.sql:2: conversation.turns: this transaction writes conversation.turns" in out
     assert "2 statement(s) that cannot work once their table lives on another server" in out
+
+
+def test_a_swap_cut_short_between_the_two_servers_is_undone_and_loses_nothing(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    plan = plan_file(tmp_path)
+    stress.ok(pair.source, "apply", plan, "--table", "turns")
+    # The source's part fails after the target's committed: the target's is undone.
+    with pair.conn("source") as s:
+        s.execute("CREATE SCHEMA conversation")
+        s.execute("CREATE TABLE conversation.turns (id int)")
+    code, out = _run(pair.source, "cutover", plan, "--table", "turns", "--yes")
+    assert code == 1 and "rolled back, nothing changed" in out and "already exists" in out, out
+    assert kind(pair, "source", "public.turns") == "r"
+    assert kind(pair, "target", "public.turns") == "r"
+    assert kind(pair, "target", f"{RETIRED}.turns") is None
+    with pair.conn("source") as s:
+        s.execute("DROP TABLE conversation.turns")
+        s.execute("INSERT INTO public.turns (participant_id, content) VALUES (1, 'after the "
+                  "failed swap')")
+    wait_equal(pair, "public", "public", ("turns",))  # the forward stream runs again
+    # A crash right after the target's part committed, as the target then is: the next try
+    # puts the target back first, and the forward slot kept what the source wrote meanwhile.
+    names = plan_slot_names(pair)
+    with pair.conn("target") as t:
+        t.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(names[0])))
+        retired = sql.Identifier(RETIRED)
+        t.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(retired))
+        t.execute(sql.SQL("ALTER TABLE public.turns SET SCHEMA {}").format(retired))
+        t.execute("CREATE SCHEMA IF NOT EXISTS conversation")
+        t.execute(sql.SQL("CREATE VIEW conversation.turns AS SELECT * FROM {}").format(
+            sql.Identifier(RETIRED, "turns")))
+        t.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(names[1]), sql.Identifier(RETIRED, "turns")))
+    with pair.conn("source") as s:
+        s.execute("INSERT INTO public.turns (participant_id, content) VALUES (1, 'while the "
+                  "target was half switched')")
+    stress.ok(pair.source, "cutover", plan, "--table", "turns", "--yes")
+    wait_equal(pair, RETIRED, "conversation", ("turns",))
+    with pair.conn("target") as t:
+        r = t.execute("SELECT count(*) AS n FROM conversation.turns WHERE content IN ('after the "
+                      "failed swap', 'while the target was half switched')").fetchone()
+        assert r == {"n": 2}
+
+
+def plan_slot_names(pair: Pair) -> tuple[str, str]:
+    """The forward and reverse names of turns' replication objects (from the target)."""
+    with pair.conn("target") as t:
+        r = t.execute("SELECT subname FROM pg_subscription WHERE subname LIKE 'orch\\_f\\_%turns%'"
+                      ).fetchone()
+    assert r is not None
+    forward = str(r["subname"])
+    return forward, "orch_r_" + forward[len("orch_f_"):]

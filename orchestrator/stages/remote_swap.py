@@ -27,7 +27,12 @@ from orchestrator.model.move import TableMove
 from orchestrator.remote import ddl, link
 from orchestrator.remote import replication as rep
 from orchestrator.stages.base import Action, GiveWay, Phase, Stage, Step, regclass, remember
-from orchestrator.stages.remote_sync import drop_forward, exists, source_rel
+from orchestrator.stages.remote_sync import (
+    drop_forward,
+    drop_transit_if_empty,
+    exists,
+    source_rel,
+)
 from orchestrator.state.store import Store
 
 DRAIN_S = 0.5  # inside the lock: the least wait for the other server to apply everything
@@ -407,6 +412,7 @@ def _final_name(ctx: Ctx, m: TableMove) -> None:
                     sql.Identifier(m.target_name)))
             for stmt in _target_keys(ctx, m, tgt):
                 tgt.execute(stmt)
+        drop_transit_if_empty(ctx, tgt)
 
 
 def _target_keys(ctx: Ctx, m: TableMove, tgt: Conn) -> list[ddl.Statement]:

@@ -51,6 +51,20 @@ def exists(conn: Conn, schema: str, name: str, kinds: str = "rpvf") -> bool:
     return r is not None
 
 
+_EMPTY = """SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON
+n.oid = c.relnamespace WHERE n.nspname = %(s)s) AND NOT EXISTS (SELECT 1 FROM pg_type t
+JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %(s)s) AS empty"""
+
+
+def drop_transit_if_empty(ctx: Ctx, tgt: Conn) -> None:
+    """The transit schema on the target is ours (the plan's retired schema's name): dropped
+    once no table of the plan is in it."""
+    schema = ctx.plan.retired_schema
+    r = tgt.execute(_EMPTY, {"s": schema}).fetchone()
+    if r is not None and r["empty"]:
+        tgt.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(schema)))
+
+
 def run_all(conn: Conn, statements: list[ddl.Statement]) -> None:
     """Statements in one transaction on an autocommit session."""
     with conn.transaction():
@@ -107,6 +121,7 @@ class RemotePrepare(Stage):
                 rel = source_rel(ctx, m)
                 tgt.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
                     sql.Identifier(rel.schema, rel.name)))
+                drop_transit_if_empty(ctx, tgt)
             else:
                 make_forward(ctx, m, source_rel(ctx, m), tgt)
 
