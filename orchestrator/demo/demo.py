@@ -24,7 +24,8 @@ from orchestrator.model.context import build_context
 from orchestrator.plan import LoadedPlan, load_plan
 from orchestrator.run.events import Progress
 from orchestrator.run.session import session
-from orchestrator.stages.registry import COPY_STRATEGY, ROLLBACK_TO
+from orchestrator.stages.base import Phase
+from orchestrator.stages.registry import COPY_STRATEGY
 
 DEMO_DB = "cogito_demo"
 Say = Callable[[str], None]
@@ -119,7 +120,8 @@ def run(say: Say, progress: Progress, *, rows: int = 200_000,
         say(f"the application is writing ({threads} sessions: inserts, updates, deletes, "
             "reads on public.turns, public.users, ...)")
         with session(db, loaded, progress) as eng:
-            for stage in ROLLBACK_TO:  # every stage apply runs before cutover
+            # every stage apply runs before cutover
+            for stage in (s.name for s in COPY_STRATEGY.in_phase(Phase.apply)):
                 say(f"apply --until {stage}")
 
                 def step(until: str = stage) -> None:

@@ -25,7 +25,8 @@ from orchestrator.model.context import Controls, build_context
 from orchestrator.plan import LoadedPlan, load_plan
 from orchestrator.run.events import Progress
 from orchestrator.run.session import session
-from orchestrator.stages.registry import REMOTE_STRATEGY, ROLLBACK_TO
+from orchestrator.stages.base import Phase
+from orchestrator.stages.registry import REMOTE_STRATEGY
 
 TARGET_DB = "conversation_home"
 ENV = "CONVERSATION_DSN"  # what plans/cogito-two-servers.yaml reads
@@ -120,8 +121,8 @@ def run(say: Say, progress: Progress, *, rows: int = 200_000,
         say(f"the application is writing to the source ({threads} sessions on public.turns, "
             "public.users, ...); conversation moves to the second server")
         with session(db, loaded, progress) as eng:
-            for stage in ROLLBACK_TO:
-                say(f"apply --until {stage} (the conversation tables: prepare, sync, verify)")
+            for stage in (s.name for s in REMOTE_STRATEGY.in_phase(Phase.apply)):
+                say(f"apply --until {stage}")
 
                 def step(until: str = stage) -> None:
                     eng.apply(None, until)

@@ -190,3 +190,11 @@ def copy_progress(conn: Conn, schema: str, table: str) -> tuple[int, int] | None
         "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace s ON s.oid = c.relnamespace "
         "WHERE s.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
     return (int(r["n"]), int(r["b"])) if r else None
+
+
+def errors(conn: Conn, name: str) -> int:
+    """How often the subscription's workers failed (initial sync and apply), from
+    pg_stat_subscription_stats (PostgreSQL 15+)."""
+    r = conn.execute("SELECT coalesce(sum(sync_error_count + apply_error_count), 0)::bigint AS n "
+                     "FROM pg_stat_subscription_stats WHERE subname = %s", (name,)).fetchone()
+    return int(r["n"]) if r else 0

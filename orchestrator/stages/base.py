@@ -82,6 +82,9 @@ class Stage:
     follow_up: ClassVar[bool] = False
     # For the dry-run: what the reviewer should know beyond the statements.
     note: ClassVar[str] = ""
+    # Other strategies' stage names that `apply --until` treats as this stage (in a plan
+    # mixing strategies, `--until copy` stops a table moving to another server after sync).
+    also: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
         return Action(self.name, [])

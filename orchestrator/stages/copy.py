@@ -444,6 +444,7 @@ class Copy(LoopStage):
 
     name = "copy"
     short = "copy"
+    also = ("sync",)
     note = (
         "batches repeat from the checkpoint until the upper bound; the index builds run "
         "with the final drain in one transaction"

@@ -51,8 +51,10 @@ class Strategy:
     def before_swap(self, until: str) -> tuple[Stage, ...]:
         """The stages `apply --until` runs before the swap: up to `until`, or all of them."""
         stages = self.in_phase(Phase.apply)
-        names = [s.name for s in stages]
-        return stages[: names.index(until) + 1] if until in names else stages
+        for i, s in enumerate(stages):
+            if until == s.name or until in s.also:
+                return stages[: i + 1]
+        return stages
 
     @property
     def reversible(self) -> tuple[Stage, ...]:
@@ -72,10 +74,11 @@ STRATEGIES: dict[str, Strategy] = {
 # A plan view is created once the tables it reads have moved: one stage, under `view:<name>`.
 VIEW_STAGE = "create"
 
-# `apply --until`: the copy strategy's stages up to its swap (apply never finalizes).
-APPLY_UNTIL: tuple[str, ...] = tuple(s.name for s in COPY_STRATEGY.reversible)
 # `rollback --to`: a stage to keep, the ones after it undone (the swap is undone, never kept).
-ROLLBACK_TO: tuple[str, ...] = tuple(s.name for s in COPY_STRATEGY.in_phase(Phase.apply))
+ROLLBACK_TO: tuple[str, ...] = tuple(dict.fromkeys(
+    s.name for strategy in STRATEGIES.values() for s in strategy.in_phase(Phase.apply)))
+# `apply --until`: those, or the cutover too (apply never finalizes).
+APPLY_UNTIL: tuple[str, ...] = (*ROLLBACK_TO, COPY_STRATEGY.swap.name)
 # Stages whose `done` nothing may roll back.
 TERMINAL: frozenset[str] = frozenset(
     s.name for strategy in STRATEGIES.values() for s in strategy.in_phase(Phase.final)

@@ -120,7 +120,10 @@ class RemoteCutover(Stage):
             _catch_up(ctx, m, ctx.conn, n.forward, "the target")
             return
         with link.target(ctx, m) as tgt:
-            if rep.slot_exists(tgt, n.reverse):
+            # Once an earlier try committed the target's part (the table back under the
+            # source's name), the reverse stream has nothing more to bring.
+            if rep.slot_exists(tgt, n.reverse) and exists(
+                    tgt, n.transit_schema, m.source_name, "r"):
                 _catch_up(ctx, m, tgt, n.reverse, "the source")
 
     def forward(self, ctx: Ctx, moves: list[TableMove]) -> Action:
@@ -297,11 +300,10 @@ def _prepare_way_back(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
     table yet and a slot, so that every source change from the swap back on is kept (the
     table joins the publication in the swap's transaction)."""
     n = link.names(ctx.plan, m)
-    if rep.publication_exists(ctx.conn, n.forward):
-        return  # made by an earlier try
-    rep.drop_subscription(tgt, n.forward)  # leftovers of a cutover killed before its end
-    rep.drop_slot(ctx.conn, n.forward)
-    rep.ensure_publication(ctx.conn, n.forward, None)
+    if not rep.publication_exists(ctx.conn, n.forward):  # else made by an earlier try
+        rep.drop_subscription(tgt, n.forward)  # leftovers of a cutover killed before its end
+        rep.drop_slot(ctx.conn, n.forward)
+        rep.ensure_publication(ctx.conn, n.forward, None)
     rep.ensure_slot(ctx.conn, n.forward)
 
 

@@ -30,6 +30,7 @@ SUBOID = "remote_suboid"  # the forward subscription's oid: names its sync slots
 POLL_S = 0.25
 VERIFY_CHUNK = 50_000
 RECHECKS = 5
+SYNC_FAILURES = 3  # the subscription's workers failing this often stops the sync stage
 CATCH_UP_S = 120.0  # verify waits this long for the target to apply a chunk's LSN
 
 
@@ -150,6 +151,7 @@ class RemoteSync(LoopStage):
 
     name = "sync"
     short = "sync"
+    also = ("dual_write", "copy")
     note = ("ALTER SUBSCRIPTION ... ENABLE on the target; the initial copy by the "
             "subscription's table sync, then streaming; secondary indexes built after it")
 
@@ -158,8 +160,16 @@ class RemoteSync(LoopStage):
         n = link.names(ctx.plan, m)
         t0 = time.monotonic()
         with link.target(ctx, m) as tgt:
+            failed = rep.errors(tgt, n.forward)
             rep.set_enabled(tgt, n.forward, True)
             while (state := rep.sync_state(tgt, n.forward, rel.schema, rel.name)) != "r":
+                if rep.errors(tgt, n.forward) - failed >= SYNC_FAILURES:
+                    raise StageError(
+                        f"{m.label}: the initial sync failed {SYNC_FAILURES} times on server "
+                        f"{link.server_of(ctx.plan, m)} (its server log says why)",
+                        hint="fix the cause and rerun apply (the subscription retries), or "
+                        f"start over with `orchestrator rollback {ctx.loaded.path} --table "
+                        f"{m.label} --to prepare`")
                 if state is None:
                     raise StageError(f"{m.label}: the subscription {n.forward} on the target "
                                      "does not list the table",
