@@ -360,3 +360,48 @@ def plan_slot_names(pair: Pair) -> tuple[str, str]:
     assert r is not None
     forward = str(r["subname"])
     return forward, "orch_r_" + forward[len("orch_f_"):]
+
+
+def test_identity_enum_domain_generated_and_unique_columns_move_and_keep_working(
+    pair: Pair, tmp_path: Path,
+) -> None:
+    with pair.conn("source") as s:
+        s.execute("CREATE TYPE public.size AS ENUM ('s', 'm', 'l')")
+        s.execute("CREATE DOMAIN public.positive AS integer CHECK (VALUE > 0)")
+        s.execute("""CREATE TABLE public.gadgets (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            code text NOT NULL UNIQUE,
+            size public.size NOT NULL DEFAULT 'm',
+            qty public.positive NOT NULL,
+            twice integer GENERATED ALWAYS AS (qty * 2) STORED,
+            made timestamptz NOT NULL DEFAULT now(),
+            CHECK (code <> ''))""")
+        s.execute("CREATE INDEX ON public.gadgets (size)")
+        s.execute("INSERT INTO public.gadgets (code, qty) SELECT 'g' || g, g FROM "
+                  "generate_series(1, 500) g")
+    text = (f"version: 1\nname: gadgets\nsource_schema: public\nschemas:\n  store:\n"
+            f"    server: home\ntables:\n  - name: gadgets\n    schema: store\n"
+            f"servers:\n  home:\n    dsn_env: {TARGET_ENV}\n")
+    plan = tmp_path / "gadgets.yaml"
+    plan.write_text(text, encoding="utf-8")
+    stress.ok(pair.source, "apply", str(plan))
+    stress.ok(pair.source, "cutover", str(plan), "--yes")
+    with pair.conn("source") as s:
+        row = s.execute("INSERT INTO public.gadgets (code, qty) VALUES ('new', 4) RETURNING id, "
+                        "size, twice, made").fetchone()
+        assert row is not None and row["size"] == "m" and row["twice"] == 8, row
+        with pytest.raises(psycopg.errors.CheckViolation):
+            s.execute("INSERT INTO public.gadgets (code, qty) VALUES ('bad', -1)")
+    with pair.conn("target") as t:
+        r = t.execute("SELECT id, size::text AS size, twice FROM store.gadgets WHERE code = "
+                      "'new'").fetchone()
+        assert r == {"id": row["id"], "size": "m", "twice": 8}
+        mine = t.execute("INSERT INTO store.gadgets (code, qty) VALUES ('there', 1) RETURNING id"
+                         ).fetchone()
+        assert mine is not None and mine["id"] != row["id"]
+    stress.ok(pair.source, "finalize", str(plan), "--yes", "--force")
+    with pair.conn("target") as t:
+        idx = {r["indexdef"].split(" USING ")[1] for r in t.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'gadgets'")}
+        assert idx == {"btree (id)", "btree (code)", "btree (size)"}, idx
+    assert ours(pair) == {"source": [], "target": []}
