@@ -102,6 +102,20 @@ def target(ctx: Ctx, m: TableMove, *, wrap: bool = True) -> Iterator[Conn]:
         conn.close()
 
 
+_WARM: dict[str, Conn] = {}
+
+
+def warm(ctx: Ctx, m: TableMove) -> Conn:
+    """The swap's session on the target, kept open by this process: opened before the swap's
+    lock (connecting takes tens of milliseconds), reused inside it and by its retries."""
+    info = target_conninfo(ctx.plan, m)
+    conn = _WARM.get(info)
+    if conn is None or conn.closed or conn.broken:
+        conn = connect(info, autocommit=True, application=APP)
+        _WARM[info] = conn
+    return conn
+
+
 def open_quietly(plan: Plan, server: str) -> Conn | None:
     """A session on a plan's server for reading its state, or None if it cannot be reached
     (status shows what it can)."""

@@ -102,6 +102,12 @@ def create_subscription(
             enabled=sql.Literal(enabled), copy=sql.Literal(copy_data)))
 
 
+def advance(conn: Conn, slot: str) -> None:
+    """Move a logical slot past everything written so far: what it would have sent until now
+    is skipped."""
+    conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (slot,))
+
+
 def ensure_subscription(conn: Conn, name: str, source: str, *, enabled: bool,
                         copy_data: bool) -> int:
     """The subscription, made if missing; its oid."""

@@ -105,11 +105,9 @@ class RemoteCutover(Stage):
                 _prepare_way_back(ctx, m, tgt)
             else:
                 _resume(ctx, m, tgt)
-                # Made outside the lock (it waits for the target's running transactions);
-                # moved past everything the target has written once the forward stream is
-                # drained.
-                rep.ensure_slot(tgt, n.reverse)
-            self.between_tries(ctx, moves, reverse=reverse)
+                _way_back_ready(ctx, m, n, tgt)
+        link.warm(ctx, m)  # the swap's session on the target, opened before the lock
+        self.between_tries(ctx, moves, reverse=reverse)
 
     def between_tries(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> None:
         """Outside the lock, let the other server catch up, so that the drain under the lock
@@ -118,6 +116,9 @@ class RemoteCutover(Stage):
         n = link.names(ctx.plan, m)
         if not reverse:
             _catch_up(ctx, m, ctx.conn, n.forward, "the target")
+            with link.target(ctx, m) as tgt:
+                if rep.slot_exists(tgt, n.reverse):
+                    rep.advance(tgt, n.reverse)
             return
         with link.target(ctx, m) as tgt:
             # Once an earlier try committed the target's part (the table back under the
@@ -163,6 +164,22 @@ class RemoteCutover(Stage):
         return self.forward(ctx, moves).steps, self.backward(ctx, moves).steps
 
 
+def _way_back_ready(ctx: Ctx, m: TableMove, n: link.Names, tgt: Conn) -> None:
+    """Before the swap and outside its lock, everything the reverse direction needs that can
+    wait: on the target the slot (making one waits for that server's running transactions)
+    and the publication of the table (membership is by oid, so the rename under the lock
+    keeps it); on the source postgres_fdw, its server and user mapping, and the subscription,
+    made disabled and without a copy (it connects now, not under the lock; the swap enables
+    it). The slot is moved past everything the target has written (again under the lock,
+    once the forward stream is drained): the forward stream's rows never go back."""
+    info = link.target_conninfo(ctx.plan, m)
+    rep.ensure_slot(tgt, n.reverse)
+    rep.ensure_publication(tgt, n.reverse, sql.Identifier(m.source_schema, m.source_name))
+    rep.advance(tgt, n.reverse)
+    _fdw_server(ctx, m, n, info)
+    rep.ensure_subscription(ctx.conn, n.reverse, info, enabled=False, copy_data=False)
+
+
 def _catch_up(ctx: Ctx, m: TableMove, conn: Conn, slot: str, who: str) -> None:
     lsn = rep.current_lsn(conn)
     if not rep.wait_applied(conn, slot, lsn, CATCH_UP_S):
@@ -203,12 +220,16 @@ def _resume(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
     if not exists(tgt, n.transit_schema, m.source_name, "r"):
         return
     with tgt.transaction():
-        _target_back(tgt, m, n)
+        _target_back(tgt, m, n, keep_publication=True)
     rep.set_enabled(tgt, n.forward, True)
 
 
-def _target_back(tgt: Conn, m: TableMove, n: link.Names) -> None:
-    tgt.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(n.reverse)))
+def _target_back(tgt: Conn, m: TableMove, n: link.Names, *,
+                 keep_publication: bool = False) -> None:
+    """The target as before the swap: the table back under the source's name (an undone
+    swap keeps the reverse publication for its next try)."""
+    if not keep_publication:
+        tgt.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(n.reverse)))
     tgt.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(
         sql.Identifier(m.target_schema, m.target_name)))
     tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
@@ -227,42 +248,59 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     counters = ddl.counters(ctx.catalog, rel)
     values = _seq_values(conn, [sql.Identifier(c.sequence.schema, c.sequence.name)
                                 for c in counters])
-    with link.target(ctx, m, wrap=False) as tgt:
+    tgt = link.warm(ctx, m)
+    with tgt.transaction():
+        rep.set_enabled(tgt, n.forward, False)
+        for s in [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(x))
+                  for x in (n.transit_schema, m.target_schema)]:
+            tgt.execute(s)
+        tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            sql.Identifier(m.source_schema, m.source_name),
+            sql.Identifier(n.transit_schema)))
+        for c, v in zip(counters, values, strict=True):
+            inc = c.sequence.increment
+            _interleave(tgt, sql.Identifier(n.transit_schema, c.sequence.name), inc,
+                        _last(v, inc), 2)
+        tgt.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+            sql.Identifier(m.target_schema, m.target_name), n.transit(m)))
+    # Nothing the target wrote before now goes back: on PostgreSQL 15 there is no
+    # origin filter, and the forward stream's rows are in the target's WAL.
+    rep.advance(tgt, n.reverse)
+    try:
+        _source_part(ctx, m, rel, n, values)
+    except BaseException:
         with tgt.transaction():
-            rep.set_enabled(tgt, n.forward, False)
-            for s in [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(x))
-                      for x in (n.transit_schema, m.target_schema)]:
-                tgt.execute(s)
-            tgt.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
-                sql.Identifier(m.source_schema, m.source_name),
-                sql.Identifier(n.transit_schema)))
-            for c, v in zip(counters, values, strict=True):
-                inc = c.sequence.increment
-                _interleave(tgt, sql.Identifier(n.transit_schema, c.sequence.name), inc,
-                            _last(v, inc), 2)
-            tgt.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
-                sql.Identifier(m.target_schema, m.target_name), n.transit(m)))
-            tgt.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(n.reverse), n.transit(m)))
-        # Nothing the target wrote before now goes back: on PostgreSQL 15 there is no
-        # origin filter, and the forward stream's rows are in the target's WAL.
-        tgt.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
-                    (n.reverse,))
-        try:
-            _source_part(ctx, m, rel, n, values, link.target_conninfo(ctx.plan, m))
-        except BaseException:
-            with tgt.transaction():
-                _target_back(tgt, m, n)
-            rep.set_enabled(tgt, n.forward, True)
-            raise
+            _target_back(tgt, m, n, keep_publication=True)
+        rep.set_enabled(tgt, n.forward, True)
+        # No slot waits on the target while nobody tries again (the next try makes it anew).
+        rep.drop_slot(tgt, n.reverse)
+        raise
 
 
-def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
-                 values: list[tuple[int, bool]], target_info: str) -> None:
-    conn = ctx.conn
+def _fdw_server(ctx: Ctx, m: TableMove, n: link.Names, target_info: str) -> None:
+    """postgres_fdw on the source and our server and user mapping for the target, each made if
+    missing, in a transaction of its own before the swap (not under its lock)."""
     options, user = link.fdw_options(target_info)
     opts = [sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()]
     uopts = [sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in user.items()]
+    with ctx.conn.transaction():
+        for s in [
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema)),
+            # Beside the foreign tables it serves (our sessions run with an empty search_path).
+            sql.SQL("CREATE EXTENSION IF NOT EXISTS postgres_fdw WITH SCHEMA {}").format(
+                sql.Identifier(m.target_schema)),
+            sql.SQL("CREATE SERVER IF NOT EXISTS {} FOREIGN DATA WRAPPER postgres_fdw "
+                    "OPTIONS ({})").format(sql.Identifier(n.server), sql.SQL(", ").join(opts)),
+            sql.SQL("CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER {}{}").format(
+                sql.Identifier(n.server), sql.SQL(" OPTIONS ({})").format(
+                    sql.SQL(", ").join(uopts)) if uopts else sql.SQL("")),
+        ]:
+            ctx.conn.execute(s)
+
+
+def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
+                 values: list[tuple[int, bool]]) -> None:
+    conn = ctx.conn
     foreign = (m.target_schema, m.target_name)
     statements: list[ddl.Statement] = [
         sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(n.transit_schema)),
@@ -270,15 +308,6 @@ def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
             sql.Identifier(m.source_schema, m.source_name), sql.Identifier(n.transit_schema)),
         # Its table is the retired one now, which the reverse stream writes: not forward.
         sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(n.forward)),
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(m.target_schema)),
-        # Beside the foreign tables it serves (our sessions run with an empty search_path).
-        sql.SQL("CREATE EXTENSION IF NOT EXISTS postgres_fdw WITH SCHEMA {}").format(
-            sql.Identifier(m.target_schema)),
-        sql.SQL("CREATE SERVER IF NOT EXISTS {} FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})"
-                ).format(sql.Identifier(n.server), sql.SQL(", ").join(opts)),
-        sql.SQL("CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER {}{}").format(
-            sql.Identifier(n.server),
-            sql.SQL(" OPTIONS ({})").format(sql.SQL(", ").join(uopts)) if uopts else sql.SQL("")),
         *ddl.foreign_table(ctx.catalog, rel, foreign, n.server,
                            (n.transit_schema, m.source_name)),
         *ddl.compat_view(rel, sql.Identifier(m.source_schema, m.source_name),
@@ -292,7 +321,8 @@ def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
     if ctx.plan.schemas[m.target_schema].application == "target":
         for s in _refuse_writes(ctx, m, sql.Identifier(m.source_schema, m.source_name)):
             conn.execute(s)
-    rep.create_subscription(conn, n.reverse, target_info, enabled=True, copy_data=False)
+    # Made before the lock (`_way_back_ready`); its worker starts at our commit.
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(n.reverse)))
 
 
 def _prepare_way_back(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
@@ -315,24 +345,24 @@ def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     n = link.names(ctx.plan, m)
     foreign = sql.Identifier(m.target_schema, m.target_name)
     counters = ddl.counters(ctx.catalog, rel)
-    with link.target(ctx, m, wrap=False) as tgt:
-        if exists(tgt, n.transit_schema, m.source_name, "r"):
-            with tgt.transaction():
-                tgt.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(n.transit(m)))
-                lsn = rep.current_lsn(tgt)
-                if not rep.wait_applied(tgt, n.reverse, lsn, _drain_s(ctx, m)):
-                    raise GiveWay(f"the source had not applied up to {lsn} after "
-                                  f"{_drain_s(ctx, m):.1f} s")
-                values = _seq_values(tgt, [sql.Identifier(n.transit_schema, c.sequence.name)
-                                           for c in counters])
-                for c in counters:  # one generator again
-                    tgt.execute(sql.SQL("ALTER SEQUENCE {} INCREMENT BY {}").format(
-                        sql.Identifier(n.transit_schema, c.sequence.name),
-                        sql.Literal(c.sequence.increment)))
-                _target_back(tgt, m, n)
-        else:  # an earlier try committed the target's part: it was drained then
-            values = _seq_values(tgt, [sql.Identifier(m.source_schema, c.sequence.name)
+    tgt = link.warm(ctx, m)
+    if exists(tgt, n.transit_schema, m.source_name, "r"):
+        with tgt.transaction():
+            tgt.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(n.transit(m)))
+            lsn = rep.current_lsn(tgt)
+            if not rep.wait_applied(tgt, n.reverse, lsn, _drain_s(ctx, m)):
+                raise GiveWay(f"the source had not applied up to {lsn} after "
+                              f"{_drain_s(ctx, m):.1f} s")
+            values = _seq_values(tgt, [sql.Identifier(n.transit_schema, c.sequence.name)
                                        for c in counters])
+            for c in counters:  # one generator again
+                tgt.execute(sql.SQL("ALTER SEQUENCE {} INCREMENT BY {}").format(
+                    sql.Identifier(n.transit_schema, c.sequence.name),
+                    sql.Literal(c.sequence.increment)))
+            _target_back(tgt, m, n)
+    else:  # an earlier try committed the target's part: it was drained then
+        values = _seq_values(tgt, [sql.Identifier(m.source_schema, c.sequence.name)
+                                   for c in counters])
     local = _seq_values(conn, [ddl.local_sequence(m.target_schema, m.target_name, c)
                                for c in counters])
     if rep.detach_subscription(conn, n.reverse):

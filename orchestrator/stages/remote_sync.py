@@ -97,6 +97,14 @@ def drop_forward(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
     rep.drop_publication(ctx.conn, n.forward)
 
 
+def drop_reverse(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
+    """The way back's subscription (on the source), slot and publication (on the target)."""
+    n = link.names(ctx.plan, m)
+    rep.drop_subscription(ctx.conn, n.reverse)
+    rep.drop_slot(tgt, n.reverse)
+    rep.drop_publication(tgt, n.reverse)
+
+
 def _save(label: str, key: str, value: Any) -> Any:
     def save(store: Any) -> None:
         store.save(label, key, value)
@@ -119,6 +127,7 @@ class RemotePrepare(Stage):
         with link.target(ctx, m) as tgt:
             if reverse:
                 drop_forward(ctx, m, tgt)
+                drop_reverse(ctx, m, tgt)  # made by a cutover that did not switch
                 rel = source_rel(ctx, m)
                 tgt.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
                     sql.Identifier(rel.schema, rel.name)))
@@ -196,6 +205,7 @@ class RemoteSync(LoopStage):
         with link.target(ctx, m) as tgt:
             # A new slot and subscription copy the table again from an empty target.
             drop_forward(ctx, m, tgt)
+            drop_reverse(ctx, m, tgt)  # made by a cutover that did not switch
             for index in ddl.secondary_indexes(rel):
                 con = next((k for k in rel.constraints if k.name == index.constraint), None)
                 stmt = sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
