@@ -15,6 +15,7 @@ lost meanwhile: the forward slot keeps every change the target has not confirmed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from psycopg import sql
@@ -35,7 +36,7 @@ from orchestrator.stages.remote_sync import (
 )
 from orchestrator.state.store import Store
 
-DRAIN_S = 0.5  # inside the lock: the least wait for the other server to apply everything
+DRAIN_S = 0.05  # inside the lock: the least wait for the other server to apply everything
 CATCH_UP_S = 300.0  # outside it: how long the other server may take to catch up
 TARGET_CREATED = "remote_target_schema"
 FKS = "remote_fks"
@@ -181,19 +182,29 @@ def _way_back_ready(ctx: Ctx, m: TableMove, n: link.Names, tgt: Conn) -> None:
 
 
 def _catch_up(ctx: Ctx, m: TableMove, conn: Conn, slot: str, who: str) -> None:
-    lsn = rep.current_lsn(conn)
-    if not rep.wait_applied(conn, slot, lsn, CATCH_UP_S):
-        raise StageError(f"{m.label}: {who} did not apply the changes up to {lsn} within "
-                         f"{CATCH_UP_S:.0f} s; nothing was switched",
-                         hint=f"check the subscription {slot} (pg_stat_subscription on the "
-                         "subscriber, its server log), then rerun")
+    """Outside the lock: wait until the other side keeps up, i.e. applies what was written up
+    to a moment within a fraction of the swap's drain budget. Catching up once is not enough
+    under a steady write load: the lag the drain would then wait for is the apply worker's
+    delay at the moment the lock is taken."""
+    deadline = time.monotonic() + CATCH_UP_S
+    budget = _drain_s(ctx, m)
+    while True:
+        lsn = rep.current_lsn(conn)
+        t0 = time.monotonic()
+        if not rep.wait_applied(conn, slot, lsn, max(deadline - t0, 0.0)):
+            raise StageError(f"{m.label}: {who} did not apply the changes up to {lsn} within "
+                             f"{CATCH_UP_S:.0f} s; nothing was switched",
+                             hint=f"check the subscription {slot} (pg_stat_subscription on "
+                             "the subscriber, its server log), then rerun")
+        if time.monotonic() - t0 <= budget / 2 or time.monotonic() > deadline:
+            return
 
 
 def _drain_s(ctx: Ctx, m: TableMove) -> float:
-    """How long the swap waits, holding its lock, for the other server's last changes: the
-    table's lock_timeout, at least DRAIN_S (the apply worker confirms within milliseconds
-    when it keeps up)."""
-    return max(DRAIN_S, ctx.policy(m).lock_timeout_ms / 1000)
+    """How long the swap waits, holding its lock, for the other server's last changes: one
+    try's lock budget (`SwapControls.try_ms`, or lock_timeout without the forecast), at least
+    DRAIN_S. A try that runs out gives way, and the application waited at most that."""
+    return max(DRAIN_S, ctx.policy(m).try_ms / 1000)
 
 
 def _remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:
