@@ -91,19 +91,23 @@ def subscription(conn: Conn, name: str) -> dict[str, object] | None:
 
 def create_subscription(
     conn: Conn, name: str, source: str, *, enabled: bool, copy_data: bool,
+    binary: bool = False,
 ) -> None:
     """A subscription to the publication and slot of the same name (made beforehand). Runs in
     a transaction block (create_slot = false): the caller's, when it has one.
 
     `synchronous_commit = on`: the apply worker flushes each transaction it applies, so its
     slot's confirmed_flush_lsn (what a swap waits on, holding its lock) follows within
-    milliseconds; with the default (off) it lags by up to wal_writer_delay (200 ms)."""
+    milliseconds; with the default (off) it lags by up to wal_writer_delay (200 ms).
+    `binary`: rows (and, from PostgreSQL 16 on both sides, the initial copy) in binary form,
+    for tables whose types are the same on both servers (ours are made so)."""
     conn.execute(sql.SQL(
         "CREATE SUBSCRIPTION {name} CONNECTION {info} PUBLICATION {name} WITH (connect = true, "
         "create_slot = false, slot_name = {slot}, enabled = {enabled}, copy_data = {copy}, "
-        "disable_on_error = false, synchronous_commit = on)").format(
+        "disable_on_error = false, synchronous_commit = on, binary = {binary})").format(
             name=sql.Identifier(name), info=sql.Literal(source), slot=sql.Literal(name),
-            enabled=sql.Literal(enabled), copy=sql.Literal(copy_data)))
+            enabled=sql.Literal(enabled), copy=sql.Literal(copy_data),
+            binary=sql.Literal(binary)))
 
 
 def advance(conn: Conn, slot: str) -> None:
@@ -113,11 +117,12 @@ def advance(conn: Conn, slot: str) -> None:
 
 
 def ensure_subscription(conn: Conn, name: str, source: str, *, enabled: bool,
-                        copy_data: bool) -> int:
+                        copy_data: bool, binary: bool = False) -> int:
     """The subscription, made if missing; its oid."""
     sub = subscription(conn, name)
     if sub is None:
-        create_subscription(conn, name, source, enabled=enabled, copy_data=copy_data)
+        create_subscription(conn, name, source, enabled=enabled, copy_data=copy_data,
+                            binary=binary)
         sub = subscription(conn, name)
     assert sub is not None
     return int(str(sub["oid"]))

@@ -38,7 +38,7 @@ from orchestrator.state.store import Store
 
 DRAIN_S = 0.05  # inside the lock: the least wait for the other server to apply everything
 CATCH_UP_S = 300.0  # outside it: how long the other server may take to catch up
-TARGET_CREATED = "remote_target_schema"
+REVERSE_FROM = "remote_reverse_from"  # the target's LSN the way back starts from
 FKS = "remote_fks"
 
 
@@ -103,6 +103,7 @@ class RemoteCutover(Stage):
         n = link.names(ctx.plan, m)
         with link.target(ctx, m) as tgt:
             if reverse:
+                _start_way_back(ctx, m, n, tgt)  # if the cutover was cut short before it
                 _prepare_way_back(ctx, m, tgt)
             else:
                 _resume(ctx, m, tgt)
@@ -148,6 +149,7 @@ class RemoteCutover(Stage):
                                         enabled=True, copy_data=False)
                 rep.drop_slot(tgt, n.reverse)
             else:
+                _start_way_back(ctx, m, n, tgt)
                 drop_forward(ctx, m, tgt)
         return []
 
@@ -163,6 +165,21 @@ class RemoteCutover(Stage):
 
     def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
         return self.forward(ctx, moves).steps, self.backward(ctx, moves).steps
+
+
+def _start_way_back(ctx: Ctx, m: TableMove, n: link.Names, tgt: Conn) -> None:
+    """After the swap committed: the reverse slot moved to the point the swap saved (the
+    target's WAL position right after its part committed: what the forward stream wrote is
+    before it, what the application writes through the new names after), then the reverse
+    subscription enabled. Idempotent: a slot already past the point is left alone."""
+    since = ctx.store.load(m.label, REVERSE_FROM)
+    sub = rep.subscription(ctx.conn, n.reverse)
+    if since is None or sub is None or sub["enabled"]:
+        return
+    tgt.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND confirmed_flush_lsn < %s::pg_lsn",
+                (n.reverse, since, n.reverse, since))
+    rep.set_enabled(ctx.conn, n.reverse, True)
 
 
 def _way_back_ready(ctx: Ctx, m: TableMove, n: link.Names, tgt: Conn) -> None:
@@ -274,9 +291,12 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
                         _last(v, inc), 2)
         tgt.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
             sql.Identifier(m.target_schema, m.target_name), n.transit(m)))
-    # Nothing the target wrote before now goes back: on PostgreSQL 15 there is no
-    # origin filter, and the forward stream's rows are in the target's WAL.
-    rep.advance(tgt, n.reverse)
+    # Nothing the target wrote before now goes back (on PostgreSQL 15 there is no origin
+    # filter, and the forward stream's rows are in the target's WAL): the reverse slot is
+    # moved exactly here once we committed (`after`), and only then the reverse subscription
+    # starts. The point is saved with the swap, for an `after` that runs on a rerun.
+    since = rep.current_lsn(tgt)
+    ctx.store.save(m.label, REVERSE_FROM, since)
     try:
         _source_part(ctx, m, rel, n, values)
     except BaseException:
@@ -332,8 +352,7 @@ def _source_part(ctx: Ctx, m: TableMove, rel: Relation, n: link.Names,
     if ctx.plan.schemas[m.target_schema].application == "target":
         for s in _refuse_writes(ctx, m, sql.Identifier(m.source_schema, m.source_name)):
             conn.execute(s)
-    # Made before the lock (`_way_back_ready`); its worker starts at our commit.
-    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(n.reverse)))
+    # Made before the lock (`_way_back_ready`), enabled once its slot is moved (`after`).
 
 
 def _prepare_way_back(ctx: Ctx, m: TableMove, tgt: Conn) -> None:

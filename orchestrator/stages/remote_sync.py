@@ -27,7 +27,8 @@ from orchestrator.stages.base import Action, LoopStage, Stage, Step
 from orchestrator.stages.verify import chunk_end_sql, chunk_params, key_bounds, row_hash
 
 SUBOID = "remote_suboid"  # the forward subscription's oid: names its sync slots
-POLL_S = 0.25
+POLL_S = 0.1
+BINARY_COPY = 160000  # the initial sync copies in binary from PostgreSQL 16 on
 VERIFY_CHUNK = 50_000
 RECHECKS = 5
 SYNC_FAILURES = 3  # the subscription's workers failing this often stops the sync stage
@@ -81,8 +82,11 @@ def make_forward(ctx: Ctx, m: TableMove, rel: Relation, tgt: Conn) -> int:
         run_all(tgt, ddl.missing_types(ctx.conn, tgt, rel) + ddl.target_table(ctx.catalog, rel))
     rep.ensure_publication(ctx.conn, n.forward, sql.Identifier(rel.schema, rel.name))
     rep.ensure_slot(ctx.conn, n.forward)
+    # Binary when both servers copy in binary (PostgreSQL 16+): the initial sync's COPY then
+    # skips the text conversions.
+    binary = min(ctx.conn.info.server_version, tgt.info.server_version) >= BINARY_COPY
     return rep.ensure_subscription(tgt, n.forward, link.source_for_target(ctx, m),
-                                   enabled=False, copy_data=True)
+                                   enabled=False, copy_data=True, binary=binary)
 
 
 def drop_forward(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
