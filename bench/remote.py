@@ -231,7 +231,21 @@ def run(quick: bool = False) -> dict[str, Any]:
             probe.join(timeout=10)
             bg.stop()
         during = [ms for at, ms in probe.samples if t0 <= at <= t1]
+        worst = max(((at, ms) for at, ms in probe.samples if t0 <= at <= t1),
+                    key=lambda x: x[1], default=(t0, 0.0))
+        out["worst_stall_at_s"] = round(worst[0] - t0, 3)
         before = [ms for at, ms in probe.samples if at < t0]
+        with psycopg.connect(src, autocommit=True) as conn:
+            rows_ = conn.execute("SELECT action, outcome, duration_ms, detail FROM "
+                                 "_orchestrator.events WHERE plan = %s AND stage = 'cutover' "
+                                 "ORDER BY id", (PLAN,)).fetchall()
+            parts = conn.execute("SELECT value FROM _orchestrator.saved WHERE plan = %s AND "
+                                 "key = 'remote_swap_ms'", (PLAN,)).fetchone()
+        out["cutover_events"] = [
+            {"action": r[0], "outcome": r[1], "ms": r[2],
+             "error": (r[3] or {}).get("error"), "lock_wait_ms": (r[3] or {}).get("lock_wait_ms")}
+            for r in rows_]
+        out["cutover_parts_ms"] = parts[0] if parts else None
         out["cutover"] = {"worst_stall_ms": round(max(during, default=0.0), 1),
                           "cutover_call_s": round(t1 - t0, 2),
                           "probe_median_before_ms": round(median(before), 2) if before else None,

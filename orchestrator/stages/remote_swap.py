@@ -39,6 +39,7 @@ from orchestrator.state.store import Store
 DRAIN_S = 0.05  # inside the lock: the least wait for the other server to apply everything
 CATCH_UP_S = 300.0  # outside it: how long the other server may take to catch up
 REVERSE_FROM = "remote_reverse_from"  # the target's LSN the way back starts from
+SWAP_MS = "remote_swap_ms"  # the last swap's time under the lock: drain, target, source
 FKS = "remote_fks"
 
 
@@ -269,6 +270,7 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     source's part (committed with the status by the runner)."""
     conn = ctx.conn
     n = link.names(ctx.plan, m)
+    t0 = time.monotonic()
     lsn = rep.current_lsn(conn)
     if not rep.wait_applied(conn, n.forward, lsn, _drain_s(ctx, m)):
         raise GiveWay(f"the target had not applied up to {lsn} after "
@@ -277,6 +279,7 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     values = _seq_values(conn, [sql.Identifier(c.sequence.schema, c.sequence.name)
                                 for c in counters])
     tgt = link.warm(ctx, m)
+    t1 = time.monotonic()
     with tgt.transaction():
         rep.set_enabled(tgt, n.forward, False)
         for s in [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(x))
@@ -297,8 +300,13 @@ def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
     # starts. The point is saved with the swap, for an `after` that runs on a rerun.
     since = rep.current_lsn(tgt)
     ctx.store.save(m.label, REVERSE_FROM, since)
+    t2 = time.monotonic()
     try:
         _source_part(ctx, m, rel, n, values)
+        # Where the time under the lock went (status and the benchmark read it).
+        ctx.store.save(m.label, SWAP_MS, {
+            "drain": round((t1 - t0) * 1000, 1), "target": round((t2 - t1) * 1000, 1),
+            "source": round((time.monotonic() - t2) * 1000, 1)})
     except BaseException:
         with tgt.transaction():
             _target_back(tgt, m, n, keep_publication=True)
