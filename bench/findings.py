@@ -380,6 +380,44 @@ def _planning(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _remote(r: dict[str, Any]) -> list[str]:
+    t = r.get("targets") or {}
+    out: list[str] = []
+    sync = t.get("sync_vs_dump_restore")
+    if sync and not sync.get("met"):
+        out.append(
+            f"- **The initial sync to another server: {sync['value']:.2f}x `pg_dump -t | psql`** "
+            "(target 1.00x; by hand before the code, a plain subscription's sync plus the two "
+            "index builds came to 1.12x). What limits it: the target table has its primary key "
+            "during the subscription's COPY (the subscriber needs a key to apply the "
+            "catch-up's UPDATEs and DELETEs, and the tablesync worker goes from COPY to "
+            "catch-up with no step between; pg_dump builds the key after its COPY), and the "
+            "fixed costs of a slot, a subscription and the launcher's start (about 0.3 s; "
+            "at 100,000 rows they make the ratio 1.3x). The secondary indexes are built "
+            "after the sync, as pg_dump's restore does.")
+    writes = t.get("source_writes_subscribed")
+    if writes and not writes.get("met"):
+        out.append(
+            f"- **The source's write throughput while subscribed: {writes['value']:.2f}x** of "
+            "no subscription (target 0.90x). What limits it here: both servers run on this "
+            "one 2-core machine, so the walsender decoding every write on the source and the "
+            "target's apply worker (committing synchronously, which the cutover's short "
+            "drain needs) take cores from pgbench; on a target of its own the source pays "
+            "only the decoding and sending. Not measured apart here: no second machine.")
+    stall = t.get("cutover_stall_ms")
+    if stall and not stall.get("met"):
+        parts = r.get("cutover_parts_ms") or {}
+        out.append(
+            f"- **The application's worst statement during a cross-server cutover: "
+            f"{stall['value']:.0f} ms** (target under 100 ms), under a pgbench that saturates "
+            "both cores. The swap's last try spent "
+            f"{parts.get('drain', '?')} ms draining, {parts.get('target', '?')} ms on the "
+            f"target's part and {parts.get('source', '?')} ms on the source's under the lock "
+            "(cutover_parts_ms); the rest of the worst statement's wait is the lock's own "
+            "queue behind the application's transactions and the tries that gave way.")
+    return out
+
+
 def missed(r: dict[str, dict[str, Any] | None]) -> list[str]:
     out = ["## Missed targets and what limits them", ""]
     items: list[str] = []
@@ -388,6 +426,7 @@ def missed(r: dict[str, dict[str, Any] | None]) -> list[str]:
         ("dualwrite", _dualwrite),
         ("cutover", _cutover),
         ("planning", _planning),
+        ("remote", _remote),
     ):
         res = r.get(name)
         if res:

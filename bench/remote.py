@@ -134,20 +134,23 @@ class Probe(threading.Thread):
         super().__init__(daemon=True)
         self.dsn, self.maxid = dsn, maxid
         self.stop = threading.Event()
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float]] = []  # (monotonic start, ms)
+        self.wall: list[tuple[float, float]] = []  # (epoch start, ms)
         self.errors: list[str] = []
 
     def run(self) -> None:
         rng = random.Random(5)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self.stop.is_set():
-                t0 = time.monotonic()
+                t0, wall = time.monotonic(), time.time()
                 try:
                     conn.execute("UPDATE public.big SET status = 'probe' WHERE id = %s",
                                  (rng.randint(1, self.maxid),))
                 except psycopg.Error as exc:
                     self.errors.append(str(exc).strip().splitlines()[0])
-                self.samples.append((t0, (time.monotonic() - t0) * 1000))
+                ms = (time.monotonic() - t0) * 1000
+                self.samples.append((t0, ms))
+                self.wall.append((wall, ms))
                 time.sleep(0.005)
 
 
@@ -221,7 +224,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         cmd = pgbench_cmd(a, str(db), script, clients=2, seconds=60, defines={"maxid": maxid})
         with BackgroundPgbench(cmd) as bg:
             probe.start()
-            time.sleep(2.0)
+            time.sleep(10.0)  # the probe's own worst under this load, before any cutover
             t0 = time.monotonic()
             with session(src, loaded) as eng:
                 eng.cutover(None)
@@ -236,7 +239,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         out["worst_stall_at_s"] = round(worst[0] - t0, 3)
         before = [ms for at, ms in probe.samples if at < t0]
         with psycopg.connect(src, autocommit=True) as conn:
-            rows_ = conn.execute("SELECT action, outcome, duration_ms, detail FROM "
+            rows_ = conn.execute("SELECT action, outcome, duration_ms, detail, "
+                                 "extract(epoch FROM at)::float AS at FROM "
                                  "_orchestrator.events WHERE plan = %s AND stage = 'cutover' "
                                  "ORDER BY id", (PLAN,)).fetchall()
             parts = conn.execute("SELECT value FROM _orchestrator.saved WHERE plan = %s AND "
@@ -246,7 +250,16 @@ def run(quick: bool = False) -> dict[str, Any]:
              "error": (r[3] or {}).get("error"), "lock_wait_ms": (r[3] or {}).get("lock_wait_ms")}
             for r in rows_]
         out["cutover_parts_ms"] = parts[0] if parts else None
-        out["cutover"] = {"worst_stall_ms": round(max(during, default=0.0), 1),
+        # The stall the swap caused: the probe's longest statement that overlapped a try's
+        # transaction (the window each cutover event's duration ends at).
+        tries = [(r[4] - (r[2] or 0) / 1000, r[4]) for r in rows_
+                 if r[0] == "cutover" and r[1] in ("ok", "lock_timeout")]
+        in_tries = [ms for at, ms in probe.wall for a, b in tries
+                    if at <= b and at + ms / 1000 >= a]
+        out["cutover"] = {"worst_stall_ms": round(max(in_tries, default=0.0), 1),
+                          "worst_during_call_ms": round(max(during, default=0.0), 1),
+                          "probe_worst_before_ms": round(max(before, default=0.0), 1),
+                          "tries": len(tries),
                           "cutover_call_s": round(t1 - t0, 2),
                           "probe_median_before_ms": round(median(before), 2) if before else None,
                           "probe_errors": probe.errors[:5]}

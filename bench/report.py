@@ -548,9 +548,14 @@ def _remote(r: dict[str, Any]) -> list[str]:
         f"{_f(median_of(alone), 0)} |",
         f"| source pgbench TPS, table subscribed and streaming | {each(sub, 0)} | "
         f"{_f(median_of(sub), 0)} ({_f(w['ratio'])}x) |",
-        f"| application's worst statement during cutover (pgbench writing) | 1 | "
-        f"{_f(c['worst_stall_ms'], 1)} ms (the cutover call {_f(c['cutover_call_s'])} s; "
-        f"probe median before {_f(c['probe_median_before_ms'])} ms) |",
+        f"| application's worst statement overlapping the swap's tries (pgbench writing) | "
+        f"{c.get('tries', 1)} | {_f(c['worst_stall_ms'], 1)} ms (the probe's worst in the 10 s "
+        f"before: {_f(c.get('probe_worst_before_ms'), 1)} ms, its median "
+        f"{_f(c['probe_median_before_ms'])} ms; its worst during the whole cutover call of "
+        f"{_f(c['cutover_call_s'])} s, mostly waiting outside any lock for the target to keep "
+        f"up: {_f(c.get('worst_during_call_ms'), 1)} ms) |",
+        f"| the swap's time under the lock: drain / target's part / source's part | 1 | "
+        f"{' / '.join(_f(v, 1) for v in (r.get('cutover_parts_ms') or {}).values())} ms |",
         f"| point read by key: local / through the old name over postgres_fdw | 2,000 | "
         f"{_f(reads['local'], 3)} / {_f(reads['through_fdw'], 3)} ms |",
         f"| replication slots, publications, subscriptions left after finalize | 1 | "

@@ -172,6 +172,7 @@ class RemoteSync(LoopStage):
         rel = source_rel(ctx, m)
         n = link.names(ctx.plan, m)
         t0 = time.monotonic()
+        shown = 0.0
         with link.target(ctx, m) as tgt:
             failed = rep.errors(tgt, n.forward)
             rep.set_enabled(tgt, n.forward, True)
@@ -192,6 +193,13 @@ class RemoteSync(LoopStage):
                 if done is not None:
                     rate = done[0] / max(time.monotonic() - t0, 1e-3)
                     ctx.progress(Rows(m.label, self.name, done[0], rel.row_estimate, rate))
+                    if time.monotonic() - shown >= 1.0:  # for status and watch elsewhere
+                        shown = time.monotonic()
+                        with ctx.conn.transaction():
+                            ctx.store.checkpoint(m.label, self.name, rows_done=done[0],
+                                                 checkpoint={"bytes": done[1]},
+                                                 rows_per_s=rate,
+                                                 rows_estimated=rel.row_estimate)
                 time.sleep(POLL_S)
             for index in ddl.secondary_indexes(rel):
                 if not exists(tgt, rel.schema, index.name, "i"):
@@ -291,8 +299,11 @@ class RemoteVerify(LoopStage):
                 if _target_side(tgt, m, rel, lo, hi) != src:
                     self._row_by_row(ctx, m, rel, tgt, lo, hi)
                 rows += int(src[0])
-                ctx.progress(Rows(m.label, self.name, rows, rel.row_estimate,
-                                  rows / max(time.monotonic() - t0, 1e-3)))
+                rate = rows / max(time.monotonic() - t0, 1e-3)
+                ctx.progress(Rows(m.label, self.name, rows, rel.row_estimate, rate))
+                with ctx.conn.transaction():
+                    ctx.store.checkpoint(m.label, self.name, rows_done=rows, checkpoint=None,
+                                         rows_per_s=rate, rows_estimated=rel.row_estimate)
                 if hi is None:
                     break
                 lo = hi
