@@ -532,6 +532,7 @@ def _remote(r: dict[str, Any]) -> list[str]:
         return ", ".join(_f(x, nd) for x in xs)
 
     dump, ours = s["dump_restore_s"], s["orchestrator_s"]
+    parts = r.get("cutover_parts_ms") or {}
     alone, sub = w["alone_tps"], w["subscribed_tps"]
     return [
         "## A move to another server", "",
@@ -555,7 +556,7 @@ def _remote(r: dict[str, Any]) -> list[str]:
         f"{_f(c['cutover_call_s'])} s, mostly waiting outside any lock for the target to keep "
         f"up: {_f(c.get('worst_during_call_ms'), 1)} ms) |",
         f"| the swap's time under the lock: drain / target's part / source's part | 1 | "
-        f"{' / '.join(_f(v, 1) for v in (r.get('cutover_parts_ms') or {}).values())} ms |",
+        f"{' / '.join(_f(parts.get(k), 1) for k in ('drain', 'target', 'source'))} ms |",
         f"| point read by key: local / through the old name over postgres_fdw | 2,000 | "
         f"{_f(reads['local'], 3)} / {_f(reads['through_fdw'], 3)} ms |",
         f"| replication slots, publications, subscriptions left after finalize | 1 | "
