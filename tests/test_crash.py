@@ -35,12 +35,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from orchestrator.model.catalog import snapshot
-from orchestrator.stages.registry import APPLY_UNTIL, COPY_STRATEGY
+from orchestrator.stages.registry import COPY_STRATEGY
 
 Conn = psycopg.Connection[Any]
 PLAN = str(COGITO_PLAN)
 SCHEMAS = ["public", "conversation", "_orchestrator", "_orchestrator_retired"]
-STAGES = APPLY_UNTIL
+STAGES = tuple(s.name for s in COPY_STRATEGY.reversible)  # the copy strategy's, to its swap
 REFUSED = "is being worked on by another orchestrator"
 MOVE = ("apply", PLAN, "--table", "turns", "--until", "cutover", "--yes")
 

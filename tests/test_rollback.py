@@ -30,13 +30,14 @@ from orchestrator.model.catalog import snapshot
 from orchestrator.plan import load_plan
 from orchestrator.run.events import Event, Rows
 from orchestrator.run.session import session
-from orchestrator.stages.registry import APPLY_UNTIL
+from orchestrator.stages.registry import COPY_STRATEGY
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
 SCHEMAS = ["public", "client_mgmt", "conversation"]
-COPY_STAGES = list(APPLY_UNTIL)  # every stage a rollback can undo, in order
+# Every stage of the copy strategy a rollback can undo, in order.
+COPY_STAGES = [s.name for s in COPY_STRATEGY.reversible]
 
 
 # --- the operator, the application and the catalog ---------------------------------------------
