@@ -22,6 +22,7 @@ from orchestrator.demo import sample
 from orchestrator.demo.workload import Workload
 from orchestrator.model.context import build_context
 from orchestrator.plan import LoadedPlan, load_plan
+from orchestrator.run.engine import Engine
 from orchestrator.run.events import Progress
 from orchestrator.run.session import session
 from orchestrator.stages.base import Phase
@@ -48,6 +49,23 @@ class Summary:
     # publications and subscriptions left on both servers after finalize.
     target_dsn: str | None = None
     leftovers: int | None = None
+
+    def timed(self, name: str, fn: Callable[[], object]) -> None:
+        """Run one step, adding its time to the step's total."""
+        start = time.monotonic()
+        fn()
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
+            time.monotonic() - start)
+
+    def close(self, per_table: dict[str, dict[str, int]], app: Workload) -> None:
+        """The comparison's and the application's figures."""
+        self.per_table = per_table
+        self.compared = sum(t["rows"] for t in per_table.values())
+        self.mismatches = sum(t["mismatches"] for t in per_table.values())
+        s = app.stats
+        self.app_writes, self.app_reads = s.writes, s.reads
+        self.app_errors, self.app_retried = s.errors, s.retried
+        self.longest_wait_ms = s.max_wait_ms
 
 
 def default_plan_path() -> Path:
@@ -94,6 +112,36 @@ def compare(dsn: str, loaded: LoadedPlan) -> dict[str, dict[str, int]]:
     return out
 
 
+def load_legacy(say: Say, db: str, rows: int, where: str = "") -> dict[str, int]:
+    """The legacy Cogito schema and its generated rows in `db`."""
+    t0 = time.monotonic()
+    with psycopg.connect(db) as conn:
+        sample.load_schema(conn)
+        counts = sample.generate_data(conn, turns=rows)
+    say(f"loaded the legacy Cogito schema in public{where}: {sum(counts.values()):,} rows "
+        f"({counts['turns']:,} turns) in {time.monotonic() - t0:.1f} s")
+    return counts
+
+
+def move(say: Say, eng: Engine, summary: Summary, stages: tuple[str, ...], swap: str) -> None:
+    """Each stage before cutover, cutover, a rollback of turns' cutover and a cutover again
+    (the application writing all along), each step timed."""
+    for stage in stages:
+        say(f"apply --until {stage}")
+
+        def step(until: str = stage) -> None:
+            eng.apply(None, until)
+
+        summary.timed(stage, step)
+    say(swap)
+    summary.timed("cutover", lambda: eng.cutover(None))
+    say("roll back the cutover of turns (every row written since comes back), then cut over "
+        "again")
+    summary.timed("rollback", lambda: eng.rollback("turns", to="verify"))
+    summary.timed("cutover", lambda: eng.cutover(["turns"]))
+    time.sleep(1.0)  # let the application write through the old names for a moment
+
+
 def run(say: Say, progress: Progress, *, rows: int = 200_000,
         directory: Path | None = None, dsn: str | None = None,
         plan_path: Path | None = None, threads: int = 2) -> Summary:
@@ -101,49 +149,17 @@ def run(say: Say, progress: Progress, *, rows: int = 200_000,
     server = dsn or start_embedded(directory)
     say(f"server ready: {server}")
     db = fresh_database(server)
-    t0 = time.monotonic()
-    with psycopg.connect(db) as conn:
-        sample.load_schema(conn)
-        counts = sample.generate_data(conn, turns=rows)
-    say(f"loaded the legacy Cogito schema in public: {sum(counts.values()):,} rows "
-        f"({counts['turns']:,} turns) in {time.monotonic() - t0:.1f} s")
+    counts = load_legacy(say, db, rows)
     loaded = load_plan(plan_path or default_plan_path())
     summary = Summary(dsn=db, rows=counts)
-
-    def timed(name: str, fn: Callable[[], object]) -> None:
-        start = time.monotonic()
-        fn()
-        summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + (
-            time.monotonic() - start)
-
     with Workload(db, threads=threads) as app:
         say(f"the application is writing ({threads} sessions: inserts, updates, deletes, "
             "reads on public.turns, public.users, ...)")
         with session(db, loaded, progress) as eng:
-            # every stage apply runs before cutover
-            for stage in (s.name for s in COPY_STRATEGY.in_phase(Phase.apply)):
-                say(f"apply --until {stage}")
-
-                def step(until: str = stage) -> None:
-                    eng.apply(None, until)
-
-                timed(stage, step)
-            say("cutover: one short locked transaction per unit")
-            timed("cutover", lambda: eng.cutover(None))
-            say("roll back the cutover of turns (the retired table has every write), then "
-                "cut over again")
-            timed("rollback", lambda: eng.rollback("turns", to="verify"))
-            timed("cutover", lambda: eng.cutover(["turns"]))
-            time.sleep(1.0)  # let the application write through the views for a moment
+            move(say, eng, summary, tuple(s.name for s in COPY_STRATEGY.in_phase(Phase.apply)),
+                 "cutover: one short locked transaction per unit")
         app.stop()
         with session(db, loaded, progress) as eng:
             eng.replay_once()  # reverse capture: the retired tables catch up
-    per_table = compare(db, loaded)
-    summary.per_table = per_table
-    summary.compared = sum(t["rows"] for t in per_table.values())
-    summary.mismatches = sum(t["mismatches"] for t in per_table.values())
-    s = app.stats
-    summary.app_writes, summary.app_reads = s.writes, s.reads
-    summary.app_errors, summary.app_retried = s.errors, s.retried
-    summary.longest_wait_ms = s.max_wait_ms
+    summary.close(compare(db, loaded), app)
     return summary

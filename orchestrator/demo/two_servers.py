@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from orchestrator.db import connect, default_embedded_dir, start_embedded, stop_embedded
-from orchestrator.demo import sample
-from orchestrator.demo.demo import Say, Summary, compare, fresh_database
+from orchestrator.demo.demo import Say, Summary, compare, fresh_database, load_legacy, move
 from orchestrator.demo.workload import Workload
 from orchestrator.model.context import Controls, build_context
 from orchestrator.plan import LoadedPlan, load_plan
@@ -102,40 +100,16 @@ def run(say: Say, progress: Progress, *, rows: int = 200_000,
     db = fresh_database(source_server)
     target = fresh_database(target_server, TARGET_DB)
     os.environ[ENV] = target
-    t0 = time.monotonic()
-    with psycopg.connect(db) as conn:
-        sample.load_schema(conn)
-        counts = sample.generate_data(conn, turns=rows)
-    say(f"loaded the legacy Cogito schema in public on the source: {sum(counts.values()):,} "
-        f"rows ({counts['turns']:,} turns) in {time.monotonic() - t0:.1f} s")
+    counts = load_legacy(say, db, rows, " on the source")
     loaded = load_plan(plan_path())
-    summary = Summary(dsn=db, rows=counts)
-
-    def timed(name: str, fn: Callable[[], object]) -> None:
-        start = time.monotonic()
-        fn()
-        summary.stage_seconds[name] = summary.stage_seconds.get(name, 0.0) + (
-            time.monotonic() - start)
-
+    summary = Summary(dsn=db, rows=counts, target_dsn=target)
     with Workload(db, threads=threads) as app:
         say(f"the application is writing to the source ({threads} sessions on public.turns, "
             "public.users, ...); conversation moves to the second server")
         with session(db, loaded, progress) as eng:
-            for stage in (s.name for s in REMOTE_STRATEGY.in_phase(Phase.apply)):
-                say(f"apply --until {stage}")
-
-                def step(until: str = stage) -> None:
-                    eng.apply(None, until)
-
-                timed(stage, step)
-            say("cutover: the old names now reach the second server through postgres_fdw; "
-                "it replicates back to the retired tables")
-            timed("cutover", lambda: eng.cutover(None))
-            say("roll back the cutover of turns (every row written on either server comes "
-                "back), then cut over again")
-            timed("rollback", lambda: eng.rollback("turns", to="verify"))
-            timed("cutover", lambda: eng.cutover(["turns"]))
-            time.sleep(1.0)  # the application writes through the old names for a moment
+            move(say, eng, summary, tuple(s.name for s in REMOTE_STRATEGY.in_phase(Phase.apply)),
+                 "cutover: the old names now reach the second server through postgres_fdw; it "
+                 "replicates back to the retired tables")
         app.stop()
         with session(db, loaded, progress) as eng:
             eng.replay_once()  # the copy strategy's reverse capture (users stays on the source)
@@ -151,14 +125,7 @@ def run(say: Say, progress: Progress, *, rows: int = 200_000,
     with session(db, loaded, progress, Controls(force=True)) as eng:
         say("finalize: subscriptions, publications, slots and retired tables dropped on "
             "both servers")
-        timed("finalize", lambda: eng.finalize(None))
-    summary.per_table = per_table
-    summary.compared = sum(t["rows"] for t in per_table.values())
-    summary.mismatches = sum(t["mismatches"] for t in per_table.values())
+        summary.timed("finalize", lambda: eng.finalize(None))
+    summary.close(per_table, app)
     summary.leftovers = leftovers(db) + leftovers(target)
-    s = app.stats
-    summary.app_writes, summary.app_reads = s.writes, s.reads
-    summary.app_errors, summary.app_retried = s.errors, s.retried
-    summary.longest_wait_ms = s.max_wait_ms
-    summary.target_dsn = target
     return summary

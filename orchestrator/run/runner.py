@@ -208,6 +208,13 @@ class Runner:
                 self.progress(LockWait(label, stage, attempt, who))
                 if attempt > policy.retries:
                     who_ = label or self.store.plan
+                    if isinstance(exc, GiveWay):  # the other server, not a lock holder
+                        raise LockTimeoutExhausted(
+                            f"{who_}: {action.name} gave way after {attempt} tries, nothing "
+                            f"was changed: {exc}",
+                            hint="the other server does not keep up with the writes: rerun "
+                            "at a quieter time, or allow more per try with --lock-timeout",
+                        ) from exc
                     raise _exhausted(action, who_, policy, attempt, who) from exc
                 if between_tries is not None:
                     # Writes go on while we back off: drain them outside the lock again, so

@@ -15,8 +15,10 @@ lost meanwhile: the forward slot keeps every change the target has not confirmed
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from psycopg import sql
 
@@ -137,7 +139,8 @@ class RemoteCutover(Stage):
         lock = Step(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table),
                     "ACCESS EXCLUSIVE on the source table until commit", bounded=True)
         return Action(self.name, [lock], [regclass(m.source_schema, m.source_name)],
-                      record=_remember(ctx, m), inside=lambda: _swap(ctx, m, rel))
+                      record=_remember(ctx, m),
+                      inside=functools.partial(_swap, ctx, m, rel, itertools.count(1)))
 
     def after(self, ctx: Ctx, moves: list[TableMove], *, reverse: bool) -> list[Step]:
         """Once committed: the forward direction (or, back, the reverse one) is dropped; the
@@ -162,7 +165,8 @@ class RemoteCutover(Stage):
         lock = Step(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(view),
                     "ACCESS EXCLUSIVE on the compatibility view until commit", bounded=True)
         return Action(f"rollback_{self.name}", [lock], [regclass(m.source_schema, m.source_name)],
-                      inside=lambda: _swap_back(ctx, m, source_rel(ctx, m)))
+                      inside=functools.partial(_swap_back, ctx, m, source_rel(ctx, m),
+                                               itertools.count(1)))
 
     def review(self, ctx: Ctx, moves: list[TableMove]) -> tuple[list[Step], list[Step]]:
         return self.forward(ctx, moves).steps, self.backward(ctx, moves).steps
@@ -218,11 +222,14 @@ def _catch_up(ctx: Ctx, m: TableMove, conn: Conn, slot: str, who: str) -> None:
             return
 
 
-def _drain_s(ctx: Ctx, m: TableMove) -> float:
+def _drain_s(ctx: Ctx, m: TableMove, attempt: int = 1) -> float:
     """How long the swap waits, holding its lock, for the other server's last changes: one
     try's lock budget (`SwapControls.try_ms`, or lock_timeout without the forecast), at least
-    DRAIN_S. A try that runs out gives way, and the application waited at most that."""
-    return max(DRAIN_S, ctx.policy(m).try_ms / 1000)
+    DRAIN_S, and a budget more with each try that gave way (a loaded subscriber), never more
+    than lock_timeout. A try that runs out gives way: the application waited at most that."""
+    policy = ctx.policy(m)
+    one = max(DRAIN_S, policy.try_ms / 1000)
+    return min(one * attempt, max(one, policy.lock_timeout_ms / 1000))
 
 
 def _remember(ctx: Ctx, m: TableMove) -> Callable[[Store], None]:
@@ -265,16 +272,16 @@ def _target_back(tgt: Conn, m: TableMove, n: link.Names, *,
         n.transit(m), sql.Identifier(m.source_schema)))
 
 
-def _swap(ctx: Ctx, m: TableMove, rel: Relation) -> None:
+def _swap(ctx: Ctx, m: TableMove, rel: Relation, tries: Iterator[int]) -> None:
     """Inside the source's locked transaction: drain, the target's part (committed), then the
     source's part (committed with the status by the runner)."""
     conn = ctx.conn
     n = link.names(ctx.plan, m)
     t0 = time.monotonic()
     lsn = rep.current_lsn(conn)
-    if not rep.wait_applied(conn, n.forward, lsn, _drain_s(ctx, m)):
-        raise GiveWay(f"the target had not applied up to {lsn} after "
-                      f"{_drain_s(ctx, m):.1f} s")
+    budget = _drain_s(ctx, m, next(tries))
+    if not rep.wait_applied(conn, n.forward, lsn, budget):
+        raise GiveWay(f"the target had not applied up to {lsn} after {budget:.2f} s")
     counters = ddl.counters(ctx.catalog, rel)
     values = _seq_values(conn, [sql.Identifier(c.sequence.schema, c.sequence.name)
                                 for c in counters])
@@ -375,7 +382,7 @@ def _prepare_way_back(ctx: Ctx, m: TableMove, tgt: Conn) -> None:
     rep.ensure_slot(ctx.conn, n.forward)
 
 
-def _swap_back(ctx: Ctx, m: TableMove, rel: Relation) -> None:
+def _swap_back(ctx: Ctx, m: TableMove, rel: Relation, tries: Iterator[int]) -> None:
     """Inside the source's transaction, the compatibility view locked: hold the target's
     writers, drain the reverse stream, then both servers back to their state before cutover
     (the target's part commits first)."""
