@@ -406,3 +406,23 @@ def test_identity_enum_domain_generated_and_unique_columns_move_and_keep_working
             "SELECT indexdef FROM pg_indexes WHERE tablename = 'gadgets'")}
         assert idx == {"btree (id)", "btree (code)", "btree (size)"}, idx
     assert ours(pair) == {"source": [], "target": []}
+
+
+def test_a_paused_plan_holds_the_initial_sync_before_it_starts(pair: Pair, tmp_path: Path) -> None:
+    plan = plan_file(tmp_path)
+    stress.ok(pair.source, "apply", plan, "--table", "blocks", "--until", "prepare")
+    stress.ok(pair.source, "set", plan, "paused", "true")
+    proc = stress.Proc(pair.source, "apply", plan, "--table", "blocks", "--until", "sync")
+    try:
+        time.sleep(3.0)
+        assert proc.running(), proc.output()
+        with pair.conn("target") as t:  # the subscription was not enabled
+            assert t.execute("SELECT bool_or(subenabled) AS on FROM pg_subscription"
+                             ).fetchone() == {"on": False}
+        stress.ok(pair.source, "set", plan, "paused", "false")
+        code, out = proc.finish(timeout=120)
+        assert code == 0, out
+    finally:
+        proc.close()
+    with pair.conn("target") as t:
+        assert t.execute("SELECT count(*) AS n FROM public.blocks").fetchone() == {"n": 20}

@@ -24,6 +24,7 @@ from orchestrator.remote import replication as rep
 from orchestrator.run.events import Rows
 from orchestrator.sql.compose import catalog_sql
 from orchestrator.stages.base import Action, LoopStage, Stage, Step
+from orchestrator.stages.throttle import WalMeter, wait_for_server
 from orchestrator.stages.verify import chunk_end_sql, chunk_params, key_bounds, row_hash
 
 SUBOID = "remote_suboid"  # the forward subscription's oid: names its sync slots
@@ -175,6 +176,12 @@ class RemoteSync(LoopStage):
         shown = 0.0
         with link.target(ctx, m) as tgt:
             failed = rep.errors(tgt, n.forward)
+            sub = rep.subscription(tgt, n.forward)
+            if sub is not None and not sub["enabled"]:
+                # The plan's throttles and the operator's pause hold a sync before it starts;
+                # once started PostgreSQL's COPY runs at its own pace (pausing it would start
+                # it over).
+                wait_for_server(ctx, m, WalMeter())
             rep.set_enabled(tgt, n.forward, True)
             while (state := rep.sync_state(tgt, n.forward, rel.schema, rel.name)) != "r":
                 if rep.errors(tgt, n.forward) - failed >= SYNC_FAILURES:
