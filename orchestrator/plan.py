@@ -252,9 +252,9 @@ class TableGrant(_Model):
 
 
 class Server(_Model):
-    """Another PostgreSQL server a target schema is to live on (issue 17). `validate` checks
-    both servers for the move; the move's stages are not built yet, so a plan with one is
-    refused by every command that would change something."""
+    """Another PostgreSQL server a target schema lives on: its tables move there by logical
+    replication and back after cutover (docs/cross-server.md); `validate` checks both
+    servers."""
 
     dsn_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The environment variable that "

@@ -1,4 +1,4 @@
-"""Live checks of a plan that moves schemas to other servers (issue 17): both servers ready
+"""Live checks of a plan that moves schemas to other servers: both servers ready
 for logical replication, every moved table replicable, every reference across the servers
 named. Read-only on both servers: the one probe that creates something (a subscription, to
 prove the target reaches the source) runs in a transaction that is rolled back.
