@@ -47,9 +47,6 @@ PLAN = "remotebench"
 TARGET_SYNC = 1.0  # sync <= 1.0x pg_dump | psql
 TARGET_WRITES = 0.90  # source write throughput while subscribed >= 0.90x without
 TARGET_STALL_MS = 100.0
-LOGICAL = {"wal_level": "logical", "max_logical_replication_workers": "8",
-           "max_worker_processes": "16", "max_replication_slots": "16",
-           "max_wal_senders": "16"}
 WRITE_SCRIPT = """\\set id random(1, :maxid)
 UPDATE public.big SET account_id = account_id + 1, status = 'touched' WHERE id = :id;
 INSERT INTO public.big (email, account_id, payload)
@@ -60,9 +57,10 @@ INSERT INTO public.big (email, account_id, payload)
 def _logical(srv: Server) -> None:
     """wal_level = logical and the workers for it: a restart of the embedded server."""
     from orchestrator.db import embedded_pid, start_embedded, stop_embedded
+    from orchestrator.demo.two_servers import LOGICAL
 
     with srv.admin() as conn:
-        for k, v in LOGICAL.items():
+        for k, v in LOGICAL.items():  # the demo's: a subscription each way per table
             conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
                 psycopg.sql.Identifier(k), psycopg.sql.Literal(v)))
     stop_embedded(srv.directory)
@@ -166,15 +164,8 @@ def _point_reads(dsn: str, maxid: int, n: int = 2000) -> float:
         return (time.monotonic() - t0) * 1000 / n
 
 
-def _leftovers(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        r = conn.execute("SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) "
-                         "FROM pg_publication) + (SELECT count(*) FROM pg_subscription)"
-                         ).fetchone()
-    return int(r[0]) if r else 0
-
-
 def run(quick: bool = False) -> dict[str, Any]:
+    from orchestrator.demo.two_servers import leftovers
     from orchestrator.model.context import Controls
     from orchestrator.plan import load_plan
     from orchestrator.run.session import session
@@ -267,7 +258,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                                 "through_fdw": round(_point_reads(src, maxid), 3)}
         with session(src, loaded, controls=Controls(force=True)) as eng:
             eng.finalize(None)
-        out["leftovers_after_finalize"] = _leftovers(src) + _leftovers(tgt)
+        out["leftovers_after_finalize"] = leftovers(src) + leftovers(tgt)
     out["targets"] = targets(out)
     return out
 

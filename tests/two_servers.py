@@ -23,17 +23,11 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from orchestrator.demo import sample
+from orchestrator.demo.two_servers import LOGICAL
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 PG15_SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "pg15.sh"
-SETTINGS = {
-    "wal_level": "logical",
-    # A subscription per moved table both ways, each with its worker and slot.
-    "max_logical_replication_workers": "16",
-    "max_worker_processes": "32",
-    "max_replication_slots": "24",
-    "max_wal_senders": "24",
-}
+SETTINGS = LOGICAL  # the demo's: a subscription each way per table, a worker and slot each
 TARGET_ENV = "ORCH_TEST_CONVERSATION_DSN"
 
 

@@ -28,6 +28,8 @@ from orchestrator.stages.registry import REMOTE_STRATEGY
 
 TARGET_DB = "conversation_home"
 ENV = "CONVERSATION_DSN"  # what plans/cogito-two-servers.yaml reads
+# wal_level = logical, and a slot, WAL sender and worker per moved table each way (the
+# benchmark and the tests start their servers with these too).
 LOGICAL = {"wal_level": "logical", "max_logical_replication_workers": "16",
            "max_worker_processes": "32", "max_replication_slots": "24",
            "max_wal_senders": "24"}

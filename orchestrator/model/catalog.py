@@ -302,6 +302,16 @@ class Catalog:
         return list(self._sequence_index.get((schema, name), ()))
 
 
+# Whether a schema holds nothing (no relation, function or type): ours are dropped then.
+EMPTY_SCHEMA = (
+    "SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
+    "n.oid = c.relnamespace WHERE n.nspname = %(s)s) AND NOT EXISTS (SELECT 1 FROM "
+    "pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %(s)s) "
+    "AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON "
+    "n.oid = t.typnamespace WHERE n.nspname = %(s)s) AS empty"
+)
+
+
 _RELATIONS = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
        pg_get_userbyid(c.relowner) AS owner, c.relpersistence::text AS persistence,

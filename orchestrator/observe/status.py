@@ -188,41 +188,41 @@ def read(conn: Conn, loaded: LoadedPlan, wave_of: dict[str, int] | None = None) 
     )
 
 
-_LAG = """SELECT (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS bytes,
+_LAGS = """SELECT s.slot_name AS slot,
+       (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS bytes,
        coalesce(extract(epoch FROM r.replay_lag), 0)::float AS secs
 FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
-WHERE s.slot_name = %s"""
+WHERE s.slot_name = ANY(%s)"""
 
 
 def _lags(conn: Conn, loaded: LoadedPlan, rows: list[StageRow]) -> dict[str, Lag]:
     """For each table moving to another server and not final: the forward slot on the source
-    before its cutover, the reverse slot on the target after it."""
+    before its cutover, the reverse slot on the target after it (one query per server)."""
     from orchestrator.remote import link
 
     plan = loaded.plan
     remote = plan.remote_schemas()
     done = {(r.table_name, r.stage) for r in rows if r.status == Status.done}
+    wanted: dict[str | None, dict[str, tuple[str, str, str]]] = {}  # server or None: source
+    for spec in plan.tables:
+        server = remote.get(spec.schema_)
+        if server is None or (spec.name, "finalize") in done:
+            continue
+        forward, reverse = link.slot_names(plan, spec.name)
+        if (spec.name, "cutover") in done:
+            wanted.setdefault(server, {})[reverse] = (spec.name, "reverse", server)
+        else:
+            wanted.setdefault(None, {})[forward] = (spec.name, "forward", server)
     out: dict[str, Lag] = {}
-    targets: dict[str, Conn | None] = {}
-    try:
-        for spec in plan.tables:
-            server = remote.get(spec.schema_)
-            if server is None or (spec.name, "finalize") in done:
-                continue
-            names = link.slot_names(plan, spec.name)
-            if (spec.name, "cutover") not in done:
-                r = conn.execute(_LAG, (names[0],)).fetchone()
-                out[spec.name] = Lag("forward", server, r and r["bytes"], r and r["secs"])
-                continue
-            if server not in targets:
-                targets[server] = link.open_quietly(plan, server)
-            tgt = targets[server]
-            r = tgt.execute(_LAG, (names[1],)).fetchone() if tgt is not None else None
-            out[spec.name] = Lag("reverse", server, r and r["bytes"], r and r["secs"])
-    finally:
-        for c in targets.values():
-            if c is not None:
-                c.close()
+    for where, slots in wanted.items():
+        on = conn if where is None else link.open_quietly(plan, where)
+        found = {} if on is None else {
+            str(r["slot"]): r for r in on.execute(_LAGS, (list(slots),)).fetchall()}
+        if on is not None and on is not conn:
+            on.close()
+        for slot, (table, direction, server) in slots.items():
+            r = found.get(slot)
+            out[table] = Lag(direction, server, r and r["bytes"], r and r["secs"])
     return out
 
 

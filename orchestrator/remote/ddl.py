@@ -19,6 +19,7 @@ from orchestrator.db import Conn
 from orchestrator.model.catalog import Catalog, Column, Index, Relation, Sequence
 from orchestrator.sql.acl import grant_statements
 from orchestrator.sql.compose import catalog_sql, idents
+from orchestrator.stages.base import regclass
 
 # One statement, as psycopg executes it.
 Statement = sql.Composed | sql.SQL
@@ -188,7 +189,7 @@ def foreign_table(
             out.append(sql.SQL("CREATE SEQUENCE {} {}").format(
                 seq, _seq_options(local[c.name].sequence, step=2)))
             col.append(sql.SQL("DEFAULT nextval({}::regclass)").format(
-                sql.Literal(_text(at[0], f"{at[1]}_{c.name}_seq"[:63]))))
+                sql.Literal(regclass(at[0], f"{at[1]}_{c.name}_seq"[:63]))))
         elif c.default is not None:
             col.append(sql.SQL("DEFAULT {}").format(catalog_sql(c.default)))
         if c.not_null:
@@ -210,8 +211,3 @@ def compat_view(rel: Relation, view: sql.Identifier, over: sql.Identifier) -> li
     return [sql.SQL("CREATE VIEW {} AS SELECT {} FROM {}").format(view, cols, over),
             sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(rel.owner)),
             *grant_statements(rel.acl, view, rel.owner)]
-
-
-def _text(schema: str, name: str) -> str:
-    """A qualified name as regclass text (for nextval's argument)."""
-    return ".".join('"' + p.replace('"', '""') + '"' for p in (schema, name))

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from orchestrator.db import Conn
 from orchestrator.errors import StageError
+from orchestrator.model.catalog import EMPTY_SCHEMA
 from orchestrator.model.context import Controls, Ctx, policy_for
 from orchestrator.model.graph import Unit
 from orchestrator.model.move import TableMove
@@ -48,13 +49,6 @@ class Engine(Protocol):
     def undo(self, ctx: Ctx, stage: Stage, moves: list[TableMove]) -> None: ...
     def finish_after(self, stage: Stage, moves: list[TableMove], *, reverse: bool) -> None: ...
 
-_EMPTY_SCHEMA = (
-    "SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
-    "n.oid = c.relnamespace WHERE n.nspname = %(s)s) AND NOT EXISTS (SELECT 1 FROM "
-    "pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %(s)s) "
-    "AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON "
-    "n.oid = t.typnamespace WHERE n.nspname = %(s)s) AS empty"
-)
 
 
 def roll_back_plan(eng: Engine, to: str | None) -> list[str]:
@@ -186,7 +180,7 @@ def _refuse_stranding(eng: Engine, ctx: Ctx, moves: list[TableMove]) -> None:
 def drop_empty_schemas(eng: Engine) -> None:
     """Drop the target schemas this plan created once nothing is left in them."""
     for key, schema in eng.store.saved_like("*", "created_schema:").items():
-        row = eng.conn.execute(_EMPTY_SCHEMA, {"s": str(schema)}).fetchone()
+        row = eng.conn.execute(EMPTY_SCHEMA, {"s": str(schema)}).fetchone()
         if not (row and row["empty"]):
             continue
         stmt = sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(str(schema)))

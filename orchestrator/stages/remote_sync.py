@@ -16,7 +16,7 @@ from psycopg import sql
 
 from orchestrator.db import Conn, snapshot_txn
 from orchestrator.errors import StageError
-from orchestrator.model.catalog import Relation
+from orchestrator.model.catalog import EMPTY_SCHEMA, Relation
 from orchestrator.model.context import Ctx
 from orchestrator.model.move import TableMove
 from orchestrator.remote import ddl, link
@@ -54,16 +54,13 @@ def exists(conn: Conn, schema: str, name: str, kinds: str = "rpvf") -> bool:
     return r is not None
 
 
-_EMPTY = """SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON
-n.oid = c.relnamespace WHERE n.nspname = %(s)s) AND NOT EXISTS (SELECT 1 FROM pg_type t
-JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %(s)s) AS empty"""
 
 
 def drop_transit_if_empty(ctx: Ctx, tgt: Conn) -> None:
     """The transit schema on the target is ours (the plan's retired schema's name): dropped
     once no table of the plan is in it."""
     schema = ctx.plan.retired_schema
-    r = tgt.execute(_EMPTY, {"s": schema}).fetchone()
+    r = tgt.execute(EMPTY_SCHEMA, {"s": schema}).fetchone()
     if r is not None and r["empty"]:
         tgt.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(schema)))
 
